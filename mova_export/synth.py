@@ -1,0 +1,270 @@
+"""Write a random MoVA checkpoint in the official layout: config.json, generation_config.json, sharded weights
+with their index json, the Llama-3 tokenizer at the root and the BERT vocab in `text_encoder/`.
+
+Every registered component is built with its parameters on the meta device (`params_on_meta`), which gives the
+key names, shapes and the real values of its buffers. Parameters are then drawn one tensor at a time from a
+generator seeded by (seed, key), straight into the checkpoint dtype, and written shard by shard. So the same
+seed gives the same bytes, a key's values do not depend on which other components exist, and the full-scale
+checkpoint (~23 GB) is written holding one shard plus one tensor in RAM.
+
+Values are random but sane: N(0, 0.02) for weights and biases (nothing left at zero, so tests see every path),
+1 + N(0, 0.02) for the weights of normalisation layers; buffers (RoPE tables, position ids) keep their values.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .checkpoint import INDEX_FILES, SINGLE_FILES, build_on_meta
+from .components import all_specs, component_names, expert_specs, get_spec
+from .config import FULL_LLM, MoVAConfig
+from .errors import CheckpointError, ComponentError
+
+DEFAULT_SHARD_SIZE = {"tiny": 8 * 2**20, "full": 5 * 10**9}  # bytes; full matches save_pretrained's "5GB"
+TEXT_ENCODER_DIR = "text_encoder"                            # mm_projector_text_encoder, relative to the checkpoint
+WEIGHT_STD = 0.02
+
+
+def synthetic_config(scale: str = "tiny") -> MoVAConfig:
+    """The MoVAConfig a synthetic checkpoint of this scale records.
+
+    LLM fields come from the llm module (`TINY_LLM`) or config.FULL_LLM; mm_hidden_size and expert_channels from the
+    registered towers' out_channels(arch), so the adapter is built for the towers that exist at this scale.
+    """
+    if scale not in DEFAULT_SHARD_SIZE:
+        raise CheckpointError(f"unknown synthetic scale {scale!r}; use 'tiny' or 'full'")
+    cfg = MoVAConfig(llm=dict(_llm_fields(scale)), scale=scale, text_encoder_path=TEXT_ENCODER_DIR)
+    channels = list(cfg.expert_channels)
+    for spec in expert_specs():
+        if spec.out_channels is not None:
+            channels[spec.expert.index] = int(spec.out_channels(cfg.arch(spec.name)))
+    hidden = cfg.mm_hidden_size
+    if "base" in component_names() and get_spec("base").out_channels is not None:
+        hidden = int(get_spec("base").out_channels(cfg.arch("base")))
+    cfg = replace(cfg, expert_channels=tuple(channels), mm_hidden_size=hidden)
+    cfg.validate("synthetic config")
+    return cfg
+
+
+def _llm_fields(scale: str) -> dict[str, Any]:
+    if scale == "full":
+        return dict(FULL_LLM)
+    try:
+        from .components.llm import TINY_LLM
+    except ImportError:
+        raise ComponentError("the llm component (mova_export/components/llm.py, TINY_LLM) is not available; a tiny "
+                             "synthetic checkpoint needs it for its LLM fields") from None
+    return dict(TINY_LLM)
+
+
+# ---- plan: every tensor's key, shape, dtype and how to make it -------------------------------------------------------
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    norm_weight: bool = False             # parameter: 1 + N(0, std) instead of N(0, std)
+    buffer: torch.Tensor | None = None    # buffer: its real value
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+def plan_tensors(cfg: MoVAConfig, components: Sequence[str] | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> list[_Entry]:
+    """Every checkpoint tensor in write order (component by component, module order), built on the meta device."""
+    names = component_names() if components is None else list(components)
+    entries: list[_Entry] = []
+    for name in names:
+        spec = get_spec(name)
+        module = build_on_meta(spec, cfg)
+        params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+        norm_weights = {f"{m}.weight" if m else "weight" for m, sub in module.named_modules(remove_duplicate=False)
+                        if "norm" in type(sub).__name__.lower()}
+        for rel, t in module.state_dict(keep_vars=True).items():
+            key = spec.prefix + rel
+            want = dtype if t.is_floating_point() else t.dtype
+            if rel in params:
+                entries.append(_Entry(key, tuple(t.shape), want, norm_weight=rel in norm_weights))
+            elif t.device.type == "meta":
+                raise ComponentError(f"component {name}: buffer {rel} is built on the meta device, so its value is "
+                                     "unknown; build buffers on the CPU (only parameters may be meta)")
+            else:
+                entries.append(_Entry(key, tuple(t.shape), want, buffer=t.detach().to(want, copy=True)))
+        del module
+    return entries
+
+
+def _seed_of(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def make_tensor(entry: _Entry, seed: int) -> torch.Tensor:
+    """The tensor for one plan entry: deterministic in (seed, key), independent of every other tensor."""
+    if entry.buffer is not None:
+        return entry.buffer
+    gen = torch.Generator().manual_seed(_seed_of(seed, entry.key))
+    t = torch.empty(entry.shape, dtype=entry.dtype).normal_(0.0, WEIGHT_STD, generator=gen)
+    return t.add_(1.0) if entry.norm_weight else t
+
+
+def _shard_plan(entries: list[_Entry], shard_size: int) -> list[list[_Entry]]:
+    """Greedy split in order, as save_pretrained does: a new shard when the next tensor would overflow this one."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def _shard_names(fmt: str, count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILES[fmt]]
+    stem, ext = ("pytorch_model", "bin") if fmt == "bin" else ("model", "safetensors")
+    return [f"{stem}-{i:05d}-of-{count:05d}.{ext}" for i in range(1, count + 1)]
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> None:
+    if fmt == "bin":
+        torch.save(tensors, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+# ---- the writer ---------------------------------------------------------------------------------------------------
+def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: int = 0, fmt: str = "bin",
+                               dtype: torch.dtype = torch.bfloat16, shard_size: int | None = None,
+                               progress: bool = True, overwrite: bool = False,
+                               components: Sequence[str] | None = None, config: MoVAConfig | None = None) -> Path:
+    """Write a random MoVA checkpoint to out_dir and return its path.
+
+    scale: "tiny" (real structure, toy widths, tens of MB) or "full" (MoVA-8B shapes, ~23 GB at bf16).
+    fmt: "bin" (sharded torch pickles, as released) or "safetensors" (note: safetensors serialises a shard in
+    memory, so peak RAM is about twice shard_size). shard_size defaults to 8 MiB (tiny) or 5 GB (full); a
+    checkpoint that fits one shard is a single pytorch_model.bin / model.safetensors. components: a subset of the
+    registered components (default: all). config: write this config instead of synthetic_config(scale) (its
+    mm_projector_text_encoder becomes "text_encoder", where the BERT vocab is written). The checkpoint is written to a temporary folder beside out_dir and
+    renamed into place at the end, so out_dir never holds a half-written checkpoint.
+    """
+    out_dir = Path(out_dir)
+    if fmt not in INDEX_FILES:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; use 'bin' or 'safetensors'")
+    _check_target(out_dir, overwrite)
+    cfg = synthetic_config(scale) if config is None else replace(config, text_encoder_path=TEXT_ENCODER_DIR)
+    entries = plan_tensors(cfg, components, dtype)
+    shards = _shard_plan(entries, shard_size or DEFAULT_SHARD_SIZE[cfg.scale])
+    names = _shard_names(fmt, len(shards))
+    total = sum(e.nbytes for e in entries)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(out_dir.parent, total)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_metadata(tmp, cfg, dtype)
+        with _progress(progress, 2 * total, f"MoVA {cfg.scale} checkpoint") as advance:
+            for name, shard in zip(names, shards):  # progress counts bytes generated, then bytes written
+                tensors = {}
+                for entry in shard:
+                    tensors[entry.key] = make_tensor(entry, seed)
+                    advance(entry.nbytes, f"generating {name}")
+                advance(0, f"writing {name}")
+                _save_shard(tensors, tmp / name, fmt)
+                advance(sum(e.nbytes for e in shard), f"wrote {name}")
+                del tensors
+        if len(names) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {e.key: n for n, shard in zip(names, shards) for e in shard}}
+            (tmp / INDEX_FILES[fmt]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_metadata(root: Path, cfg: MoVAConfig, dtype: torch.dtype) -> None:
+    config = {**cfg.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+    (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": cfg.llm["bos_token_id"], "eos_token_id": cfg.llm["eos_token_id"]}
+    (root / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    try:  # tokenizers.py lands separately; until then the checkpoint has no tokenizer files
+        from .tokenizers import write_bert_vocab, write_llama3_tokenizer
+    except ImportError:
+        return
+    write_llama3_tokenizer(root, vocab_size=int(cfg.llm["vocab_size"]))
+    write_bert_vocab(root / TEXT_ENCODER_DIR, **_bert_vocab_args(cfg))
+
+
+def _bert_vocab_args(cfg: MoVAConfig) -> dict[str, Any]:
+    if "text_encoder" in component_names():
+        arch = cfg.arch("text_encoder")
+        if "vocab_size" in arch:
+            return {"vocab_size": int(arch["vocab_size"])}
+    return {}
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} exists and is not a folder; choose another output path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose another output folder or pass "
+                              "overwrite=True (CLI: --overwrite) to replace it")
+
+
+def _check_disk(parent: Path, total: int) -> None:
+    free = shutil.disk_usage(parent).free
+    need = int(total * 1.01) + 64 * 2**20
+    if free < need:
+        raise CheckpointError(f"not enough disk space in {parent}: the checkpoint needs {need / 1e9:.1f} GB, "
+                              f"{free / 1e9:.1f} GB are free; free some space or write elsewhere")
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename tmp to out_dir; an existing out_dir is moved aside first and removed only after the rename."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _progress(enabled: bool, total: int, title: str):
+    """Context manager yielding advance(nbytes, label); a rich progress bar on stderr when enabled."""
+    if not enabled:
+        return nullcontext(lambda nbytes, label: None)
+    from contextlib import contextmanager
+
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    @contextmanager
+    def bar():
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=Console(stderr=True)) as prog:
+            task = prog.add_task(title, total=total)
+            yield lambda nbytes, label: prog.update(task, advance=nbytes, description=f"{title}: {label}")
+
+    return bar()
