@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT = "mova-export-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ARTIFACT_DIRS = ("graphs", "llm", "engines")  # every file under these must be in the manifest's file table
 SAMPLE_IMAGES = ("astronaut", "coffee", "chelsea")
 NOT_ONNX = {"llm": "the LLM goes to GGUF (its own stage), not to ONNX"}
 LLM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -220,8 +221,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, components: S
             "source_checkpoint": checkpoint_fingerprint(checkpoint_dir),
             "export": _export_settings(simplify, feeds), "tools": tool_versions(),
         }
-        manifest["files"] = _file_table(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, manifest)
         _finish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -345,6 +345,56 @@ def _file_table(root: Path) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the LLM as GGUF
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Recompute the file table and write manifest.json through a temp file (a reader never sees half of it)."""
+    manifest["files"] = _file_table(root)
+    tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, root / MANIFEST)
+
+
+def attach_llm(root: str | Path, checkpoint_dir: str | Path, qtype: str = "q8_0", *, n_ctx: int = 4096,
+               n_gpu_layers: int = 0, n_threads: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Convert the checkpoint's LLM to `llm/model.<qtype>.gguf` inside the bundle folder `root` and record it in the
+    manifest (`llm`: file, qtype, widths, runner settings). The GGUF is written to a temp file and renamed, then the
+    manifest is rewritten atomically; a failure leaves the bundle as it was."""
+    from .gguf_convert import QTYPES, convert_checkpoint_to_gguf
+
+    root = Path(root)
+    manifest = json.loads((root / MANIFEST).read_text())
+    if qtype not in QTYPES:
+        raise BundleError(f"unknown LLM quant type {qtype!r}; use one of {', '.join(QTYPES)}")
+    llm_dir = root / "llm"
+    llm_dir.mkdir(exist_ok=True)
+    for old in llm_dir.glob("model.*.gguf"):
+        old.unlink()
+    path = llm_dir / f"model.{qtype}.gguf"
+    log = _console_log(progress)
+    start = time.perf_counter()
+    convert_checkpoint_to_gguf(checkpoint_dir, path, qtype)
+    cfg = manifest["config"]
+    manifest["llm"] = {"gguf": _rel(path, root), "qtype": qtype, "n_embd": int(cfg["hidden_size"]),
+                       "n_vocab": int(cfg["vocab_size"]), "n_ctx": int(n_ctx), "n_gpu_layers": int(n_gpu_layers),
+                       "n_threads": n_threads, "convert_s": round(time.perf_counter() - start, 2)}
+    log(f"llm: {path.name} ({path.stat().st_size / 2**20:.1f} MiB) in {manifest['llm']['convert_s']} s")
+    manifest.setdefault("tools", {}).update(_llm_tool_versions())
+    write_manifest(root, manifest)
+    return manifest["llm"]
+
+
+def _llm_tool_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("gguf", "llama_cpp_python"):
+        try:
+            out[dist] = metadata.version(dist.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # loading
 
 @dataclass(frozen=True)
@@ -374,6 +424,15 @@ class Bundle:
 
     def tokenizer_dir(self, which: str) -> Path:
         return self.path / self.manifest["tokenizers"][which]["dir"]
+
+    @property
+    def llm(self) -> dict[str, Any]:
+        """The manifest's `llm` entry with `path` resolved; BundleError when the bundle carries no GGUF."""
+        entry = self.manifest.get("llm")
+        if not entry:
+            raise BundleError(f"bundle {self.path} has no LLM (GGUF); build it with `mova-export build` or add one "
+                              "with `mova-export gguf CHECKPOINT --bundle BUNDLE`")
+        return {**entry, "path": self.path / entry["gguf"]}
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
@@ -415,8 +474,8 @@ def verify_files(path: Path, manifest: Mapping[str, Any]) -> None:
         for rel in variant_files:
             if rel not in files:
                 raise BundleError(f"bundle {path}: graph file {rel} is not covered by the manifest's file table")
-    unlisted = [p.relative_to(path).as_posix() for p in (path / "graphs").rglob("*")
-                if p.is_file() and p.relative_to(path).as_posix() not in files] if (path / "graphs").is_dir() else []
+    unlisted = [p.relative_to(path).as_posix() for folder in ARTIFACT_DIRS for p in (path / folder).rglob("*")
+                if p.is_file() and p.relative_to(path).as_posix() not in files]
     if unlisted:
         raise BundleError(f"bundle {path}: file(s) {', '.join(sorted(unlisted))} are not in the manifest")
 

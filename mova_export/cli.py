@@ -106,6 +106,67 @@ def reference(checkpoint: Path, image: str, question: str, max_new_tokens: int, 
     click.echo(f"answer: {result.answer}")
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("--components", default=None,
+              help="Comma-separated components (default: all ONNX ones: base, expert_A..G, text_encoder, adapter).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16"]), default=("fp32",),
+              show_default=True, help="Graph precisions (repeat for several); fp32 is always built.")
+@click.option("--image", "images", multiple=True,
+              help="Parity image: a file or a scikit-image sample name (repeat; default astronaut, coffee, chelsea).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
+@click.option("--no-mask-sweep", is_flag=True, help="Check the adapter on a few masks instead of all 64 (K <= 3).")
+@_one_line_errors
+def export(checkpoint: Path, out_dir: Path, components: str | None, precisions: tuple[str, ...],
+           images: tuple[str, ...], overwrite: bool, no_mask_sweep: bool) -> None:
+    """Export each component to a static ONNX graph, prove parity with PyTorch, and write a bundle."""
+    from .bundle import SAMPLE_IMAGES, export_bundle
+
+    names = [c.strip() for c in components.split(",") if c.strip()] if components is not None else None
+    path = export_bundle(checkpoint, out_dir, components=names, precisions=precisions,
+                         samples=images or SAMPLE_IMAGES, overwrite=overwrite, mask_sweep=not no_mask_sweep)
+    click.echo(f"bundle written to {path} (inspect it with `mova-export inspect {path}`)")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="GGUF file to write.")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
+              help="Put the GGUF into this bundle (llm/model.<type>.gguf) and record it in its manifest instead.")
+@click.option("--type", "qtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"]),
+              default="f16", show_default=True, help="GGUF tensor type; quantized types use llama.cpp's quantizer.")
+@click.option("--threads", type=int, default=None, help="Quantization threads (default: all cores).")
+@_one_line_errors
+def gguf(checkpoint: Path, out_file: Path | None, bundle_dir: Path | None, qtype: str, threads: int | None) -> None:
+    """Convert the checkpoint's Llama LLM (weights + Llama-3 tokenizer) to a GGUF that stock llama.cpp loads."""
+    if (out_file is None) == (bundle_dir is None):
+        raise click.UsageError("pass exactly one of --out FILE or --bundle BUNDLE")
+    if bundle_dir is not None:
+        from .bundle import attach_llm, load_bundle
+
+        load_bundle(bundle_dir)  # refuse a missing or tampered bundle before converting gigabytes
+        entry = attach_llm(bundle_dir, checkpoint, qtype, progress=True)
+        click.echo(f"wrote {bundle_dir / entry['gguf']} and updated {bundle_dir / 'manifest.json'}")
+        return
+    from .gguf_convert import convert_checkpoint_to_gguf
+
+    path = convert_checkpoint_to_gguf(checkpoint, out_file, qtype, threads=threads, progress=_gguf_progress())
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})")
+
+
+def _gguf_progress():
+    """A (done, total, what) callback printing whole-percent steps to stderr (the conversion streams tensors)."""
+    shown = {"pct": -1}
+
+    def report(done: int, total: int, what: str) -> None:
+        pct = int(100 * done / total) if total else 100
+        if pct // 10 != shown["pct"] // 10 or not total:
+            shown["pct"] = pct
+            click.echo(f"  {what}: {pct}%" if total else f"  {what}", err=True)
+    return report
+
+
 def _parse_letters(text: str) -> list[str]:
     from .config import EXPERT_LETTERS
 
