@@ -175,14 +175,16 @@ def _finish(tmp: Path, out_dir: Path) -> None:
 def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, components: Sequence[str] | None = None,
                   precisions: Sequence[str] = ("fp32",), samples: Sequence[Any] = SAMPLE_IMAGES,
                   progress: bool = True, overwrite: bool = False, *, random_samples: int = 1,
-                  mask_sweep: bool = True, simplify: bool = True, calibration: bool = True) -> Path:
+                  mask_sweep: bool = True, simplify: bool = True, calibration: bool = True,
+                  questions: Sequence[str] | None = None) -> Path:
     """Export the chosen components of a checkpoint to a validated bundle at `out_dir`; returns its path.
 
     components: names from the registry (default: every ONNX component; `llm` goes to GGUF instead).
     precisions: "fp32" (always built: the others derive from it) and/or "fp16".
-    samples: parity images: scikit-image sample names (astronaut, coffee, chelsea), image paths or HxWx3 arrays;
+    samples: parity images: scikit-image sample names (reference.SAMPLE_QUESTIONS), image paths or HxWx3 arrays;
              each graph is also checked on `random_samples` seeded random feeds from its spec.
     mask_sweep: check the adapter graph against the skipping reference for every mask with K <= topk_experts.
+    questions: one question per sample image for the text encoder's feeds (default: the samples' own questions).
     Raises CheckpointError / ConfigError (bad checkpoint), ComponentError (unknown component), BundleError
     (target exists or is not writable) or ExportError (export or parity failure); nothing is left behind then.
     """
@@ -202,7 +204,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, components: S
         log(f"exporting {', '.join(names)} ({'/'.join(chosen)}) from {checkpoint_dir} ({cfg.scale} scale)")
         adapters = [n for n in names if _role(get_spec(n), cfg) == "adapter"]
         feeds = FeedBuilder(checkpoint, samples=samples, random_samples=random_samples, log=log,
-                            needs_features=bool(adapters))
+                            needs_features=bool(adapters), questions=questions)
         graphs: dict[str, Any] = {}
         calib: dict[str, Any] = {}
         for name in names:

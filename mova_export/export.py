@@ -564,7 +564,6 @@ def _load_images(samples: Sequence[Any]) -> list[tuple[str, np.ndarray]]:
 
 
 def _default_questions(labels: Sequence[str]) -> list[str]:
-    from .reference import iter_sample_questions
+    from .reference import SAMPLE_QUESTIONS
 
-    known = dict(iter_sample_questions())
-    return [known.get(label, "What is shown in this image?") for label in labels]
+    return [SAMPLE_QUESTIONS.get(label, "What is shown in this image?") for label in labels]

@@ -148,14 +148,26 @@ def _tower_inputs(inputs: dict[str, np.ndarray], kind: str) -> list[np.ndarray]:
 
 
 def sample_images() -> dict[str, np.ndarray]:
-    """Real photographs shipped with scikit-image: no download needed."""
+    """Real photographs shipped with scikit-image (no download), as HxWx3 uint8 (gray ones repeated to RGB):
+    natural scenes, a micrograph (BiomedCLIP's domain) and a scanned page (text: Vary / Pix2Struct)."""
     from skimage import data
 
-    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea()}
+    images = {name: getattr(data, name)() for name in SAMPLE_QUESTIONS}
+    return {name: np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for name, img in images.items()}
 
 
-def iter_sample_questions() -> Iterator[tuple[str, str]]:
-    questions = {"astronaut": "What is the person in the image wearing?",
-                 "coffee": "What is in the cup?",
-                 "chelsea": "What animal is this?"}
-    yield from questions.items()
+# The first three are the demo's and the export's parity images; build calibrates on all of them.
+SAMPLE_QUESTIONS = {
+    "astronaut": "What is the person in the image wearing?",
+    "coffee": "What is in the cup?",
+    "chelsea": "What animal is this?",
+    "rocket": "What is the vehicle in the picture?",
+    "immunohistochemistry": "What kind of medical image is this?",
+    "page": "What does the text on the page say?",
+}
+
+
+def iter_sample_questions(names: Iterator[str] | None = None) -> Iterator[tuple[str, str]]:
+    """(image name, question) for the demo's three images, or for the given sample names."""
+    for name in (names if names is not None else list(SAMPLE_QUESTIONS)[:3]):
+        yield name, SAMPLE_QUESTIONS[name]
