@@ -1,0 +1,349 @@
+"""The MoV-Adapter (`mm_projector_type: mov_adapter`), upstream `mova/model/multimodal_projector/builder.py`.
+
+Module tree and state-dict keys are upstream's `MoVAdapter` minus its BERT (`text_encoder.*`, its own component):
+  pos_embed [1, grid^2, C]
+  blocks.{b}: gate.{0,2} (Linear(Ct + C -> C), GELU, Linear(C -> 7)), cross_attn.{0..6}, norm1.{j} (LayerNorm C),
+              norm2.{j} (LayerNorm C_j), self_attn, norm3, norm4, mlp.{w1,w2,ffn_ln,w3} (SwiGLU with sub-LN)
+  Attention: q_proj (C -> C), k_proj / v_proj (C_j -> C), all without bias; rope.freqs_{cos,sin}; inner_attn_ln; proj
+  downsample.{0,2}.b1: timm 0.9 RegStage(depth 1, linear_out) Bottleneck: conv1 1x1, conv2 3x3 depthwise, conv3 1x1
+              as ConvNormAct `.conv` (no bias) + `.bn` (timm LayerNormAct2d, eps 1e-5, SiLU except after conv3),
+              se.fc1 / se.fc2 (SEModule, rd = round(0.25 * C_in), SiLU, sigmoid gate), identity shortcut, no final act;
+              downsample.1 = AdaptiveAvgPool2d(grid / 2), written as an exact 2x2 average pool
+  mlp.{0,2}: Linear(C -> H) -> GELU -> Linear(H -> H)
+
+Forward (MoVAdapter.forward / AdapterBlock.forward):
+  residual = base; x = base + pos_embed; weight_mask = (1 - r) * -1e6 (fp32); binary = 1 if mean(r) > 0 else 0
+  per block: w = renorm(top-k(softmax(gate(cat(text, mean_tokens(x))).float() + weight_mask)))
+             x = x + binary * sum_j w_j * cross_attn[j](norm1[j](x), norm2[j](value_j))   (stack + sum, as upstream)
+             x = x + self_attn(norm3(x), norm3(x)); x = x + mlp(norm4(x))
+  x = (x + residual) / 2 -> [1, C, grid, grid] -> downsample -> [1, (grid/2)^2, C] -> mlp -> image_tokens
+  routing_tokens = the 2x2 mean of image_tokens on the (grid/2)^2 grid (arch.py's adaptive pool to 12x12).
+
+Two paths share every submodule:
+* `forward` is the static, dense graph for export: all 7 cross-attentions run and the gate weights (exactly 0 for
+  unrouted experts: their -1e6 logits underflow in the fp32 softmax) select them; top-k has a static k; `binary` is a
+  tensor op on the mask. No data-dependent control flow.
+* `forward_reference` is upstream's B == 1 inference: an unrouted expert's cross-attention is skipped and a zero
+  tensor stacked in its place, so its input may be None.
+
+Numerics choices: every LayerNorm is nn.LayerNorm's default eps 1e-5 (upstream passes no eps: arch `norm_eps`); the
+downsample norms are timm's LayerNormAct2d (eps 1e-5, arch `downsample_eps`), not builder.py's unused
+LayerNorm2d(eps=1e-6). RoPE is VisionRotaryEmbeddingFast with pt_seq_len = ft_seq_len = image_feat_size; upstream
+hard-codes its dim to 32 (= head_dim / 2 for the real 16 x 64 heads), this module uses head_dim / 2 so the toy widths
+work too. The tables are persistent buffers upstream, one pair per Attention (`...rope.freqs_cos`); arch
+`rope_in_checkpoint: false` makes them non-persistent for a checkpoint that turns out not to carry them. Upstream's
+zero initialisations (every attention's proj, mlp.w3, the last gate layer, conv3's norm weight) are reproduced; they
+only matter for training, a checkpoint overwrites them. The gate's text width is hard-coded 1024 (BERT-large)
+upstream; here it is the text_encoder component's hidden_size (arch `text_width` when that component is absent).
+All of the above was checked against upstream builder.py as published (TempleX98/MoVA, file at commit 9c33cb4).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import EXPERT_LETTERS, NUM_EXPERTS
+from ..errors import ComponentError
+from . import ComponentSpec, TensorSpec, component_names, register
+from .codetr import Rope, SwiGLU
+
+NAME = "adapter"
+EXPERT_INPUTS = tuple(f"expert_{letter}" for letter in EXPERT_LETTERS)
+ROUTING_MASK_FILL = -1e6  # builder.py: (1 - r) * -1e6 added to the fp32 gate logits
+
+_COMMON = dict(norm_eps=1e-5, downsample_eps=1e-5, mlp_ratio=8 / 3, rope_theta=10000.0, rope_in_checkpoint=True,
+               se_ratio=0.25, bottle_ratio=1.0, group_size=1, linear_out=True)
+PRESETS: dict[str, dict[str, Any]] = {
+    # text_width is only used when no text_encoder component is registered (then its hidden_size is the width)
+    "full": {**_COMMON, "num_heads": 16, "text_width": 1024},
+    "tiny": {**_COMMON, "num_heads": 4, "text_width": 32},
+}
+
+
+def text_width(cfg) -> int:
+    """Width of the BERT [CLS] feature the gate reads: the text_encoder component's hidden size when it exists."""
+    if "text_encoder" in component_names():
+        return int(cfg.arch("text_encoder")["hidden_size"])
+    return int(cfg.arch(NAME)["text_width"])
+
+
+# ---- attention and block ---------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """builder.py `Attention` (subln, no qkv bias): 2-D RoPE on q and k, softmax((q * d^-0.5) k^T) v, sub-LN, proj."""
+
+    def __init__(self, dim: int, value_dim: int, num_heads: int, grid: int, theta: float, eps: float,
+                 persistent: bool):
+        super().__init__()
+        self.num_heads, self.dim, self.tokens = num_heads, dim, grid * grid
+        head_dim = dim // num_heads
+        self.scale = head_dim ** -0.5
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(value_dim, dim, bias=False)
+        self.v_proj = nn.Linear(value_dim, dim, bias=False)
+        self.inner_attn_ln = nn.LayerNorm(dim, eps=eps)
+        self.proj = nn.Linear(dim, dim)
+        self.rope = Rope(head_dim, grid, grid, theta, persistent)   # VisionRotaryEmbeddingFast(pt = ft = grid)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """x [B, N, C] queries, value [B, N, C_j] keys/values (both on the grid) -> [B, N, C]."""
+        n, c, heads = self.tokens, self.dim, self.num_heads
+        d = c // heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:                   # [B, n, c] -> [B * heads, n, d]
+            return t.reshape(-1, n, heads, d).permute(0, 2, 1, 3).reshape(-1, n, d)
+
+        q = self.rope(split(self.q_proj(x)))
+        k = self.rope(split(self.k_proj(value)))
+        v = split(self.v_proj(value))
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = (attn @ v).reshape(-1, heads, n, d).transpose(1, 2).reshape(-1, n, c)
+        return self.proj(self.inner_attn_ln(x))
+
+
+class AdapterBlock(nn.Module):
+    def __init__(self, dim: int, expert_channels: Sequence[int], text_dim: int, topk: int, grid: int,
+                 arch: Mapping[str, Any]):
+        super().__init__()
+        self.topk = topk
+        heads, eps = int(arch["num_heads"]), float(arch["norm_eps"])
+        theta, persistent = float(arch["rope_theta"]), bool(arch["rope_in_checkpoint"])
+
+        def attention(value_dim: int) -> Attention:
+            return Attention(dim, value_dim, heads, grid, theta, eps, persistent)
+
+        self.cross_attn = nn.ModuleList(attention(c) for c in expert_channels)
+        self.norm1 = nn.ModuleList(nn.LayerNorm(dim, eps=eps) for _ in expert_channels)
+        self.norm2 = nn.ModuleList(nn.LayerNorm(c, eps=eps) for c in expert_channels)
+        self.mlp = SwiGLU(dim, int(dim * float(arch["mlp_ratio"])), eps)
+        self.self_attn = attention(dim)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.norm4 = nn.LayerNorm(dim, eps=eps)
+        self.gate = nn.Sequential(nn.Linear(text_dim + dim, dim), nn.GELU(), nn.Linear(dim, len(expert_channels)))
+        for p in (self.mlp.w3.weight, self.mlp.w3.bias, self.gate[-1].weight, self.gate[-1].bias):
+            nn.init.zeros_(p)
+
+    def gate_weights(self, x: torch.Tensor, text: torch.Tensor, weight_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 7]: fp32 softmax over the LLM-routed experts, top-k kept (static k) and renormalised."""
+        logits = self.gate(torch.cat([text.to(x.dtype), x.mean(1)], dim=-1))
+        w = torch.softmax(logits.float() + weight_mask, dim=-1)
+        top = torch.topk(w, self.topk, dim=-1).indices
+        w = w * torch.zeros_like(w).scatter(-1, top, 1.0)               # one_hot(top).sum(1)
+        return (w / w.sum(-1, keepdim=True)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, values: Sequence[torch.Tensor | None], text: torch.Tensor,
+                weight_mask: torch.Tensor, binary: torch.Tensor, record: list | None = None) -> torch.Tensor:
+        """values[j] None = expert j skipped (upstream's B == 1 inference): a zero tensor takes its place."""
+        w = self.gate_weights(x, text, weight_mask)
+        if record is not None:
+            record.append(w)
+        ys = [torch.zeros_like(x) if value is None else attn(norm1(x), norm2(value))
+              for value, attn, norm1, norm2 in zip(values, self.cross_attn, self.norm1, self.norm2)]
+        mixed = (torch.stack(ys, dim=1) * w[:, :, None, None]).sum(dim=1)
+        x = x + mixed * binary[:, None, None]
+        h = self.norm3(x)
+        x = x + self.self_attn(h, h)
+        return x + self.mlp(self.norm4(x))
+
+
+# ---- downsample: timm 0.9 RegStage(depth=1) with LayerNormAct2d ------------------------------------------------
+class LayerNormAct2d(nn.LayerNorm):
+    """timm LayerNormAct2d: LayerNorm over the channels of [B, C, H, W], then SiLU (apply_act) or nothing."""
+
+    def __init__(self, channels: int, eps: float, apply_act: bool):
+        super().__init__(channels, eps=eps)
+        self.apply_act = apply_act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        x = x.permute(0, 3, 1, 2)
+        return F.silu(x) if self.apply_act else x
+
+
+class ConvNormAct(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, eps: float, apply_act: bool = True, groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False)
+        self.bn = LayerNormAct2d(cout, eps, apply_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class SEModule(nn.Module):
+    def __init__(self, channels: int, rd_channels: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.fc2(F.silu(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * s.sigmoid()
+
+
+class Bottleneck(nn.Module):
+    """timm regnet Bottleneck, stride 1, in == out channels (identity shortcut)."""
+
+    def __init__(self, channels: int, arch: Mapping[str, Any]):
+        super().__init__()
+        eps = float(arch["downsample_eps"])
+        mid = int(round(channels * float(arch["bottle_ratio"])))
+        self.conv1 = ConvNormAct(channels, mid, 1, eps)
+        self.conv2 = ConvNormAct(mid, mid, 3, eps, groups=mid // int(arch["group_size"]))
+        self.se = SEModule(mid, int(round(channels * float(arch["se_ratio"]))))
+        self.conv3 = ConvNormAct(mid, channels, 1, eps, apply_act=False)
+        self.linear_out = bool(arch["linear_out"])
+        nn.init.zeros_(self.conv3.bn.weight)                            # upstream s{1,2}.b1.zero_init_last()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv3(self.se(self.conv2(self.conv1(x)))) + x
+        return y if self.linear_out else F.silu(y)
+
+
+class RegStage(nn.Module):
+    def __init__(self, channels: int, arch: Mapping[str, Any]):
+        super().__init__()
+        self.b1 = Bottleneck(channels, arch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b1(x)
+
+
+# ---- the adapter -----------------------------------------------------------------------------------------------
+class MoVAdapter(nn.Module):
+    """(base, expert_A..G, text_features, routing_mask) -> (image_tokens [1, (g/2)^2, H], routing_tokens [1, r^2, H]).
+    """
+
+    def __init__(self, cfg, arch: Mapping[str, Any]):
+        super().__init__()
+        dim, grid = int(cfg.mm_hidden_size), int(cfg.image_feat_size)
+        heads = int(arch["num_heads"])
+        if dim % heads or (dim // heads) % 4:
+            raise ComponentError(f"component {NAME}: mm_hidden_size {dim} / num_heads {heads} must give a head dim "
+                                 "that is a multiple of 4 (2-D RoPE pairs); change the adapter's num_heads")
+        self.topk = min(int(cfg.topk_experts), NUM_EXPERTS)
+        if self.topk < 1:
+            raise ComponentError(f"component {NAME}: topk_experts={cfg.topk_experts}; the gate keeps the top-k "
+                                 "experts and needs k >= 1 (MoVA uses 3)")
+        self.grid, self.dim, self.out_grid = grid, dim, int(cfg.adapter_grid)
+        self.routing_grid = int(cfg.routing_grid)
+        if self.out_grid % self.routing_grid:
+            raise ComponentError(f"component {NAME}: num_routing_tokens={cfg.num_routing_tokens} is a "
+                                 f"{self.routing_grid}x{self.routing_grid} grid that does not divide the "
+                                 f"{self.out_grid}x{self.out_grid} adapter output; use e.g. 144 for 24x24")
+        channels = tuple(int(c) for c in cfg.expert_channels)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, dim))
+        self.blocks = nn.ModuleList(AdapterBlock(dim, channels, text_width(cfg), self.topk, grid, arch)
+                                    for _ in range(int(cfg.num_projector_layers)))
+        # AdaptiveAvgPool2d(grid / 2) on an even grid is exactly a 2x2 average pool (exports as one AveragePool)
+        self.downsample = nn.Sequential(RegStage(dim, arch), nn.AvgPool2d(grid // self.out_grid),
+                                        RegStage(dim, arch))
+        hidden = int(cfg.llm_hidden_size)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    # shared pieces ---------------------------------------------------------------------------------------------
+    def _run(self, base: torch.Tensor, values: Sequence[torch.Tensor | None], text: torch.Tensor,
+             routing_mask: torch.Tensor, record: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        r = routing_mask.float()
+        weight_mask = (1 - r) * ROUTING_MASK_FILL
+        binary = (r.mean(-1) > 0).to(base.dtype)                        # torch.where(mean > 0, 1, 0)
+        x = base + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x, values, text, weight_mask, binary, record)
+        x = (x + base) / 2
+        x = x.transpose(1, 2).reshape(-1, self.dim, self.grid, self.grid)
+        x = self.downsample(x)
+        x = x.reshape(-1, self.dim, self.out_grid * self.out_grid).transpose(1, 2)
+        image_tokens = self.mlp(x)
+        return image_tokens, self.routing_pool(image_tokens)
+
+    def routing_pool(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Adaptive average pool of the out_grid^2 tokens to routing_grid^2 (an exact k x k mean)."""
+        s, r = self.out_grid, self.routing_grid
+        k, h = s // r, image_tokens.shape[-1]
+        x = image_tokens.reshape(-1, r, k, r, k, h).mean(dim=(2, 4))
+        return x.reshape(-1, r * r, h)
+
+    # the two entry points --------------------------------------------------------------------------------------
+    def forward(self, base: torch.Tensor, expert_A: torch.Tensor, expert_B: torch.Tensor, expert_C: torch.Tensor,
+                expert_D: torch.Tensor, expert_E: torch.Tensor, expert_F: torch.Tensor, expert_G: torch.Tensor,
+                text_features: torch.Tensor, routing_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static dense path: all cross-attentions run, unrouted experts (any features, e.g. zeros) get weight 0."""
+        values = [expert_A, expert_B, expert_C, expert_D, expert_E, expert_F, expert_G]
+        return self._run(base, values, text_features, routing_mask)
+
+    def forward_reference(self, base: torch.Tensor, experts: Sequence[torch.Tensor | None] | None,
+                          text_features: torch.Tensor,
+                          routing_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's B == 1 inference: cross-attention of unrouted experts skipped (their features may be None)."""
+        return self._run(base, self._routed(base, experts, routing_mask), text_features, routing_mask)
+
+    def gate_weights(self, base: torch.Tensor, experts: Sequence[torch.Tensor | None] | None,
+                     text_features: torch.Tensor, routing_mask: torch.Tensor) -> torch.Tensor:
+        """Per-block gate weights [num_blocks, B, 7] of the reference forward (equal to the dense forward's)."""
+        record: list[torch.Tensor] = []
+        self._run(base, self._routed(base, experts, routing_mask), text_features, routing_mask, record)
+        return torch.stack(record)
+
+    def _routed(self, base: torch.Tensor, experts: Sequence[torch.Tensor | None] | None,
+                routing_mask: torch.Tensor) -> list[torch.Tensor | None]:
+        experts = [None] * NUM_EXPERTS if experts is None else list(experts)
+        if len(experts) != NUM_EXPERTS:
+            raise ComponentError(f"component {NAME}: forward_reference takes {NUM_EXPERTS} expert features "
+                                 f"(A..G, None for unrouted ones), got {len(experts)}")
+        if base.shape[0] != 1:  # upstream only skips at batch 1; every expert must be present otherwise
+            routed = [True] * NUM_EXPERTS
+        else:
+            routed = [bool(v) for v in routing_mask[0].tolist()]
+        missing = [EXPERT_LETTERS[j] for j, (e, on) in enumerate(zip(experts, routed)) if on and e is None]
+        if missing:
+            raise ComponentError(f"component {NAME}: expert(s) {', '.join(missing)} are routed by the mask but their "
+                                 "features are None; run those experts or clear them from the mask")
+        return [e if on else None for e, on in zip(experts, routed)]
+
+
+# ---- registration ----------------------------------------------------------------------------------------------
+def _inputs(cfg) -> tuple[TensorSpec, ...]:
+    n = cfg.grid_tokens
+    return (TensorSpec("base", (1, n, int(cfg.mm_hidden_size))),
+            *(TensorSpec(name, (1, n, int(c))) for name, c in zip(EXPERT_INPUTS, cfg.expert_channels)),
+            TensorSpec("text_features", (1, text_width(cfg))),
+            TensorSpec("routing_mask", (1, NUM_EXPERTS)))
+
+
+def _outputs(cfg) -> tuple[TensorSpec, ...]:
+    h = cfg.llm_hidden_size
+    return (TensorSpec("image_tokens", (1, cfg.adapter_grid ** 2, h)),
+            TensorSpec("routing_tokens", (1, cfg.num_routing_tokens, h)))
+
+
+def _sample(cfg, seed: int) -> dict[str, torch.Tensor]:
+    """Features ~ N(0, 1) for the base, every expert (unrouted ones too) and the text, with experts A, B, C routed."""
+    gen = torch.Generator().manual_seed(seed)
+    feed = {t.name: torch.randn(t.shape, generator=gen) for t in _inputs(cfg)[:-1]}
+    mask = torch.zeros(1, NUM_EXPERTS)
+    mask[0, :3] = 1.0
+    feed["routing_mask"] = mask
+    return feed
+
+
+def _build(cfg) -> nn.Module:
+    return MoVAdapter(cfg, cfg.arch(NAME)).eval()
+
+
+register(ComponentSpec(
+    name=NAME,
+    prefix="model.mm_projector.",
+    presets=PRESETS,
+    build=_build,
+    inputs=_inputs,
+    outputs=_outputs,
+    sample_inputs=_sample,
+    exclude_prefixes=("text_encoder.",),
+    description="MoV-Adapter: 3 blocks of gated per-expert cross-attention (2-D RoPE) + self-attention + SwiGLU, "
+                "RegStage / 2x2 avg-pool / RegStage, MLP to the LLM width; routing tokens = 2x2 mean (144)",
+))
