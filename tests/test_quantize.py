@@ -1,0 +1,361 @@
+"""INT8 / FP8 explicit Q/DQ graphs, the FP8 simulation, held-out accuracy and the budget with its fallbacks,
+on tiny seeded torch models exported at opset 18 (TorchScript exporter, as export.py does)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+from mova_export.errors import ExportError, MoVAExportError  # noqa: E402
+from mova_export.quantize import (  # noqa: E402
+    FP8_MAX, _modelopt, accuracy_check, load_calibration, node_sensitivity, qdq_from_onnx, quantize_with_budget,
+    select_nodes, simulate_fp8, split_feeds, summary, to_fp8,
+)
+from mova_export.validate import Tolerance  # noqa: E402
+
+FP32_ISLANDS = ("Softmax", "LayerNormalization", "Resize")
+
+
+class TinyTower(torch.nn.Module):
+    """conv -> bilinear resize -> tokens -> (fc1 + LayerNorm of the same tokens) -> gelu -> LayerNorm -> fc2 -> softmax.
+    The tokens feed both a quantized MatMul and a LayerNormalization: the norm must get the fp32 tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.skip = torch.nn.Linear(16, 32, bias=False)
+        self.ln0 = torch.nn.LayerNorm(16)
+        self.ln = torch.nn.LayerNorm(32)
+        self.fc2 = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = torch.nn.functional.interpolate(y, size=(6, 6), mode="bilinear", align_corners=False)
+        t = y.flatten(2).transpose(1, 2)
+        h = torch.nn.functional.gelu(self.fc1(t)) + self.skip(self.ln0(t))
+        return torch.softmax(self.fc2(self.ln(h)), dim=-1), h
+
+
+class OutlierMLP(torch.nn.Module):
+    """fc1 reads an input whose channel 0 is ~1000x the others but barely matters: per-tensor activation
+    quantization of fc1's input flattens every other channel, so fc1 is the one node to leave in fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+        with torch.no_grad():
+            self.fc1.weight[:, 0] *= 1e-4
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _export(module, example, path: Path, outputs) -> Path:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), (example,), str(path), input_names=["x"], output_names=list(outputs),
+                          opset_version=18, dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tower")
+    return _export(TinyTower(), torch.randn(1, 3, 12, 12), root / "tower.fp32.onnx", ["probs", "hidden"])
+
+
+@pytest.fixture(scope="module")
+def outlier(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("outlier")
+    return _export(OutlierMLP(), torch.randn(1, 10, 16), root / "mlp.fp32.onnx", ["y"])
+
+
+def _tower_feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(n)]
+
+
+def _outlier_feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        x = rng.standard_normal((1, 10, 16)).astype(np.float32)
+        x[..., 0] *= 3000.0
+        feeds.append({"x": x})
+    return feeds
+
+
+def _producers(model) -> dict[str, str]:
+    return {o: n.op_type for n in model.graph.node for o in n.output}
+
+
+def _elem_type(model, name: str) -> int:
+    return next(t.data_type for t in model.graph.initializer if t.name == name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# INT8
+
+@pytest.fixture(scope="module")
+def int8(tower, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("int8") / "tower.int8.onnx"
+    logs: list[str] = []
+    return qdq_from_onnx(tower, dst, "int8", _tower_feeds(6, 1), log=logs.append), logs
+
+
+def test_int8_graph_is_explicit_qdq_with_fp32_islands(tower, int8):
+    result, logs = int8
+    model = onnx.load(str(result.path))
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert result.num_q == ops.count("QuantizeLinear") > 0 and result.num_dq == ops.count("DequantizeLinear") > 0
+    # conv, fc1, skip, fc2: the weight-bearing layers; nothing else
+    assert sorted(result.quantized_nodes) == sorted(
+        n.name for n in onnx.load(str(tower)).graph.node if n.op_type in ("Conv", "MatMul", "Gemm"))
+    assert len(result.quantized_nodes) == 4 and result.backend == "onnxruntime" and result.parity_method == "ort"
+    producers = _producers(model)
+    for node in model.graph.node:
+        if node.op_type in FP32_ISLANDS:
+            assert all(producers.get(i) not in ("DequantizeLinear", "QuantizeLinear") for i in node.input), node.name
+    # Q/DQ sit on the inputs of the quantized layers only: every DQ output feeds a Conv/MatMul/Gemm
+    consumers = {i: n.op_type for n in model.graph.node for i in n.input}
+    assert {consumers[n.output[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"} <= {
+        "Conv", "MatMul", "Gemm"}
+    # weights per output channel, int8 symmetric (zero points 0)
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                 and any(t.name == n.input[0] for t in model.graph.initializer)]
+    assert len(weight_dq) == 4
+    for n in weight_dq:
+        assert _elem_type(model, n.input[0]) == onnx.TensorProto.INT8
+        scale = next(t for t in model.graph.initializer if t.name == n.input[1])
+        assert len(scale.dims) == 1 and scale.dims[0] > 1
+        zp = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n.input[2]))
+        assert not zp.any()
+    assert any("4 nodes quantized" in line for line in logs)
+
+
+def test_int8_parity_on_held_out(tower, int8):
+    result, _ = int8
+    report = accuracy_check(tower, result.path, _tower_feeds(3, 99), Tolerance(0.99, 0.2), component="tower",
+                            precision="int8")
+    assert report.passed, report.failures()
+    figures = summary(report)
+    assert 0.99 <= figures["cosine"] < 1.0 and 0 < figures["rel_l2"] < 0.2
+    assert set(report.per_output()) == {"probs", "hidden"} and len(report.samples) == 3
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_int8_other_calibrators(tower, tmp_path, method):
+    logs: list[str] = []
+    result = qdq_from_onnx(tower, tmp_path / "t.onnx", "int8", _tower_feeds(3, 1), method=method, log=logs.append)
+    assert result.method == method and result.num_q > 0
+    assert any(line.startswith("onnxruntime: ") for line in logs)  # ORT's progress prints go through `log`
+    assert summary(accuracy_check(tower, result.path, _tower_feeds(2, 99)))["cosine"] > 0.98
+
+
+def test_excluded_nodes_stay_fp32(tower, tmp_path):
+    names, islands = select_nodes(onnx.load(str(tower)))
+    assert {n for n in islands if "LayerNorm" in n or "Softmax" in n or "Resize" in n}
+    conv = next(n for n in names if "conv" in n.lower())
+    result = qdq_from_onnx(tower, tmp_path / "t.onnx", "int8", _tower_feeds(3, 1), exclude_nodes=[conv])
+    assert conv not in result.quantized_nodes and result.excluded_nodes == [conv]
+    model = onnx.load(str(result.path))
+    node = next(n for n in model.graph.node if n.name == conv)
+    producers = _producers(model)
+    assert all(producers.get(i) != "DequantizeLinear" for i in node.input)
+    assert next(t for t in model.graph.initializer if t.name == node.input[1]).data_type == onnx.TensorProto.FLOAT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8
+
+def test_to_fp8_matches_the_e4m3_grid():
+    values = np.array([0.0, 1.0, 1.0625, 1.07, -3.3, 447.0, 500.0, -1e4, 2.0 ** -9, 2.0 ** -11], np.float32)
+    got = to_fp8(values, 1.0).astype(np.float32)
+    assert got.tolist() == [0.0, 1.0, 1.0, 1.125, -3.25, 448.0, 448.0, -448.0, 2.0 ** -9, 0.0]
+
+
+def test_simulation_rounds_exactly_like_float8_qdq(tmp_path):
+    """One QuantizeLinear/DequantizeLinear pair: ORT's float8 kernels, the fp32 simulation and ml_dtypes agree."""
+    from onnx import TensorProto, helper
+
+    scale = 0.37
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [scale]),
+         helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "qdq.onnx"
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(4096) * np.exp2(rng.integers(-14, 10, 4096))).astype(np.float32)
+    x[:6] = [0.0, scale * 448, scale * 2.0 ** -6, scale * 2.0 ** -9, -scale * 1e3, scale * 240.0]
+    expected = to_fp8(x, scale).astype(np.float32) * np.float32(scale)
+    sim = simulate_fp8(path, tmp_path / "sim.onnx")
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(str(sim)).graph.node)
+    simulated = ort.InferenceSession(str(sim)).run(None, {"x": x})[0]
+    native = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(simulated, expected)
+    np.testing.assert_array_equal(native, expected)
+
+
+@pytest.fixture(scope="module")
+def fp8(tower, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("fp8") / "tower.fp8.onnx"
+    return qdq_from_onnx(tower, dst, "fp8", _tower_feeds(6, 1))
+
+
+def test_fp8_graph_is_float8_qdq_at_opset_19(tower, fp8):
+    model = onnx.load(str(fp8.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert fp8.opset >= 19 and fp8.backend == "onnx-qdq" and len(fp8.quantized_nodes) == 4
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert fp8.num_q == 4 and fp8.num_dq == 8  # inputs of conv, fc1, skip, fc2: 4 activation pairs + 4 weights
+    for n in qdq:
+        assert _elem_type(model, n.input[2]) == onnx.TensorProto.FLOAT8E4M3FN
+    weights = [n for n in qdq if any(t.name == n.input[0] for t in model.graph.initializer)]
+    assert len(weights) == 4 and all(_elem_type(model, n.input[0]) == onnx.TensorProto.FLOAT8E4M3FN
+                                     for n in weights)
+    # scales are calibration amax / 448: the graph input's scale reproduces max |x| over the calibration feeds
+    q_x = next(n for n in qdq if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    s_x = float(onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == q_x.input[1])))
+    assert math.isclose(s_x * FP8_MAX, max(np.abs(f["x"]).max() for f in _tower_feeds(6, 1)), rel_tol=1e-6)
+    producers = _producers(model)
+    for node in model.graph.node:
+        if node.op_type in FP32_ISLANDS:
+            assert all(producers.get(i) != "DequantizeLinear" for i in node.input)
+    # no fp32 copy of a quantized weight is left behind
+    assert not [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
+
+
+def test_fp8_parity_runs_and_simulation_agrees(tower, fp8, tmp_path):
+    held = _tower_feeds(3, 99)
+    assert fp8.parity_method == "ort"  # ONNX Runtime CPU 1.32 runs float8 Q/DQ on Conv/MatMul inputs
+    real = summary(accuracy_check(tower, fp8.path, held))
+    sim_path = simulate_fp8(fp8.path, tmp_path / "sim.onnx")
+    sim_model = onnx.load(str(sim_path))
+    onnx.checker.check_model(sim_model, full_check=True)
+    assert not [t for t in sim_model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    simulated = summary(accuracy_check(tower, sim_path, held))
+    assert 0.99 <= simulated["cosine"] < 1.0 and 0.99 <= real["cosine"] < 1.0
+    assert abs(simulated["cosine"] - real["cosine"]) < 1e-5
+    twin = accuracy_check(fp8.path, sim_path, held)  # the simulation reproduces the float8 graph itself
+    assert summary(twin)["rel_l2"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# budget
+
+def test_reachable_budget_keeps_int8(tower, tmp_path):
+    calib, held = split_feeds(_tower_feeds(4, 5), 1)
+    decision = quantize_with_budget(tower, tmp_path, "tower", "int8", calib, held, Tolerance(0.95, 0.5))
+    assert decision.final == "int8" and decision.excluded_nodes == [] and decision.tries == 1
+    assert decision.budget_met and decision.parity_method == "ort" and decision.measured["cosine"] >= 0.95
+    assert decision.path == tmp_path / "tower.int8.onnx" and decision.path.is_file()
+    assert decision.calibration == {"samples": 3, "held_out": 1, "held_out_in_calibration": False,
+                                    "method": "minmax"}
+    json.dumps(decision.to_json())
+
+
+def test_impossible_budget_excludes_nodes_then_falls_back_to_fp16(tower, tmp_path):
+    calib, held = split_feeds(_tower_feeds(4, 5), 1)
+    logs: list[str] = []
+    decision = quantize_with_budget(tower, tmp_path, "tower", "int8", calib, held, 1.0 + 1e-9, log=logs.append)
+    assert decision.final == "fp16" and decision.requested == "int8" and not decision.budget_met
+    assert decision.tries == 3  # all 4 nodes, then 1 and 2 of the 4 left fp32 (never all 4)
+    assert [h["excluded"] for h in decision.history] == [0, 1, 2, None]
+    assert decision.path == tmp_path / "tower.fp16.onnx" and decision.path.is_file()
+    assert not (tmp_path / "tower.int8.onnx").exists()
+    assert 0.999 < decision.measured["cosine"] <= 1.0 and decision.budget == {"min_cosine": 1.0 + 1e-9,
+                                                                            "max_rel_l2": None}
+    assert json.loads(json.dumps(decision.to_json()))["final"] == "fp16"
+    assert any("fp16 fallback" in line for line in logs)
+
+
+def test_sensitive_node_is_excluded_and_int8_kept_partially(outlier, tmp_path):
+    feeds = _outlier_feeds(5, 3)
+    calib, held = split_feeds(feeds, 2)
+    names, _ = select_nodes(onnx.load(str(outlier)))
+    fc1 = next(n for n in names if "fc1" in n)
+    full = qdq_from_onnx(outlier, tmp_path / "full.onnx", "int8", calib)
+    ranking = node_sensitivity(outlier, full.path, held, full.quantized_nodes)
+    assert ranking[0][0] == fc1 and ranking[0][1] > ranking[1][1]
+    decision = quantize_with_budget(outlier, tmp_path, "mlp", "int8", calib, held, Tolerance(0.999, 0.05))
+    assert decision.history[0]["cosine"] < 0.999  # the whole graph in int8 misses the budget
+    assert decision.final == "int8-partial" and decision.excluded_nodes == [fc1] and decision.tries == 2
+    assert decision.budget_met and decision.measured["cosine"] >= 0.999
+
+
+def test_fp8_budget_decision(tower, tmp_path):
+    calib, held = split_feeds(_tower_feeds(3, 5), 1)
+    decision = quantize_with_budget(tower, tmp_path, "tower", "fp8", calib, held, 0.99, augment_calibration=True)
+    assert decision.final == "fp8" and decision.parity_method == "ort"
+    assert decision.calibration["held_out_in_calibration"] and decision.calibration["samples"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# feeds and bad inputs
+
+def test_split_feeds_is_deterministic():
+    feeds = [{"x": np.full((1,), i, np.float32)} for i in range(3)]
+    calib, held = split_feeds(feeds, 1)
+    assert [int(f["x"][0]) for f in calib] == [0, 2] and [int(f["x"][0]) for f in held] == [1]
+    ten = [{"x": np.full((1,), i, np.float32)} for i in range(10)]
+    calib, held = split_feeds(ten, 0.3)
+    assert [int(f["x"][0]) for f in held] == [1, 5, 8] and len(calib) == 7
+    assert split_feeds(ten, 0.3)[1][0]["x"] == held[0]["x"]
+    for bad in (0, 3, 1.5, 0.0):
+        with pytest.raises(ExportError):
+            split_feeds(feeds, bad)
+    with pytest.raises(ExportError, match="at least 2 feeds"):
+        split_feeds(feeds[:1], 1)
+
+
+def test_load_calibration_unstacks_bundle_npz(tmp_path):
+    path = tmp_path / "c.npz"
+    np.savez(path, x=np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 1, 2, 4))  # bundle layout: [N, 1, ...]
+    feeds = load_calibration(path)
+    assert len(feeds) == 3 and feeds[1]["x"].shape == (1, 2, 4) and feeds[1]["x"][0, 0, 0] == 8
+    with pytest.raises(ExportError, match="not found"):
+        load_calibration(tmp_path / "missing.npz")
+
+
+def test_bad_inputs_raise_typed_errors(tower, tmp_path):
+    feeds = _tower_feeds(2, 1)
+    cases = [
+        (dict(src=tmp_path / "missing.onnx"), "not found"),
+        (dict(calibration=[]), "empty"),
+        (dict(precision="int4"), "unknown quantization precision"),
+        (dict(method="mse"), "unknown calibration method"),
+        (dict(backend="tensorrt"), "unknown quantization backend"),
+        (dict(calibration=[{"y": feeds[0]["x"]}]), "wrong inputs"),
+        (dict(precision="fp8", method="entropy", backend="onnxruntime"), "not 'entropy'"),
+    ]
+    if _modelopt() is None:  # the optional extra is absent here: asking for it names the fix
+        cases.append((dict(backend="modelopt"), "nvidia-modelopt"))
+    for change, message in cases:
+        args = dict(src=tower, dst=tmp_path / "q.onnx", precision="int8", calibration=feeds) | change
+        with pytest.raises(MoVAExportError, match=message) as info:
+            qdq_from_onnx(args.pop("src"), args.pop("dst"), args.pop("precision"), args.pop("calibration"), **args)
+        assert isinstance(info.value, ExportError) and "\n" not in str(info.value)
+    names, _ = select_nodes(onnx.load(str(tower)))
+    with pytest.raises(ExportError, match="no Conv/MatMul/Gemm node"):
+        qdq_from_onnx(tower, tmp_path / "q.onnx", "int8", feeds, exclude_nodes=names)
+    with pytest.raises(ExportError, match="held-out"):
+        quantize_with_budget(tower, tmp_path, "tower", "int8", feeds, [], 0.9)
