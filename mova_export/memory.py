@@ -1,0 +1,347 @@
+"""Memory planner: will MoVA fit on the target under the recipe, and if not, what would.
+
+Inputs are plain tables, so the planner needs neither weights nor torch:
+  * bytes per component: real file sizes from a bundle's manifest (`files` table; engines and the GGUF when present)
+    via `plan_from_manifest`, or parameter counts x bytes per precision via `plan_from_params`
+    (`plan_from_config` takes the counts from `checkpoint.describe_config(cfg)`);
+  * the LLM's shape (`LLMShape`) for the KV cache: 2 x layers x kv_heads x head_dim x context x 2 bytes (f16 KV),
+    plus llama.cpp's compute buffer (KQ scores for one 512-token micro-batch and its logits);
+  * vision activations: the largest graph's biggest intermediate, tokens x width x ACTIVATION_FACTOR x 4 bytes,
+    counted once (graphs run one after another).
+
+Expert policy: `resident` loads all seven experts; `lazy` loads base + text encoder + adapter + LLM and at most
+`min(experts.max_loaded, 3)` experts, planned as the largest ones (the router may pick any K <= 3).
+Verdict: fits (peak <= 90 % of memory.budget_mib), warn (within the last 10 %), refuse (over); a refusal comes with
+a fix computed by re-planning with lazy experts and each smaller LLM quant.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from .errors import BundleError, RecipeError
+from .recipe import BYTES_PER_PRECISION, COMPONENTS, EXPERTS, LLM_QUANTS, ExpertPolicy, Recipe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.table import Table
+
+    from .config import MoVAConfig
+
+MIB = 1 << 20
+GIB = 1 << 30
+WARN_FRACTION = 0.9
+MAX_ROUTED = 3                 # the router activates K <= 3 experts per question
+ACTIVATION_FACTOR = 8          # live intermediates of a transformer block (MLP 4x plus residual, q/k/v) per token
+LLAMA_UBATCH = 512             # llama.cpp default micro-batch
+KV_BYTES = 2                   # f16 KV cache
+
+# Bits per weight of llama.cpp quant types on Llama-3-8B (file size / params; Q4_K_M measured: 4.58 GiB).
+GGUF_BITS_PER_WEIGHT: dict[str, float] = {"f16": 16.0, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q4_k_m": 4.89}
+
+# Full-size reference parameter counts (MoVA-8B), for planning with no checkpoint and no component modules.
+FULL_PARAMS: dict[str, int] = {
+    "base": 304_000_000, "expert_A": 1_140_000_000, "expert_B": 96_000_000, "expert_C": 310_000_000,
+    "expert_D": 515_000_000, "expert_E": 92_000_000, "expert_F": 86_000_000, "expert_G": 637_000_000,
+    "text_encoder": 335_000_000, "adapter": 151_500_000, "llm": 8_030_000_000,
+}
+# Full-size (tokens, width) of each graph's widest stage, for the activation estimate.
+FULL_ACTIVATIONS: dict[str, tuple[int, int]] = {
+    "base": (2305, 1024),          # CLIP-L/14 at 672
+    "expert_A": (2305, 1536),      # DINOv2-g/14 at 672
+    "expert_B": (4096, 768),       # SAM-B (Vary) at 1024
+    "expert_C": (6400, 1024),      # Co-DETR ViT-L at 1280
+    "expert_D": (2025, 1536),      # Pix2Struct-L, 2025 patches
+    "expert_E": (2025, 768),       # Deplot
+    "expert_F": (197, 768),        # BiomedCLIP B/16 at 224
+    "expert_G": (4096, 1280),      # SAM-H at 1024
+    "text_encoder": (64, 1024),    # BERT-large, 64 tokens
+    "adapter": (2304, 5632),       # 48x48 grid, base + expert channels concatenated
+}
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+
+    @classmethod
+    def from_fields(cls, llm: Mapping[str, Any]) -> "LLMShape":
+        """From LlamaConfig fields (MoVAConfig.llm or a manifest's config)."""
+        heads = int(llm["num_attention_heads"])
+        hidden = int(llm["hidden_size"])
+        return cls(int(llm["num_hidden_layers"]), heads, int(llm.get("num_key_value_heads") or heads),
+                   int(llm.get("head_dim") or hidden // heads), hidden, int(llm["intermediate_size"]),
+                   int(llm["vocab_size"]), bool(llm.get("tie_word_embeddings", False)))
+
+    @property
+    def params(self) -> int:
+        attn = 2 * self.hidden * self.heads * self.head_dim + 2 * self.hidden * self.kv_heads * self.head_dim
+        per_layer = attn + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * per_layer + self.hidden
+
+    def kv_bytes(self, context: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * context * KV_BYTES
+
+    def compute_bytes(self, context: int) -> int:
+        """llama.cpp compute buffer: KQ scores of one micro-batch over the context, plus its logits (fp32)."""
+        ubatch = min(LLAMA_UBATCH, context)
+        return self.heads * ubatch * context * 4 + ubatch * self.vocab * 4
+
+
+def _full_llm() -> LLMShape:
+    from .config import FULL_LLM
+
+    return LLMShape.from_fields(FULL_LLM)
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    name: str          # component or "kv cache", "activations", ...
+    kind: str          # weights | kv | compute | activations | runtime
+    bytes: int
+    detail: str        # where the figure comes from
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    recipe: str
+    policy: str
+    llm_quant: str
+    source: str                    # "bundle" | "params"
+    items: tuple[MemoryItem, ...]
+    skipped: tuple[str, ...]       # experts a lazy policy leaves on disk
+    budget_bytes: int
+    peak_bytes: int
+    verdict: str                   # fits | warn | refuse
+    message: str
+    fix: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "policy": self.policy, "llm_quant": self.llm_quant, "source": self.source,
+                "items": [vars(i) for i in self.items], "skipped_experts": list(self.skipped),
+                "budget_bytes": self.budget_bytes, "peak_bytes": self.peak_bytes,
+                "peak_gib": round(self.peak_bytes / GIB, 2), "budget_gib": round(self.budget_bytes / GIB, 2),
+                "verdict": self.verdict, "message": self.message, "fix": self.fix}
+
+
+# ---- planning ------------------------------------------------------------------------------------------------------
+def plan_from_params(recipe: Recipe, params: Mapping[str, int], *, llm: LLMShape | None = None,
+                     activations: Mapping[str, tuple[int, int]] | None = None, policy: str | None = None,
+                     llm_quant: str | None = None, model: str = "this MoVA") -> MemoryPlan:
+    """Plan from parameter counts (component -> params; `llm` included) x bytes per the recipe's precision.
+    `model` names the checkpoint in the verdict ("the full-size MoVA-8B")."""
+    missing = [c for c in (*COMPONENTS, "llm") if c not in params]
+    if missing:
+        raise RecipeError(f"memory plan for {recipe.name}: no parameter count for {', '.join(missing)}; pass every "
+                          "component (see memory.FULL_PARAMS)")
+    weights = {c: (int(params[c]) * BYTES_PER_PRECISION[recipe.precision_of(c)],
+                   f"{params[c] / 1e6:,.1f} M params x {recipe.precision_of(c)}") for c in COMPONENTS}
+
+    def llm_bytes(quant: str) -> tuple[int, str]:
+        bpw = GGUF_BITS_PER_WEIGHT[quant]
+        return int(params["llm"] * bpw / 8), f"{params['llm'] / 1e9:.2f} B params x {quant} ({bpw} bits/weight)"
+
+    return _plan(recipe, weights, llm_bytes, llm or _full_llm(), activations or FULL_ACTIVATIONS, "params",
+                 policy, llm_quant, model=model)
+
+
+def plan_from_config(recipe: Recipe, cfg: "MoVAConfig", **kw: Any) -> MemoryPlan:
+    """Plan from `describe_config(cfg)` parameter counts (no weights needed) and the config's LLM shape."""
+    from .checkpoint import describe_config
+
+    described = describe_config(cfg)["components"]
+    params = {name: info["params"] for name, info in described.items()}
+    activations = _activations_from_config(cfg) if cfg.scale != "full" else FULL_ACTIVATIONS
+    kw.setdefault("model", "the full-size MoVA-8B" if cfg.scale == "full" else f"the {cfg.scale} MoVA")
+    return plan_from_params(recipe, params, llm=LLMShape.from_fields(cfg.llm), activations=activations, **kw)
+
+
+def _activations_from_config(cfg: "MoVAConfig") -> dict[str, tuple[int, int]]:
+    """(tokens, width) per graph from the registered specs' output shapes (the tiny-scale estimate)."""
+    from .components import get_spec
+
+    out: dict[str, tuple[int, int]] = {}
+    for name in COMPONENTS:
+        shapes = [t.shape for t in get_spec(name).outputs(cfg)]
+        out[name] = max(((math.prod(s[:-1]) or 1, s[-1]) for s in shapes if s), key=lambda tw: tw[0] * tw[1])
+    return out
+
+
+def plan_from_manifest(recipe: Recipe, manifest: Mapping[str, Any], *, policy: str | None = None,
+                       llm_quant: str | None = None) -> MemoryPlan:
+    """Plan from a bundle's manifest: each component's engine (when compiled) or graph variant at the recipe's
+    precision, by real file size; a variant not built yet is scaled from the fp32 graph. The GGUF's real size when
+    the bundle holds one for the quant, else the LLM's parameter count from the config x bits per weight."""
+    files = manifest.get("files", {})
+    graphs = manifest.get("graphs", {})
+    engines = manifest.get("engines", {})
+
+    def size(rels: Sequence[str]) -> int:
+        return sum(int(files[r]["bytes"]) for r in rels if r in files)
+
+    weights: dict[str, tuple[int, str]] = {}
+    for comp in COMPONENTS:
+        want = recipe.precision_of(comp)
+        if comp in engines and engines[comp].get("engine") in files:
+            weights[comp] = (size([engines[comp]["engine"]]), f"engine {engines[comp]['engine']}")
+            continue
+        variants = graphs.get(comp, {}).get("variants", {})
+        if want in variants:
+            v = variants[want]
+            weights[comp] = (size(v.get("files", [v["graph"]])), f"graph {v['graph']}")
+        elif "fp32" in variants:
+            v = variants["fp32"]
+            scaled = size(v.get("files", [v["graph"]])) * BYTES_PER_PRECISION[want] // 4
+            weights[comp] = (scaled, f"{v['graph']} scaled to {want} (not built yet)")
+        else:
+            raise BundleError(f"bundle manifest has no {comp} graph; the memory plan needs every component: "
+                              "re-export the bundle with all components")
+    config = manifest.get("config") or {}
+    if "hidden_size" not in config:
+        raise BundleError("bundle manifest has no LLM config (config.hidden_size); re-export the bundle")
+    shape = LLMShape.from_fields(config)
+    ggufs = {rel: meta for rel, meta in files.items() if rel.endswith(".gguf")}
+
+    def llm_bytes(quant: str) -> tuple[int, str]:
+        for rel, meta in ggufs.items():
+            if quant in rel.lower():
+                return int(meta["bytes"]), f"gguf {rel}"
+        bpw = GGUF_BITS_PER_WEIGHT[quant]
+        return int(shape.params * bpw / 8), f"{shape.params / 1e6:,.1f} M params x {quant} (no gguf yet)"
+
+    acts: dict[str, tuple[int, int]] = {}
+    for comp in COMPONENTS:
+        outs = [t["shape"] for t in graphs.get(comp, {}).get("outputs", []) if t.get("shape")]
+        if outs:
+            acts[comp] = max(((math.prod(s[:-1]) or 1, s[-1]) for s in outs), key=lambda tw: tw[0] * tw[1])
+    scale = (config.get("mova_export") or {}).get("scale", "")
+    model = "the full-size MoVA-8B" if scale == "full" else f"this {scale} MoVA".replace("  ", " ")
+    return _plan(recipe, weights, llm_bytes, shape, acts, "bundle", policy, llm_quant, model=model)
+
+
+def plan_bundle(recipe: Recipe, bundle_path: Any, **kw: Any) -> MemoryPlan:
+    """Plan for a bundle folder (its manifest's file sizes; files not re-hashed)."""
+    from .bundle import load_bundle
+
+    return plan_from_manifest(recipe, load_bundle(bundle_path, verify=False).manifest, **kw)
+
+
+def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any, shape: LLMShape,
+          activations: Mapping[str, tuple[int, int]], source: str, policy: str | None, llm_quant: str | None,
+          *, with_fix: bool = True, model: str = "this MoVA") -> MemoryPlan:
+    policy = policy or recipe.experts.policy
+    quant = llm_quant or recipe.llm.quant
+    if policy not in ("resident", "lazy"):
+        raise RecipeError(f"unknown expert policy {policy!r}; use resident or lazy")
+    if quant not in GGUF_BITS_PER_WEIGHT:
+        raise RecipeError(f"unknown LLM quant {quant!r}; use one of {', '.join(LLM_QUANTS)}")
+    loaded = list(EXPERTS)
+    if policy == "lazy":
+        k = min(recipe.experts.max_loaded, MAX_ROUTED)
+        loaded = sorted(EXPERTS, key=lambda e: weights[e][0], reverse=True)[:k]
+    items = [MemoryItem(c, "weights", weights[c][0], weights[c][1])
+             for c in COMPONENTS if c not in EXPERTS or c in loaded]
+    lb, ldetail = llm_bytes(quant)
+    ctx = recipe.llm.context
+    gpu_share = 1.0
+    if not recipe.device.unified_memory and recipe.llm.gpu_layers >= 0:
+        gpu_share = min(recipe.llm.gpu_layers, shape.layers) / shape.layers
+    if gpu_share < 1.0:
+        ldetail += f"; {min(recipe.llm.gpu_layers, shape.layers)}/{shape.layers} layers on the GPU"
+    items.append(MemoryItem("llm", "weights", int(lb * gpu_share), ldetail))
+    items.append(MemoryItem("kv cache", "kv", shape.kv_bytes(ctx),
+                            f"2 x {shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim} x {ctx} "
+                            f"ctx x {KV_BYTES} B"))
+    items.append(MemoryItem("llm compute", "compute", shape.compute_bytes(ctx),
+                            f"KQ {shape.heads} heads x {min(LLAMA_UBATCH, ctx)} x {ctx} + logits, fp32"))
+    running = [c for c in COMPONENTS if (c not in EXPERTS or c in loaded) and c in activations]
+    if running:
+        big = max(running, key=lambda c: activations[c][0] * activations[c][1])
+        t, w = activations[big]
+        items.append(MemoryItem("activations", "activations", t * w * ACTIVATION_FACTOR * 4,
+                                f"{big}: {t} tokens x {w} x {ACTIVATION_FACTOR} x 4 B"))
+    items.append(MemoryItem("runtime", "runtime", recipe.memory.runtime_overhead_mib * MIB,
+                            "memory.runtime_overhead_mib"))
+    peak = sum(i.bytes for i in items)
+    budget = recipe.memory.budget_mib * MIB
+    verdict = "fits" if peak <= WARN_FRACTION * budget else "warn" if peak <= budget else "refuse"
+    skipped = tuple(e for e in EXPERTS if e not in loaded)
+    what = (f"{recipe.name}: peak {_gib(peak)} of a {_gib(budget)} budget ({policy} experts, LLM {quant}, "
+            f"context {ctx})")
+    message = {"fits": f"{what}: fits",
+               "warn": f"{what}: fits with under 10 % headroom",
+               "refuse": f"{what}: does not fit; it cannot hold {model} with {policy} experts"}[verdict]
+    fix = ""
+    if verdict != "fits" and with_fix:
+        fix = _fix(recipe, weights, llm_bytes, shape, activations, source, policy, quant, verdict)
+    return MemoryPlan(recipe.name, policy, quant, source, tuple(items), skipped, budget, peak, verdict, message, fix)
+
+
+def _fix(recipe: Recipe, weights: Any, llm_bytes: Any, shape: LLMShape, activations: Any, source: str,
+         policy: str, quant: str, verdict: str) -> str:
+    """Re-plan with lazy experts and each smaller LLM quant; name the options and whether they fit."""
+    smaller = list(LLM_QUANTS[LLM_QUANTS.index(quant) + 1:])
+    options: list[tuple[str, MemoryPlan]] = []
+    lazy_recipe = recipe if recipe.experts.max_loaded <= MAX_ROUTED else replace(
+        recipe, experts=ExpertPolicy("lazy", MAX_ROUTED))
+    if policy == "resident":
+        options.append(("set `experts.policy: lazy` (load only the routed experts)",
+                        _plan(lazy_recipe, weights, llm_bytes, shape, activations, source, "lazy", quant,
+                              with_fix=False)))
+    for q in smaller:
+        options.append((f"set `llm.quant: {q}`", _plan(recipe, weights, llm_bytes, shape, activations, source,
+                                                        policy, q, with_fix=False)))
+    if policy == "resident" and smaller:
+        options.append((f"set `experts.policy: lazy` and `llm.quant: {smaller[-1]}`",
+                        _plan(lazy_recipe, weights, llm_bytes, shape, activations, source, "lazy", smaller[-1],
+                              with_fix=False)))
+    budget = recipe.memory.budget_mib * MIB
+    good = [f"{label} -> {_gib(p.peak_bytes)}" for label, p in options if p.peak_bytes <= WARN_FRACTION * budget]
+    if good:
+        return "fix: " + "; or ".join(good[:3])
+    tried = [f"{label} -> {_gib(p.peak_bytes)}" for label, p in options]
+    if not smaller:
+        tried.append(f"{quant} is already the smallest LLM quant")
+    if policy == "lazy":
+        tried.append("experts are already lazy")
+    head = "fix: " if verdict == "refuse" else "to gain headroom: "
+    return (head + "neither lazy expert loading nor a smaller LLM quant is enough (" + "; ".join(tried) +
+            f"; budget {_gib(budget)}): use a device with more memory or a smaller checkpoint")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+# ---- rendering -----------------------------------------------------------------------------------------------------
+def render_plan(plan: MemoryPlan) -> "Table":
+    """A rich Table: one row per item, the peak against the budget, and the verdict (and fix) in the caption."""
+    from rich.table import Table
+
+    colour = {"fits": "green", "warn": "yellow", "refuse": "red"}[plan.verdict]
+    table = Table(title=f"memory plan: {plan.recipe} ({plan.policy} experts, LLM {plan.llm_quant}, from "
+                        f"{plan.source})", caption=f"[{colour}]{plan.verdict}[/{colour}]: {plan.message}" +
+                  (f"\n{plan.fix}" if plan.fix else ""))
+    table.add_column("item")
+    table.add_column("kind")
+    table.add_column("MiB", justify="right")
+    table.add_column("from")
+    for item in plan.items:
+        table.add_row(item.name, item.kind, f"{item.bytes / MIB:,.0f}", item.detail)
+    if plan.skipped:
+        table.add_row(", ".join(plan.skipped), "on disk", "0", "lazy policy: loaded when routed")
+    table.add_section()
+    table.add_row("peak", "", f"[{colour}]{plan.peak_bytes / MIB:,.0f}[/{colour}]", "")
+    table.add_row("budget", "", f"{plan.budget_bytes / MIB:,.0f}", "memory.budget_mib")
+    return table
+
+
+__all__ = ["FULL_ACTIVATIONS", "FULL_PARAMS", "GGUF_BITS_PER_WEIGHT", "LLMShape", "MemoryItem", "MemoryPlan",
+           "plan_bundle", "plan_from_config", "plan_from_manifest", "plan_from_params", "render_plan"]

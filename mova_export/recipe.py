@@ -1,0 +1,468 @@
+"""Target recipes: one YAML per device in the top-level `recipes/` folder -> one frozen `Recipe`.
+
+A recipe is the whole configuration of a build (house habit: no hidden knobs). `load_recipe` validates it field by
+field: an unknown key, a wrong type or an impossible value is a RecipeError naming the field path
+(`precision.expert_A`) and the file. Hardware rules checked here, not at build time:
+  * FP8 needs compute capability >= 8.9 (Ada, Hopper and newer); Orin (8.7) and Ampere (8.6) never have it.
+  * DLA exists only on Jetson AGX Orin and Orin NX (2 cores); the Orin Nano has none; DLA runs int8/fp16 only.
+  * the `cpu` runtime (ONNX Runtime CPU) has no TensorRT section, no fp8 and no GPU layers.
+
+`cache_key(recipe, stage)` hashes exactly the fields a stage depends on (STAGE_FIELDS), so changing e.g. the LLM
+context size never invalidates the quantized graphs.
+
+Where the YAML files live: the top-level `recipes/` folder is the source of truth (the project layout keeps one YAML
+per target there). `recipe_dirs()` finds it next to the package (a source checkout or an editable install), then a
+packaged copy under `mova_export/data/recipes/` (already covered by the `data/**/*` package-data glob, for a wheel
+whose build copies the folder there). One folder to edit, no duplicated YAML in git.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import RecipeError
+
+SCHEMA_VERSION = 1
+COMPONENTS = ("base", *(f"expert_{c}" for c in "ABCDEFG"), "text_encoder", "adapter")
+EXPERTS = tuple(c for c in COMPONENTS if c.startswith("expert_"))
+PRECISIONS = ("int8", "fp8", "fp16", "fp32")
+BYTES_PER_PRECISION = {"int8": 1, "fp8": 1, "fp16": 2, "fp32": 4}
+LLM_QUANTS = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")       # largest first
+RUNTIMES = ("tensorrt", "onnxruntime-cpu")
+DEVICE_KINDS = ("jetson", "dgpu", "cpu")
+EXPERT_POLICIES = ("resident", "lazy")
+CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
+FALLBACKS = ("fp16", "fp32", "none")
+FP8_MIN_CC = (8, 9)
+
+# `--target` shorthands -> shipped recipe names.
+ALIASES: dict[str, str] = {
+    "jetson-orin": "jetson-orin-agx-64gb",       # the Orin that holds MoVA-8B with every expert resident
+    "jetson-orin-agx": "jetson-orin-agx-64gb",
+    "jetson-orin-nx": "jetson-orin-nx-16gb",
+    "jetson-orin-nano": "jetson-orin-nano-8gb",
+    "4090": "rtx-4090",
+    "3090": "rtx-3090",
+}
+
+# GPUs whose hardware we know: a recipe naming one must agree with it (compute capability, DLA cores).
+KNOWN_GPUS: dict[str, dict[str, Any]] = {
+    "Jetson AGX Orin 64GB": {"cc": (8, 7), "dla_cores": 2},
+    "Jetson AGX Orin 32GB": {"cc": (8, 7), "dla_cores": 2},
+    "Jetson Orin NX 16GB": {"cc": (8, 7), "dla_cores": 2},
+    "Jetson Orin NX 8GB": {"cc": (8, 7), "dla_cores": 1},
+    "Jetson Orin Nano 8GB": {"cc": (8, 7), "dla_cores": 0},
+    "Jetson Orin Nano 4GB": {"cc": (8, 7), "dla_cores": 0},
+    "NVIDIA GeForce RTX 4090": {"cc": (8, 9), "dla_cores": 0},
+    "NVIDIA GeForce RTX 3090": {"cc": (8, 6), "dla_cores": 0},
+    "NVIDIA H100 80GB HBM3": {"cc": (9, 0), "dla_cores": 0},
+}
+
+
+# ---- the settings objects ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Device:
+    kind: str                           # jetson | dgpu | cpu
+    name: str                           # GPU name as the driver reports it ("CPU" for the cpu recipe)
+    compute_capability: tuple[int, int] | None
+    memory_mib: int                     # physical memory the plan is measured against (unified on Jetson)
+    unified_memory: bool
+
+    @property
+    def cc_str(self) -> str:
+        return "" if self.compute_capability is None else "%d.%d" % self.compute_capability
+
+
+@dataclass(frozen=True)
+class BuilderOptions:
+    optimization_level: int = 3         # builder_optimization_level 0..5
+    workspace_mib: int = 4096           # MemoryPoolType.WORKSPACE limit
+    timing_cache: bool = True           # load/save <bundle>/engines/timing.cache
+
+
+@dataclass(frozen=True)
+class DLAOptions:
+    components: tuple[str, ...] = ()    # run on DLA, with GPU fallback for unsupported layers
+    core: int = 0
+    gpu_fallback: bool = True
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    version: str                        # TensorRT major.minor the target ships (JetPack 6.x: 10.3)
+    fp16: bool
+    int8: bool
+    fp8: bool
+    dla_cores: int
+    builder: BuilderOptions
+    dla: DLAOptions
+
+
+@dataclass(frozen=True)
+class Budget:
+    min_cosine: float
+    max_rel_l2: float | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    method: str = "entropy"
+    samples: int = 32
+    fallback: str = "fp16"              # what a component that misses its budget falls back to
+
+
+@dataclass(frozen=True)
+class LLMOptions:
+    quant: str
+    gpu_layers: int                     # -1 = every layer on the GPU
+    context: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class ExpertPolicy:
+    policy: str = "resident"            # resident: all 7 loaded; lazy: load routed experts on demand
+    max_loaded: int = 3                 # lazy: at most this many experts in memory (the router picks K <= 3)
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    budget_mib: int                     # what MoVA may use on the target (physical minus OS / desktop)
+    runtime_overhead_mib: int = 600     # CUDA context, TensorRT / ORT runtime, llama.cpp process
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    runtime: str
+    device: Device
+    tensorrt: TensorRTOptions | None
+    precision: Mapping[str, str]        # component -> int8 | fp8 | fp16 | fp32 (every component in COMPONENTS)
+    accuracy: Mapping[str, Budget]      # precision -> budget
+    calibration: Calibration
+    llm: LLMOptions
+    experts: ExpertPolicy
+    memory: MemoryOptions
+    source: str = ""                    # the file it was read from (not part of any cache key)
+
+    def precision_of(self, component: str) -> str:
+        if component not in self.precision:
+            raise RecipeError(f"recipe {self.name}: no precision for component {component!r}; known: "
+                              f"{', '.join(COMPONENTS)}")
+        return self.precision[component]
+
+    def on_dla(self, component: str) -> bool:
+        return self.tensorrt is not None and component in self.tensorrt.dla.components
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---- per-stage cache keys ------------------------------------------------------------------------------------------
+# Field paths (dotted, into Recipe.to_dict()) each stage's output depends on. Runtime-only fields (LLM gpu layers,
+# threads, context, expert policy, memory budget) are in no build stage: changing them rebuilds nothing.
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "export": (),
+    "quantize": ("precision", "accuracy", "calibration"),
+    "compile": ("device.name", "device.compute_capability", "tensorrt", "precision"),
+    "gguf": ("llm.quant",),
+    "runtime": ("llm", "experts", "memory", "runtime"),
+}
+
+
+def cache_key(recipe: Recipe, stage: str) -> str:
+    """sha256 (16 hex digits) over the stage name, the schema version and exactly the recipe fields in
+    STAGE_FIELDS[stage]."""
+    if stage not in STAGE_FIELDS:
+        raise RecipeError(f"unknown build stage {stage!r} for a cache key; use one of {', '.join(STAGE_FIELDS)}")
+    data = recipe.to_dict()
+    picked: dict[str, Any] = {}
+    for path in STAGE_FIELDS[stage]:
+        value: Any = data
+        for part in path.split("."):
+            value = None if value is None else value[part]
+        picked[path] = value
+    blob = json.dumps({"stage": stage, "schema": SCHEMA_VERSION, "fields": picked}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---- finding and loading -------------------------------------------------------------------------------------------
+def recipe_dirs() -> list[Path]:
+    """Folders searched for `<name>.yaml`: the repo's top-level recipes/, then the packaged copy."""
+    dirs = [Path(__file__).resolve().parents[1] / "recipes"]
+    try:
+        from importlib.resources import files
+
+        packaged = Path(str(files("mova_export") / "data" / "recipes"))
+        dirs.append(packaged)
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - zip imports
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (first folder wins on a duplicate name), sorted."""
+    names: set[str] = set()
+    for d in recipe_dirs():
+        names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def resolve_target(name_or_path: str | Path) -> Path:
+    """A recipe name, an alias (`jetson-orin`) or a path to a YAML file -> the YAML file."""
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or "/" in text or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist; pass a YAML file or a target name "
+                              f"({', '.join(list_recipes())})")
+        return path
+    name = ALIASES.get(text, text)
+    for d in recipe_dirs():
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    raise RecipeError(f"unknown target {text!r}; choose one of {', '.join(list_recipes())} (aliases: "
+                      f"{', '.join(sorted(ALIASES))}) or pass a path to a recipe YAML")
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load and validate a recipe by name, alias or path. Raises RecipeError naming the field and the file."""
+    import yaml
+
+    path = resolve_target(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path} is not valid YAML{where}; fix the syntax") from None
+    return parse_recipe(raw, source=str(path))
+
+
+# ---- validation ----------------------------------------------------------------------------------------------------
+class _Reader:
+    """Reads one mapping of the YAML, remembering its field path; `done()` refuses keys nobody read."""
+
+    def __init__(self, raw: Any, path: str, source: str):
+        self.path, self.source = path, source
+        if not isinstance(raw, Mapping):
+            self.fail(path or "recipe", f"must be a mapping, got {type(raw).__name__}")
+        self.raw = dict(raw)
+        self.seen: set[str] = set()
+
+    def field(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, field: str, problem: str) -> None:
+        raise RecipeError(f"{self.source}: {field} {problem}")
+
+    def has(self, key: str) -> bool:
+        return self.raw.get(key) is not None
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, choices: tuple = (),
+            lo: float | None = None, hi: float | None = None) -> Any:
+        self.seen.add(key)
+        if key not in self.raw or self.raw[key] is None:
+            if default is ...:
+                self.fail(self.field(key), "is missing; add it" + (f" (one of {', '.join(map(str, choices))})"
+                                                                   if choices else ""))
+            return default
+        value = self.raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            else:
+                self.fail(self.field(key), f"must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        if choices and value not in choices:
+            self.fail(self.field(key), f"is {value!r}; use one of {', '.join(map(str, choices))}")
+        if lo is not None and value < lo or hi is not None and value > hi:
+            self.fail(self.field(key), f"is {value!r}; it must be within {lo}..{hi}")
+        return value
+
+    def sub(self, key: str, required: bool = True) -> "_Reader | None":
+        self.seen.add(key)
+        if not self.has(key):
+            if required:
+                self.fail(self.field(key), "is missing; add the section")
+            return None
+        return _Reader(self.raw[key], self.field(key), self.source)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.seen, key=str)
+        if unknown:
+            self.fail(self.field(str(unknown[0])), f"is not a known recipe key (known here: "
+                      f"{', '.join(sorted(self.seen))}); remove or rename it")
+
+
+def _compute_capability(r: _Reader, key: str) -> tuple[int, int]:
+    value = r.get(key, (str, float, int))
+    parts = str(value).split(".")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        r.fail(r.field(key), f"is {value!r}; write it as major.minor in quotes, e.g. \"8.7\"")
+    return int(parts[0]), int(parts[1])
+
+
+def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    """Validate a parsed YAML mapping into a Recipe (RecipeError naming the field path and `source`)."""
+    top = _Reader(raw, "", source)
+    name = top.get("name", str)
+    description = top.get("description", str, "")
+    runtime = top.get("runtime", str, choices=RUNTIMES)
+
+    d = top.sub("device")
+    kind = d.get("kind", str, choices=DEVICE_KINDS)
+    gpu_name = d.get("name", str)
+    cc = _compute_capability(d, "compute_capability") if kind != "cpu" else None
+    if kind == "cpu" and d.has("compute_capability"):
+        d.get("compute_capability", (str, float, int))
+        d.fail(d.field("compute_capability"), "is set on a cpu device; remove it")
+    device = Device(kind, gpu_name, cc, d.get("memory_mib", int, lo=256),
+                    d.get("unified_memory", bool, kind == "jetson"))
+    d.done()
+    known = KNOWN_GPUS.get(gpu_name)
+    if known is not None and cc != known["cc"]:
+        d.fail(d.field("compute_capability"), f"is {device.cc_str} but a {gpu_name} has "
+               f"{'%d.%d' % known['cc']}; fix the value")
+
+    trt = _tensorrt(top, runtime, device, known)
+    precision = _precision(top, runtime, trt, source)
+    c = top.sub("calibration", required=False)
+    calibration = Calibration() if c is None else Calibration(
+        c.get("method", str, "entropy", choices=CALIBRATION_METHODS), c.get("samples", int, 32, lo=1, hi=100000),
+        c.get("fallback", str, "fp16", choices=FALLBACKS))
+    if c is not None:
+        if calibration.fallback == "fp16" and trt is not None and not trt.fp16:
+            c.fail(c.field("fallback"), "is fp16 but tensorrt.fp16 is false; use fp32 or none")
+        c.done()
+    accuracy = _accuracy(top, precision, calibration.fallback)
+
+    lr = top.sub("llm")
+    llm = LLMOptions(lr.get("quant", str, choices=LLM_QUANTS), lr.get("gpu_layers", int, lo=-1, hi=1000),
+                     lr.get("context", int, lo=128, hi=131072), lr.get("threads", int, lo=1, hi=512))
+    if runtime == "onnxruntime-cpu" and llm.gpu_layers != 0:
+        lr.fail(lr.field("gpu_layers"), f"is {llm.gpu_layers} on the cpu runtime; set it to 0")
+    lr.done()
+
+    e = top.sub("experts", required=False)
+    experts = ExpertPolicy() if e is None else ExpertPolicy(
+        e.get("policy", str, "resident", choices=EXPERT_POLICIES), e.get("max_loaded", int, 3, lo=1, hi=7))
+    if e is not None:
+        e.done()
+
+    m = top.sub("memory")
+    memory = MemoryOptions(m.get("budget_mib", int, lo=256), m.get("runtime_overhead_mib", int, 600, lo=0))
+    if memory.budget_mib > device.memory_mib:
+        m.fail(m.field("budget_mib"), f"is {memory.budget_mib} MiB, more than the device's {device.memory_mib} "
+               "MiB (device.memory_mib); lower it")
+    m.done()
+    top.done()
+    return Recipe(name, description, runtime, device, trt, precision, accuracy, calibration, llm, experts, memory,
+                  source)
+
+
+def _tensorrt(top: _Reader, runtime: str, device: Device, known: Mapping[str, Any] | None) -> TensorRTOptions | None:
+    t = top.sub("tensorrt", required=runtime == "tensorrt")
+    if runtime != "tensorrt":
+        if t is not None:
+            t.fail("tensorrt", f"is set but runtime is {runtime}; remove the section or use runtime: tensorrt")
+        return None
+    if device.kind == "cpu":
+        top.fail("runtime", "is tensorrt on a cpu device; use runtime: onnxruntime-cpu")
+    version = str(t.get("version", (str, float)))
+    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) != 10:
+        t.fail(t.field("version"), f"is {version!r}; mova-export builds with TensorRT 10.x (e.g. \"10.3\")")
+    fp8 = t.get("fp8", bool)
+    if fp8 and (device.compute_capability or (0, 0)) < FP8_MIN_CC:
+        t.fail(t.field("fp8"), f"is true but {device.name} (compute capability {device.cc_str}) has no FP8; FP8 "
+               "needs 8.9+ (Ada, Hopper): set it to false and use int8 or fp16")
+    dla_cores = t.get("dla_cores", int, 0, lo=0, hi=2)
+    if dla_cores and device.kind != "jetson":
+        t.fail(t.field("dla_cores"), f"is {dla_cores} but {device.name} is not a Jetson; only Orin AGX/NX have "
+               "DLA: set it to 0")
+    if known is not None and dla_cores > known["dla_cores"]:
+        t.fail(t.field("dla_cores"), f"is {dla_cores} but {device.name} has {known['dla_cores'] or 'no'} DLA "
+               f"core(s); set it to {known['dla_cores']}")
+    b = t.sub("builder", required=False)
+    builder = BuilderOptions() if b is None else BuilderOptions(
+        b.get("optimization_level", int, 3, lo=0, hi=5), b.get("workspace_mib", int, 4096, lo=16),
+        b.get("timing_cache", bool, True))
+    if b is not None:
+        b.done()
+    dr = t.sub("dla", required=False)
+    dla = DLAOptions()
+    if dr is not None:
+        comps = dr.get("components", list, [])
+        for i, comp in enumerate(comps):
+            if comp not in COMPONENTS:
+                dr.fail(f"{dr.field('components')}[{i}]", f"is {comp!r}; use component names "
+                        f"({', '.join(COMPONENTS)})")
+        if comps and not dla_cores:
+            dr.fail(dr.field("components"), f"lists {', '.join(comps)} but {device.name} has no DLA "
+                    "(tensorrt.dla_cores is 0); empty the list")
+        core = dr.get("core", int, 0, lo=0, hi=1)
+        if comps and core >= dla_cores:
+            dr.fail(dr.field("core"), f"is {core} but the device has {dla_cores} DLA core(s); use 0..{dla_cores - 1}")
+        dla = DLAOptions(tuple(comps), core, dr.get("gpu_fallback", bool, True))
+        dr.done()
+    opts = TensorRTOptions(version, t.get("fp16", bool), t.get("int8", bool), fp8, dla_cores, builder, dla)
+    t.done()
+    return opts
+
+
+def _precision(top: _Reader, runtime: str, trt: TensorRTOptions | None, source: str) -> dict[str, str]:
+    p = top.sub("precision")
+    out: dict[str, str] = {}
+    for comp in COMPONENTS:
+        value = p.get(comp, str, choices=PRECISIONS)
+        field = p.field(comp)
+        if value == "fp8":
+            if trt is None:
+                p.fail(field, f"is fp8 but the {runtime} runtime has no FP8; use int8, fp16 or fp32")
+            elif not trt.fp8:
+                p.fail(field, "is fp8 but the target has no FP8 (tensorrt.fp8 is false: FP8 needs compute "
+                       "capability 8.9+, never Orin); use int8 or fp16")
+        if trt is not None and value == "int8" and not trt.int8:
+            p.fail(field, "is int8 but tensorrt.int8 is false; use fp16")
+        if trt is not None and value == "fp16" and not trt.fp16:
+            p.fail(field, "is fp16 but tensorrt.fp16 is false; use fp32")
+        if trt is not None and comp in trt.dla.components and value not in ("int8", "fp16"):
+            p.fail(field, f"is {value} but {comp} runs on DLA (tensorrt.dla.components), which computes int8 or "
+                   "fp16 only; use int8/fp16 or take it off the DLA list")
+        out[comp] = value
+    p.done()
+    return out
+
+
+def _accuracy(top: _Reader, precision: Mapping[str, str], fallback: str) -> dict[str, Budget]:
+    a = top.sub("accuracy")
+    out: dict[str, Budget] = {}
+    needed = set(precision.values()) | ({fallback} - {"none"})
+    for prec in PRECISIONS:
+        r = a.sub(prec, required=prec in needed)
+        if r is None:
+            continue
+        out[prec] = Budget(r.get("min_cosine", float, lo=0.0, hi=1.0), r.get("max_rel_l2", float, None, lo=0.0))
+        r.done()
+    a.done()
+    return out
+
+
+__all__ = ["ALIASES", "BYTES_PER_PRECISION", "COMPONENTS", "EXPERTS", "LLM_QUANTS", "PRECISIONS", "STAGE_FIELDS",
+           "Budget", "BuilderOptions", "Calibration", "DLAOptions", "Device", "ExpertPolicy", "LLMOptions",
+           "MemoryOptions", "Recipe", "TensorRTOptions", "cache_key", "list_recipes", "load_recipe", "parse_recipe",
+           "recipe_dirs", "resolve_target"]
