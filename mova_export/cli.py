@@ -167,6 +167,130 @@ def _gguf_progress():
     return report
 
 
+@main.command()
+@click.option("--target", required=True,
+              help="Recipe name (see `mova-export recipes`), alias (jetson-orin) or a recipe YAML path.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="MoVA checkpoint folder.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration folder: images + optional questions.txt (default: built-in real photos).")
+@click.option("--components", default=None, help="Comma-separated subset of the vision components (default: all).")
+@click.option("--no-reuse", is_flag=True, help="Recompute every stage even when its inputs did not change.")
+@click.option("--no-compile", is_flag=True, help="Never compile TensorRT engines, even where possible.")
+@click.option("--allow-over-budget", is_flag=True, help="Write the bundle even if the memory plan refuses it.")
+@_one_line_errors
+def build(target: str, checkpoint: Path, out_dir: Path, calib: Path | None, components: str | None, no_reuse: bool,
+          no_compile: bool, allow_over_budget: bool) -> None:
+    """Checkpoint -> device bundle: export, calibrate/quantize, GGUF, compile (where possible), parity report."""
+    from .pipeline import build as build_bundle
+
+    names = [c.strip() for c in components.split(",") if c.strip()] if components is not None else None
+    result = build_bundle(checkpoint, target, out_dir, calib=calib, components=names, reuse=not no_reuse,
+                          compile_engines=not no_compile, allow_over_budget=allow_over_budget)
+    _print_build(result)
+
+
+def _print_build(result) -> None:
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=f"{result.report['target']}: per-component parity", title_justify="left")
+    for col in ("component", "requested", "shipped", "fp32 vs torch cos", "shipped vs fp32 cos", "MiB"):
+        table.add_column(col, justify="right" if "cos" in col or col == "MiB" else "left")
+    for r in result.report["components"]:
+        shipped = r["shipped_vs_fp32_cosine"]
+        table.add_row(r["component"], r["requested"], r["decision"], f"{r['fp32_vs_torch_min_cosine']:.6f}",
+                      "-" if shipped is None else f"{shipped:.5f}", f"{(r['bytes'] or 0) / 2**20:.2f}")
+    console.print(table)
+    stages = ", ".join(f"{s.name} {s.seconds:.1f}s{' (reused)' if s.reused else ''}" for s in result.stages)
+    console.print(f"stages: {stages}")
+    compile_stage = next(s for s in result.stages if s.name == "compile")
+    if compile_stage.detail.get("on_device"):
+        console.print(f"TensorRT engines: on the device run [bold]{compile_stage.detail['on_device']}[/bold]")
+    console.print(f"bundle: {result.bundle}  report: {result.bundle / 'report.md'}")
+
+
+@main.command(name="compile")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", default=None, help="Recipe (default: the one the bundle was built for).")
+@click.option("--components", default=None, help="Comma-separated subset (default: every graph).")
+@_one_line_errors
+def compile_cmd(bundle: Path, target: str | None, components: str | None) -> None:
+    """Compile a bundle's graphs to TensorRT engines on this device (TensorRT 10 and the target GPU needed)."""
+    from .bundle import load_bundle
+    from .compile import CompileError, can_compile_here, compile_bundle
+    from .recipe import load_recipe
+
+    loaded = load_bundle(bundle)
+    name = target or loaded.manifest.get("target", {}).get("recipe")
+    if not name:
+        raise CompileError(f"bundle {bundle} records no target; pass --target (see `mova-export recipes`)")
+    recipe = load_recipe(name)
+    check = can_compile_here(recipe, bundle)
+    if not check.ok:
+        raise CompileError(check.reason)
+    names = [c.strip() for c in components.split(",") if c.strip()] if components else None
+    engines = compile_bundle(bundle, recipe, names, log=lambda m: click.echo(m, err=True))
+    click.echo(f"compiled {len(engines)} engine(s) into {bundle / 'engines'}")
+
+
+@main.command()
+@click.option("--target", required=True, help="Recipe name, alias or YAML path.")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
+              help="Plan from this bundle's real file sizes (default: the full-size MoVA-8B parameter counts).")
+@click.option("--policy", type=click.Choice(["resident", "lazy"]), default=None, help="Override the expert policy.")
+@click.option("--llm-quant", default=None, help="Override the LLM quant type (f16, q8_0, q6_k, q5_k_m, q4_k_m).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_one_line_errors
+def plan(target: str, bundle_dir: Path | None, policy: str | None, llm_quant: str | None, as_json: bool) -> None:
+    """Predict peak memory on a target; exit 1 when MoVA would not fit (the message says what to change)."""
+    from .memory import plan_bundle, plan_from_config, render_plan
+    from .recipe import load_recipe
+
+    recipe = load_recipe(target)
+    if bundle_dir is not None:
+        result = plan_bundle(recipe, bundle_dir, policy=policy, llm_quant=llm_quant)
+    else:
+        from .synth import synthetic_config
+
+        result = plan_from_config(recipe, synthetic_config("full"), policy=policy, llm_quant=llm_quant)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        console = _console()
+        console.print(render_plan(result))
+        console.print(f"{result.verdict}: {result.message}" + (f"\nfix: {result.fix}" if result.fix else ""))
+    if result.verdict == "refuse":
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print every recipe as JSON.")
+@_one_line_errors
+def recipes(as_json: bool) -> None:
+    """List the target recipes (recipes/*.yaml): GPU, precisions, LLM quant, memory budget."""
+    from .recipe import ALIASES, list_recipes, load_recipe
+
+    loaded = [load_recipe(n) for n in list_recipes()]
+    if as_json:
+        click.echo(json.dumps({r.name: r.to_dict() for r in loaded}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    for col in ("target", "device", "cc", "runtime", "precisions", "LLM", "experts", "budget GiB"):
+        table.add_column(col)
+    for r in loaded:
+        counts: dict[str, int] = {}
+        for p in r.precision.values():
+            counts[p] = counts.get(p, 0) + 1
+        table.add_row(r.name, r.device.name, r.device.cc_str or "-", r.runtime,
+                      ", ".join(f"{n} {p}" for p, n in sorted(counts.items())), r.llm.quant, r.experts.policy,
+                      f"{r.memory.budget_mib / 1024:.1f}")
+    _console().print(table)
+    click.echo("aliases: " + ", ".join(f"{a} -> {t}" for a, t in sorted(ALIASES.items())))
+
+
 def _parse_letters(text: str) -> list[str]:
     from .config import EXPERT_LETTERS
 

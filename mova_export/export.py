@@ -475,11 +475,13 @@ class FeedBuilder:
 
     def _adapter_plan(self, spec: "ComponentSpec") -> tuple[list[str], list[tuple[int, ...]]]:
         """Producers of the adapter's inputs (towers in order, then the text encoder) and the K <= topk masks."""
-        from .components import all_specs
+        from .bundle import graph_components
+        from .components import get_spec
 
         names = [t.name for t in spec.inputs(self.cfg)]
-        towers = [s.name for s in all_specs() if _role(s, self.cfg) == "tower"]
-        texts = [s.name for s in all_specs() if _role(s, self.cfg) == "text"]
+        graphs = [get_spec(n) for n in graph_components()]  # the LLM feeds no graph: it is not an ONNX component
+        towers = [s.name for s in graphs if _role(s, self.cfg) == "tower"]
+        texts = [s.name for s in graphs if _role(s, self.cfg) == "text"]
         if len(towers) + len(texts) + 1 != len(names):
             raise ExportError(f"adapter inputs {names} do not match towers {towers} + text {texts} + routing mask")
         return towers + texts, routing_masks(len(towers) - 1, self.cfg.topk_experts)
