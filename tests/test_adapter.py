@@ -263,7 +263,8 @@ def test_rope_tables_are_optional_checkpoint_buffers():
     cfg = SMALL_GRID.with_overrides(arch_overrides={"adapter": {"rope_in_checkpoint": False}})
     module = SPEC.build(cfg)
     assert sorted(module.state_dict()) == sorted(_expected_keys(cfg, rope=False))
-    assert module.blocks[0].self_attn.rope.freqs_cos.shape == (256, 8)   # still there, just not persistent
+    head_dim = cfg.mm_hidden_size // cfg.arch("adapter")["num_heads"]
+    assert module.blocks[0].self_attn.rope.freqs_cos.shape == (256, head_dim)   # still there, just not persistent
 
 
 def test_tiny_adapter_is_small(tiny):
@@ -306,7 +307,7 @@ def test_attention_and_regstage_match_upstream_formulas(tiny):
     cos, _ = _upstream_rope(4, 48)
     assert torch.allclose(attn.rope.freqs_cos, cos, atol=1e-6)
     with torch.inference_mode():
-        assert float((attn(x, value) - _upstream_attention(attn, x, value, 4)).abs().max()) <= 1e-5
+        assert float((attn(x, value) - _upstream_attention(attn, x, value, attn.num_heads)).abs().max()) <= 1e-5
 
         # timm RegStage(depth 1, linear_out): ConvNormAct(SiLU) x2, SE, ConvNormAct(no act), identity, no final act
         b1 = tiny.downsample[2].b1
