@@ -304,7 +304,7 @@ def test_attention_and_regstage_match_upstream_formulas(tiny):
     gen = torch.Generator().manual_seed(5)
     x, value = torch.randn(1, 2304, 32, generator=gen), torch.randn(1, 2304, 16, generator=gen)
     attn = tiny.blocks[1].cross_attn[2]
-    cos, _ = _upstream_rope(4, 48)
+    cos, _ = _upstream_rope(32 // attn.num_heads // 2, 48)
     assert torch.allclose(attn.rope.freqs_cos, cos, atol=1e-6)
     with torch.inference_mode():
         assert float((attn(x, value) - _upstream_attention(attn, x, value, attn.num_heads)).abs().max()) <= 1e-5
