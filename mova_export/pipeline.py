@@ -30,6 +30,8 @@ from .errors import BundleError, MoVAExportError
 
 Log = Callable[[str], None]
 QUANTIZED = ("int8", "fp8")
+# Every build exports both: fp16 is any recipe's fallback, and one export then serves every target (stage reuse).
+EXPORT_PRECISIONS = ("fp32", "fp16")
 
 
 class BuildError(MoVAExportError):
@@ -85,9 +87,8 @@ def stage_export(checkpoint: Path, tmp: Path, recipe: Any, cal: Any, components:
         record.reused = True
         log("export: inputs unchanged, graphs reused from the previous bundle")
     else:
-        precisions = ["fp32"] + (["fp16"] if "fp16" in _precisions(recipe, components).values() else [])
         shutil.rmtree(tmp)
-        export_bundle(checkpoint, tmp, components=components, precisions=precisions, samples=cal.samples,
+        export_bundle(checkpoint, tmp, components=components, precisions=EXPORT_PRECISIONS, samples=cal.samples,
                       questions=cal.questions, progress=False)
     record.seconds = time.perf_counter() - start
     record.detail = {"calibration": cal.to_json()}
@@ -104,6 +105,7 @@ def stage_quantize(tmp: Path, manifest: dict[str, Any], recipe: Any, components:
     record = StageRecord("quantize", _digest(export_key, _quantize_key(recipe)))
     start = time.perf_counter()
     decisions: dict[str, Any] = {}
+    reused = computed = 0
     precisions = _precisions(recipe, components)
     for name in components:
         wanted = precisions[name]
@@ -117,10 +119,12 @@ def stage_quantize(tmp: Path, manifest: dict[str, Any], recipe: Any, components:
             decisions[name] = {"component": name, "requested": wanted, "final": wanted}
             continue
         old = (previous or {}).get("quantize", {}).get(name)
-        if reuse and old and old.get("key") == record.key and wanted in variants:
+        if reuse and old and old.get("key") == record.key and _variant_of(old) in variants:
             decisions[name] = old
+            reused += 1
             log(f"{name}: {wanted} graph reused ({old.get('final')})")
             continue
+        computed += 1
         feeds = read_feeds(tmp / manifest["calibration"][name]["file"])
         calib, held_out = split_feeds(feeds)
         t0 = time.perf_counter()
@@ -132,7 +136,7 @@ def stage_quantize(tmp: Path, manifest: dict[str, Any], recipe: Any, components:
         decision["seconds"] = round(time.perf_counter() - t0, 2)
         decisions[name] = decision
         final = decision["final"]
-        variant = "fp16" if final == "fp16" else wanted   # int8-partial is still the int8 variant, fewer Q/DQ nodes
+        variant = _variant_of(decision)
         files = graph_files(tmp / decision["path"])
         variants[variant] = {**variants.get(variant, {}), "graph": decision["path"],
                              "files": [f.relative_to(tmp).as_posix() for f in files],
@@ -141,6 +145,7 @@ def stage_quantize(tmp: Path, manifest: dict[str, Any], recipe: Any, components:
         log(f"{name}: {wanted} -> {final} (held-out cosine vs fp32 {decision['measured']['cosine']:.5f}, "
             f"budget {decision['budget']['min_cosine']})")
     manifest["quantize"] = decisions
+    record.reused = reused > 0 and computed == 0
     record.seconds = time.perf_counter() - start
     record.detail = {"components": {n: d.get("final") for n, d in decisions.items()}}
     return record
@@ -199,6 +204,12 @@ def _decision_json(decision: Any) -> dict[str, Any]:
     return decision.to_json() if hasattr(decision, "to_json") else dict(decision)
 
 
+def _variant_of(decision: dict[str, Any]) -> str:
+    """The graph variant a decision shipped: the fp16 fallback, or the requested one (int8-partial is still the int8
+    variant, with fewer Q/DQ nodes)."""
+    return "fp16" if decision["final"] == "fp16" else decision["requested"]
+
+
 def _quant_parity(decision: dict[str, Any]) -> dict[str, Any]:
     """The parity block of a quantized variant (same shape as the export's), against the fp32 graph."""
     return {"reference": "fp32 graph", "tolerance": decision["budget"], "num_samples": decision["calibration"]["held_out"],
@@ -253,8 +264,7 @@ def build(checkpoint: str | Path, target: str | Path, out_dir: str | Path, *, ca
             log(f"stage {stage}: {'reused' if record.reused else 'done'} in {record.seconds:.1f} s")
             return record
 
-        export_key = _digest(fingerprint, names, cal.digest(), cache_key(recipe, "export"),
-                             sorted(set(_precisions(recipe, names).values()) & {"fp16"}))
+        export_key = _digest(fingerprint, names, cal.digest(), cache_key(recipe, "export"), EXPORT_PRECISIONS)
         run("export", lambda: stage_export(checkpoint, tmp, recipe, cal, names, export_key, previous, out_dir,
                                            reuse, log))
         manifest = json.loads((tmp / "manifest.json").read_text())
