@@ -5,35 +5,17 @@ inside the commands so `mova-export --help` stays fast and works without GPU pac
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from . import __version__
-from .errors import MoVAExportError
+from .cli_common import _console, _one_line_errors, _parse_letters, _resolve_image
 
 DEFAULT_DEMO_DIR = Path("demo")
-
-
-def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except MoVAExportError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-    return wrapper
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -289,30 +271,6 @@ def recipes(as_json: bool) -> None:
                       f"{r.memory.budget_mib / 1024:.1f}")
     _console().print(table)
     click.echo("aliases: " + ", ".join(f"{a} -> {t}" for a, t in sorted(ALIASES.items())))
-
-
-def _parse_letters(text: str) -> list[str]:
-    from .config import EXPERT_LETTERS
-
-    letters = [p.strip().upper() for p in text.split(",") if p.strip()]
-    bad = [p for p in letters if p not in EXPERT_LETTERS]
-    if bad:
-        raise click.BadParameter(f"unknown expert letter(s) {bad}; use A..G", param_hint="--experts")
-    return letters
-
-
-def _resolve_image(image: str) -> Any:
-    """A path, or the name of a scikit-image sample photo (lets the demo run with no files)."""
-    if Path(image).exists():
-        return Path(image)
-    from .reference import sample_images
-
-    samples = sample_images()
-    if image in samples:
-        return samples[image]
-    from .errors import RuntimeInputError
-
-    raise RuntimeInputError(f"image {image!r} not found; pass an image file or one of {sorted(samples)}")
 
 
 @main.command()

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .cli import _one_line_errors, _parse_letters, _resolve_image
+from .cli_common import _one_line_errors, _parse_letters, _resolve_image
 
 BACKEND_CHOICE = click.Choice(["auto", "onnxruntime", "tensorrt", "torch"])
 DEVICE_CHOICE = click.Choice(["cpu", "cuda"])

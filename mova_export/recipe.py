@@ -345,6 +345,12 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     calibration = Calibration() if c is None else Calibration(
         c.get("method", str, "entropy", choices=CALIBRATION_METHODS), c.get("samples", int, 32, lo=1, hi=100000),
         c.get("fallback", str, "fp16", choices=FALLBACKS))
+    if "fp8" in precision.values() and calibration.method == "entropy":
+        if c is None:  # the default method cannot calibrate FP8: its scales are amax / 448
+            calibration = Calibration(method="minmax")
+        else:
+            c.fail(c.field("method"), "is entropy, which cannot calibrate the fp8 components (FP8 scales are "
+                   "amax/448); use minmax or percentile")
     if c is not None:
         if calibration.fallback == "fp16" and trt is not None and not trt.fp16:
             c.fail(c.field("fallback"), "is fp16 but tensorrt.fp16 is false; use fp32 or none")

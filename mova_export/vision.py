@@ -364,7 +364,8 @@ class _TorchDeviceRunner:
 
         tensors = []
         for n in self.input_names:
-            t = torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device)
+            a = np.ascontiguousarray(feed[n])
+            t = torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.device)
             tensors.append(t.to(self.dtype) if t.is_floating_point() and n != "routing_mask" else t)
         with torch.inference_mode():
             out = self.module(*tensors)

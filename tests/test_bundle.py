@@ -39,7 +39,7 @@ def test_manifest_lists_every_file_with_its_sha256(tiny):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["format_version"] == FORMAT_VERSION
     on_disk = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
-    assert sorted(manifest["files"]) + ["manifest.json"] == sorted(on_disk)
+    assert sorted([*manifest["files"], "manifest.json"]) == sorted(on_disk)
     for rel, meta in manifest["files"].items():
         assert sha256_file(bundle / rel) == meta["sha256"] and (bundle / rel).stat().st_size == meta["bytes"], rel
     for name, graph in manifest["graphs"].items():

@@ -134,7 +134,7 @@ FULL_PARAMS_M = {
     "expert_F": (85, 90),               # BiomedCLIP ViT-B/16
     "expert_G": (625, 645),             # SAM-H
     "text_encoder": (330, 340),         # BERT-large
-    "adapter": (145, 158),              # MoV-Adapter without BERT (~151.5M)
+    "adapter": (156, 160),              # MoV-Adapter without BERT: 151.5M parameters + 7.1M of RoPE table buffers
 }
 
 

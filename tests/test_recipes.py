@@ -203,3 +203,13 @@ def test_cache_key_unknown_stage():
     with pytest.raises(RecipeError, match="unknown build stage 'link'"):
         cache_key(load_recipe("cpu"), "link")
     assert isinstance(LLMOptions("q8_0", -1, 4096, 8), LLMOptions)
+
+
+
+def test_entropy_calibration_cannot_calibrate_fp8():
+    raw = _raw("rtx-4090")
+    raw["calibration"]["method"] = "entropy"
+    _refused(raw, "calibration.method", "entropy", "minmax or percentile")
+    del raw["calibration"]  # no calibration section: the default becomes minmax where fp8 is used
+    assert parse_recipe(raw, source="test.yaml").calibration.method == "minmax"
+    assert load_recipe("cpu").calibration.method == "entropy"  # int8-only targets keep entropy

@@ -41,6 +41,7 @@ class ComponentSpec:
     outputs: Callable[["MoVAConfig"], tuple[TensorSpec, ...]]
     sample_inputs: Callable[["MoVAConfig", int], dict[str, "torch.Tensor"]] | None = None
     exclude_prefixes: tuple[str, ...] = ()   # sub-prefixes owned by another component (relative to prefix)
+    include_prefixes: tuple[str, ...] = ()   # when set, only keys under these (relative) sub-prefixes are owned
     unused_keys: tuple[str, ...] = ()        # fnmatch patterns (relative) real checkpoints carry but MoVA never uses
     expert: "ExpertInfo | None" = None
     out_channels: Callable[[Mapping[str, Any]], int] | None = None  # towers: C of [1, grid, C] from the arch
@@ -51,6 +52,8 @@ class ComponentSpec:
         if not key.startswith(self.prefix):
             return False
         rel = key[len(self.prefix):]
+        if self.include_prefixes and not any(rel.startswith(p) for p in self.include_prefixes):
+            return False
         return not any(rel.startswith(p) for p in self.exclude_prefixes)
 
     def is_unused(self, rel_key: str) -> bool:

@@ -43,7 +43,8 @@ register(ComponentSpec(
     inputs=lambda cfg: (TensorSpec("input_ids", (1, 16), "int64"),),
     outputs=lambda cfg: (TensorSpec("logits", (1, 16, int(cfg.llm["vocab_size"]))),),
     sample_inputs=_sample,
-    exclude_prefixes=("model.vision_tower.", "model.mm_projector."),
+    # Llama's own module tree; the vision tower and projector live under model.* too, so ownership is by inclusion
+    include_prefixes=("model.embed_tokens.", "model.layers.", "model.norm.", "model.rotary_emb.", "lm_head."),
     # checkpoints saved by transformers < 4.31 carry the RoPE inverse frequencies; the model recomputes them
     unused_keys=("model.layers.*.self_attn.rotary_emb.inv_freq",),
     description="Llama-3-8B (LlamaForCausalLM, untied lm_head); goes to GGUF for llama.cpp, not to ONNX",
