@@ -398,9 +398,11 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 def parity_benchmark(bundle: str | Path, *, images: Sequence[Any] | None = None, question: str | None = None,
                      configs: Sequence[Mapping[str, Any]] | None = None, max_new_tokens: int = 16,
-                     device: str = "cpu", llm_threads: int | None = None, out_dir: str | Path | None = None,
-                     log: Log = _quiet) -> dict[str, Any]:
-    """Run the parity benchmark; returns the result dict and writes parity.{json,md,png} when out_dir is given."""
+                     device: str = "cpu", llm_threads: int | None = None, experts: Sequence[str] | None = None,
+                     out_dir: str | Path | None = None, log: Log = _quiet) -> dict[str, Any]:
+    """Run the parity benchmark; returns the result dict and writes parity.{json,md,png} when out_dir is given.
+    experts: force this routing on both sides (the expert graphs then get cosines even where the LLM routes none;
+    routing agreement is then about the routing generation's text only)."""
     from .runtime import MoVARuntime
     from .validate import parity
 
@@ -413,13 +415,14 @@ def parity_benchmark(bundle: str | Path, *, images: Sequence[Any] | None = None,
                           f"{bundle} points at one that is not on this machine")
     references = []
     for label, rgb, q in frames:
-        res = ref.run(rgb, q, max_new_tokens=max_new_tokens, keep_tensors=True)
+        res = ref.run(rgb, q, max_new_tokens=max_new_tokens, keep_tensors=True, force_experts=experts)
         references.append(res)
         log(f"reference {label}: experts {','.join(res.experts) or 'none'}, answer {res.answer!r}")
     del ref
     result: dict[str, Any] = {"kind": "parity", "bundle": _bundle_info(bundle), "machine": machine(),
                               "settings": {"images": [f[0] for f in frames], "max_new_tokens": max_new_tokens,
-                                           "device": device, "llm_f32_kv": True}, "configs": []}
+                                           "device": device, "llm_f32_kv": True, "forced_experts": experts},
+                              "configs": []}
     for i, config in enumerate(configs):
         with MoVARuntime.from_bundle(bundle, device=device, backend=config["backend"],
                                      precision=config["precision"], llm_threads=llm_threads, llm_f32_kv=True,
@@ -427,7 +430,7 @@ def parity_benchmark(bundle: str | Path, *, images: Sequence[Any] | None = None,
             described = rt.describe()
             rows = []
             for (label, rgb, q), r in zip(frames, references):
-                ans = rt.ask(rgb, q, max_new_tokens, keep_tensors=True)
+                ans = rt.ask(rgb, q, max_new_tokens, keep_tensors=True, experts=experts)
                 forced = None
                 if ans.experts != r.experts:  # compare the graphs on the reference's routing too
                     forced = rt.ask(rgb, q, max_new_tokens, experts=r.experts, keep_tensors=True)

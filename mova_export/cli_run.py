@@ -125,18 +125,22 @@ def latency(bundle: Path, runs: int, warmup: int, images: tuple[str, ...], quest
               "onnxruntime:fp32 plus the bundle's own plan when it is not all fp32).")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
 @click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True)
+@click.option("--experts", default=None, help="Force this routing on both sides, e.g. 'A,D,F' (exercises the "
+              "expert graphs when the LLM routes none).")
 @click.option("--llm-threads", type=int, default=None)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
               help="Folder for parity.json, parity.md and parity.png.")
 @_one_line_errors
 def parity(bundle: Path, images: tuple[str, ...], question: str | None, configs: tuple[str, ...],
-           max_new_tokens: int, device: str, llm_threads: int | None, out_dir: Path) -> None:
+           max_new_tokens: int, device: str, experts: str | None, llm_threads: int | None, out_dir: Path) -> None:
     """Routing agreement, per-graph cosine, answer exact match vs the PyTorch reference, per backend and precision."""
     from .bench import parity_benchmark, parse_config
 
     result = parity_benchmark(bundle, images=list(images) or None, question=question,
                               configs=[parse_config(c) for c in configs] or None, max_new_tokens=max_new_tokens,
-                              device=device, llm_threads=llm_threads, out_dir=out_dir, log=_log(True))
+                              device=device, llm_threads=llm_threads,
+                              experts=_parse_letters(experts) if experts is not None else None, out_dir=out_dir,
+                              log=_log(True))
     click.echo(Path(result["files"]["markdown"]).read_text())
     click.echo(f"wrote {', '.join(result['files'].values())}")
 

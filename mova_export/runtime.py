@@ -134,15 +134,16 @@ class MoVARuntime:
         bundle = path if isinstance(path, Bundle) else load_bundle(path, verify=verify)
         settings = bundle.manifest.get("runtime") or {}
         policy = expert_policy or settings.get("expert_policy", "resident")
+        cap = max_resident_experts if max_resident_experts is not None else settings.get("max_loaded_experts")
         vision = VisionSession(bundle, precision, device, backend=backend, expert_policy=policy,
-                               max_resident_experts=max_resident_experts, threads=vision_threads)
+                               max_resident_experts=cap, threads=vision_threads)
         entry = bundle.llm  # BundleError when the bundle has no GGUF
         gpu_layers = n_gpu_layers if n_gpu_layers is not None else (
             int(entry.get("n_gpu_layers") or 0) if device == "cuda" else 0)
         try:
             vision.load()
             llm = LlamaCppLLM(entry["path"], n_ctx=int(n_ctx or entry.get("n_ctx") or 4096), n_gpu_layers=gpu_layers,
-                              n_threads=llm_threads or entry.get("n_threads"), f32_kv=llm_f32_kv)
+                              n_threads=llm_threads or _cap_threads(entry.get("n_threads")), f32_kv=llm_f32_kv)
         except BaseException:
             vision.close()
             raise
@@ -339,6 +340,13 @@ class MoVARuntime:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _cap_threads(n: int | None) -> int | None:
+    """The recipe's LLM thread count, but never more than this host's cores (oversubscription slows llama.cpp)."""
+    import os
+
+    return None if n is None else max(1, min(int(n), os.cpu_count() or int(n)))
 
 
 def _warmup_frame() -> np.ndarray:

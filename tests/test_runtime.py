@@ -29,35 +29,12 @@ def _runtime_bundle(root: str, base: str) -> tuple[Path, Path]:
 
     from mova_export.bundle import attach_llm
 
-    checkpoint, exported = _with_export_workaround(lambda: _tiny(base))
+    checkpoint, exported = _tiny(base)
     bundle = Path(root) / "bundle"
     if not bundle.exists():
         shutil.copytree(exported, bundle)  # the export fixture stays as test_export / test_bundle expect it
         attach_llm(bundle, checkpoint, "f32")
     return checkpoint, bundle
-
-
-def _with_export_workaround(fn):
-    """export._role counts the `llm` component (it has input_ids) as a second text encoder, which breaks the adapter's
-    input plan; until export.py skips non-ONNX components there, treat it as what it is for the export."""
-    from mova_export import export as ex
-    from mova_export.components import get_spec
-    from mova_export.config import MoVAConfig  # noqa: F401
-
-    original = ex._role
-    try:
-        spec = get_spec("llm")
-    except Exception:  # noqa: BLE001 - no llm component registered: nothing to work around
-        return fn()
-
-    def role(s, cfg):
-        return "llm" if s.name == spec.name else original(s, cfg)
-
-    ex._role = role
-    try:
-        return fn()
-    finally:
-        ex._role = original
 
 
 def runtime_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
