@@ -350,7 +350,7 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
     out = scratch / "int8.onnx"
-    printed = io.StringIO()  # the entropy/percentile calibrators print progress chatter: kept off the console
+    printed = io.StringIO()  # the entropy/percentile calibrators print their progress
     with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
         warnings.simplefilter("ignore")
         quantize_static(str(pre), str(out), Reader(feeds), quant_format=QuantFormat.QDQ,
@@ -360,6 +360,8 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                                        "OpTypesToExcludeOutputQuantization": list(op_types),
                                        "CalibPercentile": PERCENTILE, "CalibTensorRangeSymmetric": True})
+    for line in filter(None, (text.strip() for text in printed.getvalue().splitlines())):
+        log(f"onnxruntime: {line}")
     result = onnx.load(str(out))
     rewired = _fp32_consumers_skip_qdq(result, set(chosen))
     if rewired:
