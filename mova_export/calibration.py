@@ -17,15 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MoVAExportError
+from .errors import CalibrationError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 QUESTIONS_FILE = "questions.txt"
 GENERIC_QUESTION = "What is shown in this image?"
-
-
-class CalibrationError(MoVAExportError):
-    """The calibration folder is missing, empty or its questions file does not match its images."""
 
 
 @dataclass(frozen=True)

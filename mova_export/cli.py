@@ -200,7 +200,8 @@ def _print_build(result) -> None:
 def compile_cmd(bundle: Path, target: str | None, components: str | None) -> None:
     """Compile a bundle's graphs to TensorRT engines on this device (TensorRT 10 and the target GPU needed)."""
     from .bundle import load_bundle
-    from .compile import CompileError, can_compile_here, compile_bundle
+    from .compile import can_compile_here, compile_bundle
+    from .errors import CompileError
     from .recipe import load_recipe
 
     loaded = load_bundle(bundle)

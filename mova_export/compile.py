@@ -26,16 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import BundleError, MoVAExportError, RecipeError
+from .errors import BundleError, CompileError, RecipeError
 from .recipe import COMPONENTS, Recipe, cache_key
 
 ENGINE_DIR = "engines"
 TIMING_CACHE = "engines/timing.cache"
 METADATA_SUFFIX = ".json"
-
-
-class CompileError(MoVAExportError):
-    """Building a TensorRT engine failed (parser errors, builder failure, wrong device)."""
 
 
 # ---- facts about one ONNX graph (CPU, via onnx) ---------------------------------------------------------------------

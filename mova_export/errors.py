@@ -39,3 +39,15 @@ class LLMError(MoVAExportError):
 
 class RuntimeInputError(MoVAExportError):
     """A bad frame or question handed to the runtime (wrong shape or dtype, empty question)."""
+
+
+class CalibrationError(MoVAExportError):
+    """The calibration folder is missing, empty or its questions file does not match its images."""
+
+
+class CompileError(MoVAExportError):
+    """Building a TensorRT engine failed (parser errors, builder failure, wrong device)."""
+
+
+class BuildError(MoVAExportError):
+    """The build cannot produce a usable bundle for this target (e.g. it would not fit its memory)."""

@@ -26,16 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import BundleError, MoVAExportError
+from .errors import BuildError
 
 Log = Callable[[str], None]
 QUANTIZED = ("int8", "fp8")
 # Every build exports both: fp16 is any recipe's fallback, and one export then serves every target (stage reuse).
 EXPORT_PRECISIONS = ("fp32", "fp16")
-
-
-class BuildError(MoVAExportError):
-    """The build cannot produce a usable bundle for this target (e.g. it would not fit its memory)."""
 
 
 @dataclass

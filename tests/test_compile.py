@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mova_export.compile import (BuilderSettings, CompileError, DeviceInfo, EngineMetadata, GraphInfo,
+from mova_export.errors import CompileError
+from mova_export.compile import (BuilderSettings, DeviceInfo, EngineMetadata, GraphInfo,
                                  builder_settings, can_compile_here, check_engine_metadata, compile_bundle,
                                  current_device, inspect_graph, read_engine_metadata, select_variant)
 from mova_export.errors import BundleError, RecipeError
