@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def align_to_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
@@ -23,3 +24,15 @@ def align_to_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
     x = tokens.float().reshape(b, side, side, c).permute(0, 3, 1, 2)
     x = F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False)
     return x.permute(0, 2, 3, 1).reshape(b, grid * grid, c).to(dtype)
+
+
+class Mlp(nn.Module):
+    """timm's / DINOv2's Mlp: fc1 -> exact GELU -> fc2 (the key names `fc1`, `fc2` are the checkpoints')."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))

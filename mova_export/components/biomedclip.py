@@ -28,7 +28,7 @@ from torch import nn
 from ..config import EXPERTS
 from ..errors import ComponentError
 from . import ComponentSpec, TensorSpec, register
-from ._common import align_to_grid
+from ._common import Mlp, align_to_grid
 from .clip import CLIP_MEAN, CLIP_STD, image_side, smooth_image_sample
 
 NAME = "expert_F"
@@ -65,16 +65,6 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):

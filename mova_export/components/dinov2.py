@@ -31,7 +31,7 @@ from torch import nn
 from ..config import EXPERTS
 from ..errors import ComponentError
 from . import ComponentSpec, TensorSpec, register
-from ._common import align_to_grid
+from ._common import Mlp, align_to_grid
 from .clip import image_side, layers_to_run, smooth_image_sample
 
 NAME = "expert_A"
@@ -136,18 +136,6 @@ class SwiGLUFFN(nn.Module):
         return self.weights_out(F.silu(x1) * x2)
 
 
-class MLP(nn.Module):
-    """Dinov2MLP (the non-SwiGLU sizes): fc1 -> GELU -> fc2."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Layer(nn.Module):
     def __init__(self, arch: Mapping[str, Any]):
         super().__init__()
@@ -158,7 +146,7 @@ class Layer(nn.Module):
         self.layer_scale1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = (SwiGLUFFN(dim, swiglu_hidden(dim, ratio)) if arch["use_swiglu_ffn"]
-                    else MLP(dim, int(dim * ratio)))
+                    else Mlp(dim, int(dim * ratio)))
         self.layer_scale2 = LayerScale(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
