@@ -17,6 +17,7 @@ from mova_export.components import get_spec
 from mova_export.config import FULL_LLM, MoVAConfig
 from mova_export.export import DYNAMIC_OPS, mask_label, onnx_from_component, routing_masks
 from mova_export.prompts import parse_routing
+from helpers import randomize
 
 SPEC = get_spec("adapter")
 TINY_CHANNELS = (48, 32, 16, 48, 24, 24, 16)       # toy expert widths (A..G), the real 48x48 grid
@@ -28,18 +29,7 @@ ABC = (1, 1, 1, 0, 0, 0, 0)
 
 def _randomize(module: nn.Module, seed: int) -> nn.Module:
     """Every parameter away from its (partly zero) init, so every path counts: norms 1 + noise, matrices ~ fan-in."""
-    gen = torch.Generator().manual_seed(seed)
-    norms = {f"{name}.weight" for name, sub in module.named_modules() if "norm" in type(sub).__name__.lower()}
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name in norms:
-                p.copy_(1 + 0.2 * noise)
-            elif p.dim() >= 2 and name != "pos_embed":
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.3 * noise)
-    return module
+    return randomize(module, seed, keep_scale=lambda name: name == "pos_embed")
 
 
 def _feed(cfg: MoVAConfig, seed: int, mask=ABC, zero_unrouted: bool = True) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ preprocessing contract (shapes, pad colours, normalisation, input errors)."""
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 from mova_export.components import get_spec
 from mova_export.config import FULL_LLM, MoVAConfig
 from mova_export.errors import ComponentError, RuntimeInputError
+from helpers import randomize
 
 NAMES = ("base", "expert_A", "expert_D", "expert_E", "expert_F")
 TOWER = {"base": "vision_tower_0", "expert_A": "vision_tower_1", "expert_D": "vision_tower_4",
@@ -37,18 +37,7 @@ FULL = _cfg("full")
 
 def _randomize(module: nn.Module, seed: int) -> nn.Module:
     """Every parameter away from its init (layer scales, pos-embeds and biases included), so every path counts."""
-    gen = torch.Generator().manual_seed(seed)
-    norms = {f"{name}.weight" for name, sub in module.named_modules() if "norm" in type(sub).__name__.lower()}
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name in norms or name.endswith("lambda1"):
-                p.copy_(1 + 0.2 * noise)
-            elif p.dim() >= 2 and "embed" not in name:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.3 * noise)
-    return module
+    return randomize(module, seed, keep_scale=lambda name: "embed" in name, unit=lambda name: name.endswith("lambda1"))
 
 
 def _args(name: str, cfg: MoVAConfig = TINY, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from mova_export.components import get_spec
 from mova_export.config import FULL_LLM, MoVAConfig
+from helpers import randomize
 
 NAMES = ("expert_B", "expert_C", "expert_G")
 TOWER = {"expert_B": "vision_tower_2", "expert_C": "vision_tower_3", "expert_G": "vision_tower_7"}
@@ -29,18 +30,7 @@ FULL = _cfg("full")
 
 def _randomize(module: nn.Module, seed: int) -> nn.Module:
     """Every parameter away from its init (rel-pos, pos-embed and biases included), so every path counts."""
-    gen = torch.Generator().manual_seed(seed)
-    norms = {f"{name}.weight" for name, sub in module.named_modules() if "norm" in type(sub).__name__.lower()}
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name in norms:
-                p.copy_(1 + 0.2 * noise)
-            elif p.dim() >= 2 and "pos" not in name:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.3 * noise)
-    return module
+    return randomize(module, seed, keep_scale=lambda name: "pos" in name)
 
 
 @pytest.fixture(scope="module")
