@@ -20,11 +20,12 @@ import platform
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -169,6 +170,19 @@ def _finish(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def staged_bundle(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temp folder beside out_dir to write a bundle into: renamed to out_dir when the block ends, removed when it
+    raises (so a failed export or build leaves no bundle, and the previous one untouched)."""
+    tmp = _prepare_target(out_dir, overwrite)
+    try:
+        yield tmp
+        _finish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # export
 
@@ -199,8 +213,7 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, components: S
     checkpoint = Checkpoint.open(checkpoint_dir)  # CheckpointError / ConfigError name what is missing
     cfg = checkpoint.config
     out_dir = Path(out_dir)
-    tmp = _prepare_target(out_dir, overwrite)
-    try:
+    with staged_bundle(out_dir, overwrite) as tmp:
         log(f"exporting {', '.join(names)} ({'/'.join(chosen)}) from {checkpoint_dir} ({cfg.scale} scale)")
         adapters = [n for n in names if _role(get_spec(n), cfg) == "adapter"]
         feeds = FeedBuilder(checkpoint, samples=samples, random_samples=random_samples, log=log,
@@ -224,10 +237,6 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, components: S
             "export": _export_settings(simplify, feeds), "tools": tool_versions(),
         }
         write_manifest(tmp, manifest)
-        _finish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"bundle written to {out_dir}")
     return out_dir
 

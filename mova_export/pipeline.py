@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +231,7 @@ def build(checkpoint: str | Path, target: str | Path, out_dir: str | Path, *, ca
     Raises a MoVAExportError subclass (recipe, checkpoint, calibration, export, quantization, memory) with nothing
     written; a previous bundle at out_dir stays untouched.
     """
-    from .bundle import _check_components, _console_log, _prepare_target, checkpoint_fingerprint, write_manifest
+    from .bundle import _check_components, _console_log, checkpoint_fingerprint, staged_bundle, write_manifest
     from .calibration import load_calibration
     from .checkpoint import Checkpoint
     from .compile import can_compile_here, compile_bundle
@@ -248,9 +247,8 @@ def build(checkpoint: str | Path, target: str | Path, out_dir: str | Path, *, ca
     out_dir = Path(out_dir)
     previous = _previous_manifest(out_dir) if reuse else None
     fingerprint = checkpoint_fingerprint(checkpoint)["digest"]
-    tmp = _prepare_target(out_dir, overwrite=True)
     stages: list[StageRecord] = []
-    try:
+    with staged_bundle(out_dir, overwrite=True) as tmp:
         log(f"building {recipe.name} ({recipe.description}) from {checkpoint}")
 
         def run(stage: str, fn: Callable[[], StageRecord]) -> StageRecord:
@@ -308,12 +306,6 @@ def build(checkpoint: str | Path, target: str | Path, out_dir: str | Path, *, ca
         (tmp / "report.md").write_text(render_report_markdown(report))
         manifest["report"] = {"json": "report.json", "markdown": "report.md"}
         write_manifest(tmp, manifest)
-        from .bundle import _finish
-
-        _finish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"bundle for {recipe.name} written to {out_dir} (report: {out_dir / 'report.md'})")
     return BuildResult(out_dir, stages, report)
 
