@@ -242,7 +242,7 @@ def plan(target: str, bundle_dir: Path | None, policy: str | None, llm_quant: st
     else:
         console = _console()
         console.print(render_plan(result))
-        console.print(f"{result.verdict}: {result.message}" + (f"\nfix: {result.fix}" if result.fix else ""))
+        console.print(f"{result.verdict}: {result.message}" + (f"\n{result.fix}" if result.fix else ""))
     if result.verdict == "refuse":
         sys.exit(1)
 
