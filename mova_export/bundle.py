@@ -103,7 +103,8 @@ def tool_versions() -> dict[str, str]:
     from . import __version__
 
     out = {"python": platform.python_version(), "mova_export": __version__}
-    for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxslim", "transformers", "numpy"):
+    for dist in ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxslim", "transformers", "numpy", "gguf",
+                 "llama-cpp-python"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -399,19 +400,9 @@ def attach_llm(root: str | Path, checkpoint_dir: str | Path, qtype: str = "q8_0"
                        "n_vocab": int(cfg["vocab_size"]), "n_ctx": int(n_ctx), "n_gpu_layers": int(n_gpu_layers),
                        "n_threads": n_threads, "convert_s": round(time.perf_counter() - start, 2)}
     log(f"llm: {path.name} ({path.stat().st_size / 2**20:.1f} MiB) in {manifest['llm']['convert_s']} s")
-    manifest.setdefault("tools", {}).update(_llm_tool_versions())
+    manifest.setdefault("tools", {}).update(tool_versions())
     write_manifest(root, manifest)
     return manifest["llm"]
-
-
-def _llm_tool_versions() -> dict[str, str]:
-    out = {}
-    for dist in ("gguf", "llama_cpp_python"):
-        try:
-            out[dist] = metadata.version(dist.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

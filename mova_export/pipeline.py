@@ -3,7 +3,7 @@
 Stages, each a function from its inputs to artifacts in the bundle folder, each with a cache key computed from
 exactly what affects it (recipe.cache_key + the checkpoint fingerprint + the calibration set):
 
-  export    static fp32 (and fp16 where the recipe asks) ONNX graphs, parity vs PyTorch, calibration feeds
+  export    static fp32 and fp16 ONNX graphs (one export serves every target), parity vs PyTorch, calibration feeds
   quantize  explicit Q/DQ per component (INT8, FP8 where the target has it), accuracy budget with fallback
   gguf      the LLM as GGUF of the recipe's quant type
   compile   TensorRT engines, only where TensorRT and the recipe's GPU are present; otherwise the bundle says
@@ -70,7 +70,7 @@ def _stage_key(manifest: dict[str, Any] | None, stage: str) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 # the stages
 
-def stage_export(checkpoint: Path, tmp: Path, recipe: Any, cal: Any, components: list[str], key: str,
+def stage_export(checkpoint: Path, tmp: Path, cal: Any, components: list[str], key: str,
                  previous: dict[str, Any] | None, out_dir: Path, reuse: bool, log: Log) -> StageRecord:
     from .bundle import export_bundle
 
@@ -105,16 +105,14 @@ def stage_quantize(tmp: Path, manifest: dict[str, Any], recipe: Any, components:
     for name in components:
         wanted = precisions[name]
         variants = manifest["graphs"][name]["variants"]
-        for stale in [p for p in variants if p in QUANTIZED and p != wanted]:
-            for rel in variants.pop(stale)["files"]:
-                (tmp / rel).unlink(missing_ok=True)
-        if not reuse or (previous or {}).get("quantize", {}).get(name, {}).get("key") != record.key:
+        old = (previous or {}).get("quantize", {}).get(name)
+        fresh = reuse and old is not None and old.get("key") == record.key
+        if not fresh:  # the key covers every precision: a changed recipe leaves no quantized graph to keep
             _drop_quantized(tmp, variants)
         if wanted not in QUANTIZED:
             decisions[name] = {"component": name, "requested": wanted, "final": wanted}
             continue
-        old = (previous or {}).get("quantize", {}).get(name)
-        if reuse and old and old.get("key") == record.key and _variant_of(old) in variants:
+        if fresh and _variant_of(old) in variants:
             decisions[name] = old
             reused += 1
             log(f"{name}: {wanted} graph reused ({old.get('final')})")
@@ -125,7 +123,7 @@ def stage_quantize(tmp: Path, manifest: dict[str, Any], recipe: Any, components:
         t0 = time.perf_counter()
         decision = quantize_with_budget(tmp / variants["fp32"]["graph"], tmp / "graphs", name, wanted, calib, held_out,
                                         _budget(recipe, wanted), method=recipe.calibration.method, log=log)
-        decision = _decision_json(decision)
+        decision = decision.to_json()
         decision["path"] = Path(decision["path"]).relative_to(tmp).as_posix()
         decision["key"] = record.key
         decision["seconds"] = round(time.perf_counter() - t0, 2)
@@ -195,10 +193,6 @@ def _llm_settings(recipe: Any) -> dict[str, Any]:
     return {"qtype": llm.quant, "n_ctx": llm.context, "n_gpu_layers": llm.gpu_layers, "n_threads": llm.threads}
 
 
-def _decision_json(decision: Any) -> dict[str, Any]:
-    return decision.to_json() if hasattr(decision, "to_json") else dict(decision)
-
-
 def _variant_of(decision: dict[str, Any]) -> str:
     """The graph variant a decision shipped: the fp16 fallback, or the requested one (int8-partial is still the int8
     variant, with fewer Q/DQ nodes)."""
@@ -259,15 +253,14 @@ def build(checkpoint: str | Path, target: str | Path, out_dir: str | Path, *, ca
             return record
 
         export_key = _digest(fingerprint, names, cal.digest(), cache_key(recipe, "export"), EXPORT_PRECISIONS)
-        run("export", lambda: stage_export(checkpoint, tmp, recipe, cal, names, export_key, previous, out_dir,
-                                           reuse, log))
+        run("export", lambda: stage_export(checkpoint, tmp, cal, names, export_key, previous, out_dir, reuse, log))
         manifest = json.loads((tmp / "manifest.json").read_text())
         run("quantize", lambda: stage_quantize(tmp, manifest, recipe, names, export_key, previous, reuse, log))
         write_manifest(tmp, manifest)
         run("gguf", lambda: stage_gguf(checkpoint, tmp, recipe, fingerprint, previous, reuse, log))
         manifest = json.loads((tmp / "manifest.json").read_text())
 
-        final = {n: _final_precision(manifest, n, recipe.precision_of(n)) for n in names}
+        final = {n: _variant_of(manifest["quantize"][n]) for n in names}  # fp16 where the budget forced it
         manifest["target"] = {"recipe": recipe.name, "runtime": recipe.runtime, "device": recipe.device.name,
                               "compute_capability": recipe.device.cc_str or None}
         manifest["recipe"] = recipe.to_dict()
@@ -308,13 +301,6 @@ def build(checkpoint: str | Path, target: str | Path, out_dir: str | Path, *, ca
         write_manifest(tmp, manifest)
     log(f"bundle for {recipe.name} written to {out_dir} (report: {out_dir / 'report.md'})")
     return BuildResult(out_dir, stages, report)
-
-
-def _final_precision(manifest: dict[str, Any], name: str, wanted: str) -> str:
-    decision = manifest.get("quantize", {}).get(name)
-    if decision and decision.get("final") == "fp16":
-        return "fp16"
-    return wanted
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -167,7 +167,7 @@ SAMPLE_QUESTIONS = {
 }
 
 
-def iter_sample_questions(names: Iterator[str] | None = None) -> Iterator[tuple[str, str]]:
+def iter_sample_questions(names: Iterable[str] | None = None) -> Iterator[tuple[str, str]]:
     """(image name, question) for the demo's three images, or for the given sample names."""
     for name in (names if names is not None else list(SAMPLE_QUESTIONS)[:3]):
         yield name, SAMPLE_QUESTIONS[name]
