@@ -246,14 +246,14 @@ def _reference_latency(bundle: Path, frames: list, runs: int, warmup: int, max_n
     if towers:
         from .config import EXPERTS
         from .preprocess import preprocess
-        from .reference import _tower_inputs
+        from .preprocess import tower_inputs
 
         inputs = preprocess(frames[0][1], ref.cfg)
         tower_stats = {}
         with torch.inference_mode():
             for expert in EXPERTS:
                 name = f"expert_{expert.letter}"
-                args = [torch.from_numpy(a) for a in _tower_inputs(inputs, expert.input_kind)]
+                args = [torch.from_numpy(a) for a in tower_inputs(inputs, expert.input_kind)]
                 module = ref.module(name)
                 module(*args)
                 times = []

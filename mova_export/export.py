@@ -393,10 +393,10 @@ class FeedBuilder:
         if all(t.name in pre for t in declared):
             arrays = [pre[t.name] for t in declared]
         else:
-            from .reference import _tower_inputs
+            from .preprocess import tower_inputs
 
             kind = spec.expert.input_kind if spec.expert is not None else "clip672"
-            arrays = _tower_inputs(pre, kind)
+            arrays = tower_inputs(pre, kind)
         return {t.name: _as_numpy(a, t.dtype) for t, a in zip(declared, arrays)}
 
     def _text_feed(self, spec: "ComponentSpec", question: str) -> dict[str, np.ndarray]:

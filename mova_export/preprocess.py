@@ -164,3 +164,10 @@ def preprocess(image: Any, cfg: "MoVAConfig") -> dict[str, np.ndarray]:
     out = {kind: pixel_values(rgb, kind, cfg) for kind in PROCESSORS}
     out["pix2struct"], out["pix2struct_mask"] = pix2struct_patches(rgb, cfg)
     return out
+
+
+def tower_inputs(inputs: dict[str, np.ndarray], kind: str) -> list[np.ndarray]:
+    """The positional inputs of a tower fed by one preprocessed kind (Pix2Struct also takes its patch mask)."""
+    if kind == "pix2struct":
+        return [inputs["pix2struct"], inputs["pix2struct_mask"]]
+    return [inputs[kind]]

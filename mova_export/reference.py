@@ -17,7 +17,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import EXPERTS, NUM_EXPERTS
 from .errors import RuntimeInputError
-from .preprocess import load_image, preprocess
+from .preprocess import load_image, preprocess, tower_inputs
 from .prompts import MAX_ROUTING_TOKENS, STOP_TOKEN, chat_prompt, parse_routing, routed_letters, tokenize_with_image
 
 
@@ -79,7 +79,7 @@ class ReferencePipeline:
         feats: list[torch.Tensor | None] = []
         for expert in EXPERTS:
             if mask[expert.index]:
-                spec_inputs = [torch.from_numpy(a) for a in _tower_inputs(inputs, expert.input_kind)]
+                spec_inputs = [torch.from_numpy(a) for a in tower_inputs(inputs, expert.input_kind)]
                 feats.append(self.module(f"expert_{expert.letter}")(*spec_inputs))
             else:
                 feats.append(None)
@@ -138,13 +138,6 @@ class ReferencePipeline:
         return ReferenceResult(experts=routed_letters(mask), routing_mask=mask, routing_text=routing_text,
                                answer=answer, answer_ids=answer_ids, routing_ids=routing_out, timings_ms=timings,
                                tensors=tensors)
-
-
-def _tower_inputs(inputs: dict[str, np.ndarray], kind: str) -> list[np.ndarray]:
-    """The positional inputs of a tower fed by one preprocessed kind (Pix2Struct also takes its patch mask)."""
-    if kind == "pix2struct":
-        return [inputs["pix2struct"], inputs["pix2struct_mask"]]
-    return [inputs[kind]]
 
 
 def sample_images() -> dict[str, np.ndarray]:

@@ -247,8 +247,9 @@ class VisionSession:
         if all(t["name"] in inputs for t in declared):
             arrays = [inputs[t["name"]] for t in declared]
         else:
-            kind = g["input_kind"]
-            arrays = [inputs[kind], inputs[f"{kind}_mask"]] if len(declared) == 2 else [inputs[kind]]
+            from .preprocess import tower_inputs
+
+            arrays = tower_inputs(inputs, g["input_kind"])
         return {t["name"]: np.ascontiguousarray(a, dtype=t["dtype"]) for t, a in zip(declared, arrays)}
 
     def _tower_kinds(self, name: str) -> list[str]:

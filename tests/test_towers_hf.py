@@ -424,11 +424,11 @@ def test_preprocess_shapes_and_dtypes(coffee_inputs):
         assert a.shape == shape and a.dtype == np.float32 and np.isfinite(a).all(), kind
         assert a.flags["C_CONTIGUOUS"]
     # every input kind a tower consumes is produced, and feeds its declared inputs
-    from mova_export.reference import _tower_inputs
+    from mova_export.preprocess import tower_inputs
 
     for name in NAMES:
         spec = get_spec(name)
-        arrays = _tower_inputs(coffee_inputs, KIND[name])
+        arrays = tower_inputs(coffee_inputs, KIND[name])
         assert [a.shape for a in arrays] == [t.shape for t in spec.inputs(FULL)]
 
 
