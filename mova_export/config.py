@@ -14,31 +14,6 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-IMAGE_TOKEN_INDEX = -200  # upstream `IMAGE_TOKEN_INDEX`: where image embeddings are spliced into the prompt
-
-
-@dataclass(frozen=True)
-class ExpertInfo:
-    letter: str      # routing letter the LLM emits
-    index: int       # position in routing_weights / expert_channels
-    name: str        # short model name
-    tower: str       # upstream module attribute under model.vision_tower
-    input_kind: str  # which preprocessed tensor it consumes (see mova_export.preprocess)
-
-
-# Code order (mova_encoder.py:47-48, constants.py): letter order == routing index == expert_channels index.
-EXPERTS: tuple[ExpertInfo, ...] = (
-    ExpertInfo("A", 0, "dinov2", "vision_tower_1", "dino672"),
-    ExpertInfo("B", 1, "vary", "vision_tower_2", "sam1024"),
-    ExpertInfo("C", 2, "codetr", "vision_tower_3", "sam1024"),
-    ExpertInfo("D", 3, "pix2struct", "vision_tower_4", "pix2struct"),
-    ExpertInfo("E", 4, "deplot", "vision_tower_5", "pix2struct"),
-    ExpertInfo("F", 5, "biomedclip", "vision_tower_6", "clip672"),
-    ExpertInfo("G", 6, "sam_h", "vision_tower_7", "sam1024"),
-)
-EXPERT_LETTERS = tuple(e.letter for e in EXPERTS)
-NUM_EXPERTS = len(EXPERTS)
-
 # Values the reference marks [inferred]: used when config.json lacks the field, always overridable,
 # and listed by `mova-export inspect` so nobody mistakes them for values read from the checkpoint.
 INFERRED_DEFAULTS: dict[str, Any] = {
@@ -47,7 +22,6 @@ INFERRED_DEFAULTS: dict[str, Any] = {
     "image_aspect_ratio": "pad",        # LLaVA default: expand2square before resizing
     "topk_experts": 3,                  # the adapter reads topk_experts; older configs may say `topk`
     "tokenizer_adds_bos": True,         # HF Llama-3 tokenizer adds BOS, so tokenizer_image_token keeps two
-    "text_max_length": 64,              # static BERT length for export (reference pads to longest, <=512)
 }
 
 # Llama fields read from the top level of config.json (MovaConfig subclasses LlamaConfig).
@@ -82,7 +56,6 @@ class MoVAConfig:
     image_aspect_ratio: str = INFERRED_DEFAULTS["image_aspect_ratio"]
     topk_experts: int = INFERRED_DEFAULTS["topk_experts"]
     tokenizer_adds_bos: bool = INFERRED_DEFAULTS["tokenizer_adds_bos"]
-    text_max_length: int = INFERRED_DEFAULTS["text_max_length"]
     scale: str = "full"                    # which arch presets apply: "full" (real MoVA-8B) or "tiny"
     arch_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     defaulted: tuple[str, ...] = ()        # inferred fields that config.json did not set
@@ -189,11 +162,14 @@ class MoVAConfig:
         return out
 
     def validate(self, source: str = "config") -> None:
-        if len(self.expert_channels) != NUM_EXPERTS:
-            raise ConfigError(f"{source}: expert_channels has {len(self.expert_channels)} entries, MoVA has "
-                              f"{NUM_EXPERTS} experts (A..G)")
-        if not 0 <= self.topk_experts <= NUM_EXPERTS:
-            raise ConfigError(f"{source}: topk_experts={self.topk_experts} must be within 0..{NUM_EXPERTS}")
+        from .components import expert_letters  # late import: the registry's component files use this module
+
+        letters = expert_letters()
+        if len(self.expert_channels) != len(letters):
+            raise ConfigError(f"{source}: expert_channels has {len(self.expert_channels)} entries, the registry has "
+                              f"{len(letters)} experts ({', '.join(letters)})")
+        if not 0 <= self.topk_experts <= len(letters):
+            raise ConfigError(f"{source}: topk_experts={self.topk_experts} must be within 0..{len(letters)}")
         if self.image_feat_size % 2:
             raise ConfigError(f"{source}: image_feat_size={self.image_feat_size} must be even (pooled to half)")
         if self.mm_vision_select_feature != "patch":

@@ -1,35 +1,27 @@
 """MoVA's prompts, chat frame, `<image>` tokenization and routing-letter parsing, verbatim from upstream.
 
-Pure Python (no torch): the runtime uses it too.
+Pure Python (no torch): the device runtime uses it too. The model pool of the routing prompt is the registered
+experts' (letter, router text) lines (`components.routing_prompt_lines()` on the build side); a bundle carries the
+finished prompt text, so the runtime needs no registry.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .config import EXPERT_LETTERS, IMAGE_TOKEN_INDEX
+IMAGE_TOKEN_INDEX = -200  # upstream `IMAGE_TOKEN_INDEX`: where image embeddings are spliced into the prompt
 
-_ROUTER_INTRO = (
+ROUTER_INTRO = (
     "You are a helpful assistant router. Based on the visual content, questions, and model pool the user provides, "
     "you need to consider the expertise of these models to select the most 3 suitable models to help you answer the "
     "questions. Answer with the model's letter from the given choices directly. If no models are selected, just "
     "answer 'none'.\nModel pool:"
 )
-_EXPERT_DESCRIPTIONS = (
-    "This model can effectively extract the accurate spatial and semantic information from natural images.",
-    "This model can handle images with text accurately and efficiently but fails to process natural images.",
-    "This model is a state-of-the-art object detector that can identify objects in images.",
-    "This model shows remarkable skill in text recognition, attaining top-tier text analysis outcomes across diverse "
-    "areas",
-    "This model is a specialized model designed to achieve state-of-the-art plot and chart understanding performance.",
-    "This model is a foundation model designed for biomedical vision-language processing.",
-    "This model is a leading image segmentation framework and achieves strong zero-shot segmentation performance.",
-)
-# mova/constants.py ROUTING_PROMPT, in code letter order.
-ROUTING_PROMPT = (
-    _ROUTER_INTRO
-    + "".join(f"\n{letter}. {text}" for letter, text in zip(EXPERT_LETTERS, _EXPERT_DESCRIPTIONS))
-    + "\n\nQuestion:\n"
-)
+
+
+def routing_prompt(pool: Sequence[tuple[str, str]]) -> str:
+    """mova/constants.py ROUTING_PROMPT for a model pool of (letter, description) lines in routing order."""
+    return ROUTER_INTRO + "".join(f"\n{letter}. {text}" for letter, text in pool) + "\n\nQuestion:\n"
+
 
 # conv_mova_llama3 (SeparatorStyle.MPT): system + sep, then role + message + sep, then the open assistant role.
 SYSTEM = (
@@ -46,10 +38,10 @@ STOP_TOKEN = "<|eot_id|>"  # load_pretrained_model sets eos to <|eot_id|> for mo
 MAX_ROUTING_TOKENS = 16
 
 
-def chat_prompt(question: str, *, routing: bool, use_im_start_end: bool = False) -> str:
-    """The full prompt string of the routing pass (routing=True) or the answer pass."""
+def chat_prompt(question: str, *, routing_prompt: str | None = None, use_im_start_end: bool = False) -> str:
+    """The full prompt string of the routing pass (with the routing prompt text) or of the answer pass (None)."""
     image = f"{IM_START}{IMAGE_PLACEHOLDER}{IM_END}" if use_im_start_end else IMAGE_PLACEHOLDER
-    body = (ROUTING_PROMPT + question) if routing else question
+    body = question if routing_prompt is None else routing_prompt + question
     return SYSTEM + SEP + USER_ROLE + image + "\n" + body + SEP + ASSISTANT_ROLE
 
 
@@ -80,11 +72,16 @@ def tokenize_with_image(prompt: str, encode: Callable[[str], Sequence[int]], bos
     return ids
 
 
-def parse_routing(response: str) -> list[int]:
+def parse_routing(response: str, letters: Sequence[str]) -> list[int]:
     """Upstream `get_routing_weights`: first three comma segments, then an uppercase substring test per letter."""
     kept = ",".join(response.split(",")[:3])
-    return [1 if letter in kept else 0 for letter in EXPERT_LETTERS]
+    return [1 if letter in kept else 0 for letter in letters]
 
 
-def routed_letters(mask: Sequence[int]) -> list[str]:
-    return [letter for letter, bit in zip(EXPERT_LETTERS, mask) if bit]
+def routed_letters(mask: Sequence[int], letters: Sequence[str]) -> list[str]:
+    return [letter for letter, bit in zip(letters, mask) if bit]
+
+
+def mask_label(mask: Sequence[int], letters: Sequence[str]) -> str:
+    """"ACG" for a mask, "none" when empty (sample labels, tables)."""
+    return "".join(routed_letters(mask, letters)) or "none"

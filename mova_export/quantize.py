@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import ExportError
-from .export import FP32_OPS, _too_large, fp16_block_nodes, fp16_from_onnx, save_model
+from .export.onnx import FP32_OPS, _too_large, fp16_block_nodes, fp16_from_onnx, save_model
 from .validate import Parity, ParityReport, Tolerance, parity, worst
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -681,7 +681,7 @@ def _ort_runs(path: Path, feed: dict[str, np.ndarray]) -> bool:
 def _runner(graph: Any) -> Any:
     if hasattr(graph, "infer"):
         return graph
-    from .runners import OrtRunner
+    from .runtime.runners import OrtRunner
 
     return OrtRunner(Path(graph), threads=None)
 
@@ -810,7 +810,7 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, p
                   "method": method}
     kwargs = dict(method=method, backend=backend, log=log)
     result = qdq_from_onnx(src, dst, precision, calib, **kwargs)
-    from .runners import OrtRunner
+    from .runtime.runners import OrtRunner
 
     ref = OrtRunner(src)
     history: list[dict[str, Any]] = []

@@ -25,12 +25,32 @@ from typing import Any, Mapping
 
 from .errors import RecipeError
 
-SCHEMA_VERSION = 1
-COMPONENTS = ("base", *(f"expert_{c}" for c in "ABCDEFG"), "text_encoder", "adapter")
-EXPERTS = tuple(c for c in COMPONENTS if c.startswith("expert_"))
+SCHEMA_VERSION = 2
 PRECISIONS = ("int8", "fp8", "fp16", "fp32")
 BYTES_PER_PRECISION = {"int8": 1, "fp8": 1, "fp16": 2, "fp32": 4}
-LLM_QUANTS = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")       # largest first
+# precision-section keys that stand for several components: every expert the recipe does not name, then any
+# component it does not name. A new expert in the registry takes `experts:` without a recipe edit.
+GROUP_KEYS = ("experts", "default")
+
+
+def graph_components() -> tuple[str, ...]:
+    """Every registered component with a graph (all but the LLM), in pipeline order."""
+    from .components import all_specs
+
+    return tuple(s.name for s in all_specs() if s.kind != "llm")
+
+
+def expert_components() -> tuple[str, ...]:
+    from .components import expert_specs
+
+    return tuple(s.name for s in expert_specs())
+
+
+def llm_quants() -> tuple[str, ...]:
+    """The GGUF types a recipe may ship, largest first."""
+    from .gguf.convert import QTYPES
+
+    return tuple(QTYPES)
 RUNTIMES = ("tensorrt", "onnxruntime-cpu")
 DEVICE_KINDS = ("jetson", "dgpu", "cpu")
 EXPERT_POLICIES = ("resident", "lazy")
@@ -141,7 +161,7 @@ class Recipe:
     runtime: str
     device: Device
     tensorrt: TensorRTOptions | None
-    precision: Mapping[str, str]        # component -> int8 | fp8 | fp16 | fp32 (every component in COMPONENTS)
+    precision: Mapping[str, str]        # component -> int8 | fp8 | fp16 | fp32 (every graph component)
     accuracy: Mapping[str, Budget]      # precision -> budget
     calibration: Calibration
     llm: LLMOptions
@@ -152,7 +172,7 @@ class Recipe:
     def precision_of(self, component: str) -> str:
         if component not in self.precision:
             raise RecipeError(f"recipe {self.name}: no precision for component {component!r}; known: "
-                              f"{', '.join(COMPONENTS)}")
+                              f"{', '.join(self.precision)}")
         return self.precision[component]
 
     def on_dla(self, component: str) -> bool:
@@ -358,7 +378,7 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     accuracy = _accuracy(top, precision, calibration.fallback)
 
     lr = top.sub("llm")
-    llm = LLMOptions(lr.get("quant", str, choices=LLM_QUANTS), lr.get("gpu_layers", int, lo=-1, hi=1000),
+    llm = LLMOptions(lr.get("quant", str, choices=llm_quants()), lr.get("gpu_layers", int, lo=-1, hi=1000),
                      lr.get("context", int, lo=128, hi=131072), lr.get("threads", int, lo=1, hi=512))
     if runtime == "onnxruntime-cpu" and llm.gpu_layers != 0:
         lr.fail(lr.field("gpu_layers"), f"is {llm.gpu_layers} on the cpu runtime; set it to 0")
@@ -366,7 +386,8 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
 
     e = top.sub("experts", required=False)
     experts = ExpertPolicy() if e is None else ExpertPolicy(
-        e.get("policy", str, "resident", choices=EXPERT_POLICIES), e.get("max_loaded", int, 3, lo=1, hi=7))
+        e.get("policy", str, "resident", choices=EXPERT_POLICIES),
+        e.get("max_loaded", int, 3, lo=1, hi=len(expert_components())))
     if e is not None:
         e.done()
 
@@ -414,9 +435,9 @@ def _tensorrt(top: _Reader, runtime: str, device: Device, known: Mapping[str, An
     if dr is not None:
         comps = dr.get("components", list, [])
         for i, comp in enumerate(comps):
-            if comp not in COMPONENTS:
+            if comp not in graph_components():
                 dr.fail(f"{dr.field('components')}[{i}]", f"is {comp!r}; use component names "
-                        f"({', '.join(COMPONENTS)})")
+                        f"({', '.join(graph_components())})")
         if comps and not dla_cores:
             dr.fail(dr.field("components"), f"lists {', '.join(comps)} but {device.name} has no DLA "
                     "(tensorrt.dla_cores is 0); empty the list")
@@ -431,11 +452,20 @@ def _tensorrt(top: _Reader, runtime: str, device: Device, known: Mapping[str, An
 
 
 def _precision(top: _Reader, runtime: str, trt: TensorRTOptions | None, source: str) -> dict[str, str]:
+    """Precision per graph component: its own key, else `experts:` (for an expert), else `default:`."""
     p = top.sub("precision")
+    experts = set(expert_components())
     out: dict[str, str] = {}
-    for comp in COMPONENTS:
-        value = p.get(comp, str, choices=PRECISIONS)
-        field = p.field(comp)
+    groups = {key: p.get(key, str, None, choices=PRECISIONS) for key in GROUP_KEYS}
+    for comp in graph_components():
+        if p.has(comp):
+            value, field = p.get(comp, str, choices=PRECISIONS), p.field(comp)
+        elif comp in experts and groups["experts"] is not None:
+            value, field = groups["experts"], p.field("experts")
+        elif groups["default"] is not None:
+            value, field = groups["default"], p.field("default")
+        else:
+            p.fail(p.field(comp), "is missing; add it, or an `experts:` / `default:` entry that covers it")
         if value == "fp8":
             if trt is None:
                 p.fail(field, f"is fp8 but the {runtime} runtime has no FP8; use int8, fp16 or fp32")
@@ -468,7 +498,8 @@ def _accuracy(top: _Reader, precision: Mapping[str, str], fallback: str) -> dict
     return out
 
 
-__all__ = ["ALIASES", "BYTES_PER_PRECISION", "COMPONENTS", "EXPERTS", "LLM_QUANTS", "PRECISIONS", "STAGE_FIELDS",
+__all__ = ["ALIASES", "BYTES_PER_PRECISION", "GROUP_KEYS", "PRECISIONS", "STAGE_FIELDS", "expert_components",
+           "graph_components", "llm_quants",
            "Budget", "BuilderOptions", "Calibration", "DLAOptions", "Device", "ExpertPolicy", "LLMOptions",
            "MemoryOptions", "Recipe", "TensorRTOptions", "cache_key", "list_recipes", "load_recipe", "parse_recipe",
            "recipe_dirs", "resolve_target"]

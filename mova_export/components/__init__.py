@@ -1,7 +1,13 @@
-"""Component registry: one ComponentSpec per deployable piece of MoVA.
+"""Component registry: one ComponentSpec per deployable piece of MoVA, each owning every fact about itself.
 
 Components: `base` (CLIP), `expert_A`..`expert_G` (vision experts, code order), `text_encoder` (BERT),
-`adapter` (MoV-Adapter incl. downsample + MLP + routing pool) and `llm` (Llama).
+`adapter` (MoV-Adapter incl. downsample + MLP + routing pool) and `llm` (Llama). Adding an expert is one new file
+in this folder (its module, presets, routing letter and router text, image input, declared I/O, memory figures) plus
+its line in COMPONENT_MODULES: everything else (the routing prompt, the adapter's expert count, the recipes'
+precision defaults, the memory planner, the bundle, the runtime) reads the registry.
+
+This module is pure Python (no torch): the registry's facts are read by build-side code that must not build any
+module, and the component files are imported only when a spec is asked for.
 
 Contract every component module fulfils:
 * `spec.build(cfg)` returns an eval-mode fp32 `nn.Module` whose `state_dict()` keys are exactly the checkpoint keys
@@ -14,38 +20,63 @@ Contract every component module fulfils:
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import ComponentError
+from ..spec import TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from ..config import ExpertInfo, MoVAConfig
+
+    from ..config import MoVAConfig
+    from ..spec import ImageInput
+
+KINDS = ("tower", "text", "adapter", "llm")
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"  # numpy dtype name: float32, int64, ...
+class ExpertInfo:
+    """What makes a tower an expert: the routing letter the LLM emits and the line the router prompt lists for it.
+    Its routing index (position in routing_weights / expert_channels) is its letter's rank among the registered
+    experts, so the code order A..G is the letter order."""
+    letter: str
+    router_text: str
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """Full-size (MoVA-8B) figures the planner uses without weights: parameters, and (tokens, width) of the graph's
+    widest stage for the activation estimate."""
+    params: int
+    activation: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str
-    prefix: str                                                   # checkpoint key prefix, ends with "."
+    kind: str                                                     # tower | text | adapter | llm
+    prefix: str                                                   # checkpoint key prefix, ends with "." (or "")
     presets: Mapping[str, Mapping[str, Any]]                      # {"full": {...}, "tiny": {...}}
     build: Callable[["MoVAConfig"], "torch.nn.Module"]
     inputs: Callable[["MoVAConfig"], tuple[TensorSpec, ...]]
     outputs: Callable[["MoVAConfig"], tuple[TensorSpec, ...]]
+    memory: MemoryFigures
     sample_inputs: Callable[["MoVAConfig", int], dict[str, "torch.Tensor"]] | None = None
+    image_inputs: tuple["ImageInput", ...] = ()   # towers: the preprocessed inputs, in the order of `inputs`
     exclude_prefixes: tuple[str, ...] = ()   # sub-prefixes owned by another component (relative to prefix)
     include_prefixes: tuple[str, ...] = ()   # when set, only keys under these (relative) sub-prefixes are owned
     unused_keys: tuple[str, ...] = ()        # fnmatch patterns (relative) real checkpoints carry but MoVA never uses
-    expert: "ExpertInfo | None" = None
+    expert: ExpertInfo | None = None
     out_channels: Callable[[Mapping[str, Any]], int] | None = None  # towers: C of [1, grid, C] from the arch
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ComponentError(f"component {self.name}: kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.expert is not None and self.kind != "tower":
+            raise ComponentError(f"component {self.name}: only towers can be experts")
 
     def owns(self, key: str) -> bool:
         """True when a full checkpoint key belongs to this component."""
@@ -60,14 +91,36 @@ class ComponentSpec:
         return any(fnmatch.fnmatchcase(rel_key, pat) for pat in self.unused_keys)
 
 
+# One module per component family, imported in this order (the pipeline order of the registry follows it).
+COMPONENT_MODULES = ["clip", "dinov2", "sam", "codetr", "pix2struct", "biomedclip", "text_encoder", "adapter", "llm"]
+
 _REGISTRY: dict[str, ComponentSpec] = {}
+_LOADED = False
 
 
 def register(spec: ComponentSpec) -> ComponentSpec:
     if spec.name in _REGISTRY:
-        raise ValueError(f"component {spec.name!r} registered twice")
+        raise ComponentError(f"component {spec.name!r} registered twice")
+    if spec.expert is not None and any(s.expert and s.expert.letter == spec.expert.letter for s in _REGISTRY.values()):
+        raise ComponentError(f"component {spec.name}: routing letter {spec.expert.letter} is taken")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a spec (tests that register a toy component clean up with it)."""
+    _REGISTRY.pop(name, None)
+
+
+def _load_all() -> None:
+    """Import every component module once; each registers itself on import. A module that fails to import is an
+    error (a missing dependency must surface, not silently drop a component)."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    for module in COMPONENT_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
 
 
 def get_spec(name: str) -> ComponentSpec:
@@ -78,18 +131,50 @@ def get_spec(name: str) -> ComponentSpec:
         raise ComponentError(f"unknown component {name!r}; known: {', '.join(component_names())}") from None
 
 
-def component_names() -> list[str]:
-    _load_all()
-    order = ["base", *(f"expert_{c}" for c in "ABCDEFG"), "text_encoder", "adapter", "llm"]
-    return [n for n in order if n in _REGISTRY] + sorted(set(_REGISTRY) - set(order))
+_KIND_ORDER = {"tower": 0, "text": 1, "adapter": 2, "llm": 3}
 
 
 def all_specs() -> list[ComponentSpec]:
-    return [_REGISTRY[n] for n in component_names()]
+    """Every spec in pipeline order: the base, the experts by letter, other towers, text encoder, adapter, LLM."""
+    _load_all()
+    return sorted(_REGISTRY.values(), key=lambda s: (_KIND_ORDER[s.kind], s.expert is not None,
+                                                      s.expert.letter if s.expert else "", s.name))
+
+
+def component_names() -> list[str]:
+    return [s.name for s in all_specs()]
 
 
 def expert_specs() -> list[ComponentSpec]:
+    """The experts in routing order (their letters sorted): index i = routing_weights[i] = expert_channels[i]."""
     return [s for s in all_specs() if s.expert is not None]
+
+
+def expert_letters() -> tuple[str, ...]:
+    return tuple(s.expert.letter for s in expert_specs())
+
+
+def num_experts() -> int:
+    return len(expert_specs())
+
+
+def expert_index(name: str) -> int:
+    names = [s.name for s in expert_specs()]
+    if name not in names:
+        raise ComponentError(f"component {name!r} is not an expert; experts: {', '.join(names)}")
+    return names.index(name)
+
+
+def specs_of_kind(kind: str) -> list[ComponentSpec]:
+    return [s for s in all_specs() if s.kind == kind]
+
+
+def one_of_kind(kind: str) -> ComponentSpec:
+    found = specs_of_kind(kind)
+    if len(found) != 1:
+        raise ComponentError(f"the registry holds {len(found)} {kind} component(s) ({', '.join(s.name for s in found)}); "
+                             "MoVA has exactly one")
+    return found[0]
 
 
 def owner_of(key: str) -> ComponentSpec | None:
@@ -100,25 +185,18 @@ def owner_of(key: str) -> ComponentSpec | None:
     return owners[0] if owners else None
 
 
-_LOADED = False
+def routing_prompt_lines() -> list[tuple[str, str]]:
+    """(letter, router text) of every expert in routing order: the model pool of MoVA's routing prompt."""
+    return [(s.expert.letter, s.expert.router_text) for s in expert_specs()]
 
 
-def _load_all() -> None:
-    """Import every component module once; each registers itself on import."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    import importlib
-
-    for module in _COMPONENT_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{module}":  # a real missing dependency: surface it
-                raise
-
-
-# One file per component family. Missing files are skipped so the package imports while they are written.
-_COMPONENT_MODULES = ("clip", "dinov2", "sam", "codetr", "pix2struct", "biomedclip", "text_encoder",
-                      "adapter", "llm")
+def image_input_table() -> dict[str, "ImageInput"]:
+    """Every preprocessed input the registered towers consume, by kind; two towers declaring one kind differently
+    is a registry error."""
+    table: dict[str, ImageInput] = {}
+    for spec in specs_of_kind("tower"):
+        for row in spec.image_inputs:
+            if table.setdefault(row.kind, row) != row:
+                raise ComponentError(f"component {spec.name} declares image input {row.kind!r} differently from "
+                                     "another tower; give it another kind name")
+    return table

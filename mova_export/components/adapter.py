@@ -45,13 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import EXPERT_LETTERS, NUM_EXPERTS
 from ..errors import ComponentError
-from . import ComponentSpec, TensorSpec, component_names, register
+from . import ComponentSpec, MemoryFigures, TensorSpec, component_names, expert_letters, num_experts, register
 from .codetr import Rope, SwiGLU
 
 NAME = "adapter"
-EXPERT_INPUTS = tuple(f"expert_{letter}" for letter in EXPERT_LETTERS)
 ROUTING_MASK_FILL = -1e6  # builder.py: (1 - r) * -1e6 added to the fp32 gate logits
 
 _COMMON = dict(norm_eps=1e-5, downsample_eps=1e-5, mlp_ratio=8 / 3, rope_theta=10000.0, rope_in_checkpoint=True,
@@ -225,7 +223,7 @@ class MoVAdapter(nn.Module):
         if dim % heads or (dim // heads) % 4:
             raise ComponentError(f"component {NAME}: mm_hidden_size {dim} / num_heads {heads} must give a head dim "
                                  "that is a multiple of 4 (2-D RoPE pairs); change the adapter's num_heads")
-        self.topk = min(int(cfg.topk_experts), NUM_EXPERTS)
+        self.topk = min(int(cfg.topk_experts), num_experts())
         if self.topk < 1:
             raise ComponentError(f"component {NAME}: topk_experts={cfg.topk_experts}; the gate keeps the top-k "
                                  "experts and needs k >= 1 (MoVA uses 3)")
@@ -269,11 +267,10 @@ class MoVAdapter(nn.Module):
         return x.reshape(-1, r * r, h)
 
     # the two entry points --------------------------------------------------------------------------------------
-    def forward(self, base: torch.Tensor, expert_A: torch.Tensor, expert_B: torch.Tensor, expert_C: torch.Tensor,
-                expert_D: torch.Tensor, expert_E: torch.Tensor, expert_F: torch.Tensor, expert_G: torch.Tensor,
-                text_features: torch.Tensor, routing_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Static dense path: all cross-attentions run, unrouted experts (any features, e.g. zeros) get weight 0."""
-        values = [expert_A, expert_B, expert_C, expert_D, expert_E, expert_F, expert_G]
+    def forward(self, base: torch.Tensor, *experts_text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static dense path (base, expert_A.., text_features, routing_mask): all cross-attentions run, unrouted
+        experts (any features, e.g. zeros) get weight 0."""
+        *values, text_features, routing_mask = experts_text_mask
         return self._run(base, values, text_features, routing_mask)
 
     def forward_reference(self, base: torch.Tensor, experts: Sequence[torch.Tensor | None] | None,
@@ -291,15 +288,16 @@ class MoVAdapter(nn.Module):
 
     def _routed(self, base: torch.Tensor, experts: Sequence[torch.Tensor | None] | None,
                 routing_mask: torch.Tensor) -> list[torch.Tensor | None]:
-        experts = [None] * NUM_EXPERTS if experts is None else list(experts)
-        if len(experts) != NUM_EXPERTS:
-            raise ComponentError(f"component {NAME}: forward_reference takes {NUM_EXPERTS} expert features "
+        count, letters = num_experts(), expert_letters()
+        experts = [None] * count if experts is None else list(experts)
+        if len(experts) != count:
+            raise ComponentError(f"component {NAME}: forward_reference takes {count} expert features "
                                  f"(A..G, None for unrouted ones), got {len(experts)}")
         if base.shape[0] != 1:  # upstream only skips at batch 1; every expert must be present otherwise
-            routed = [True] * NUM_EXPERTS
+            routed = [True] * count
         else:
             routed = [bool(v) for v in routing_mask[0].tolist()]
-        missing = [EXPERT_LETTERS[j] for j, (e, on) in enumerate(zip(experts, routed)) if on and e is None]
+        missing = [letters[j] for j, (e, on) in enumerate(zip(experts, routed)) if on and e is None]
         if missing:
             raise ComponentError(f"component {NAME}: expert(s) {', '.join(missing)} are routed by the mask but their "
                                  "features are None; run those experts or clear them from the mask")
@@ -310,9 +308,9 @@ class MoVAdapter(nn.Module):
 def _inputs(cfg) -> tuple[TensorSpec, ...]:
     n = cfg.grid_tokens
     return (TensorSpec("base", (1, n, int(cfg.mm_hidden_size))),
-            *(TensorSpec(name, (1, n, int(c))) for name, c in zip(EXPERT_INPUTS, cfg.expert_channels)),
+            *(TensorSpec(f"expert_{letter}", (1, n, int(c))) for letter, c in zip(expert_letters(), cfg.expert_channels)),
             TensorSpec("text_features", (1, text_width(cfg))),
-            TensorSpec("routing_mask", (1, NUM_EXPERTS)))
+            TensorSpec("routing_mask", (1, num_experts())))
 
 
 def _outputs(cfg) -> tuple[TensorSpec, ...]:
@@ -325,7 +323,7 @@ def _sample(cfg, seed: int) -> dict[str, torch.Tensor]:
     """Features ~ N(0, 1) for the base, every expert (unrouted ones too) and the text, with experts A, B, C routed."""
     gen = torch.Generator().manual_seed(seed)
     feed = {t.name: torch.randn(t.shape, generator=gen) for t in _inputs(cfg)[:-1]}
-    mask = torch.zeros(1, NUM_EXPERTS)
+    mask = torch.zeros(1, num_experts())
     mask[0, :3] = 1.0
     feed["routing_mask"] = mask
     return feed
@@ -337,7 +335,9 @@ def _build(cfg) -> nn.Module:
 
 register(ComponentSpec(
     name=NAME,
+    kind="adapter",
     prefix="model.mm_projector.",
+    memory=MemoryFigures(params=151_500_000, activation=(2304, 5632)),
     presets=PRESETS,
     build=_build,
     inputs=_inputs,

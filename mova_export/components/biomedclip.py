@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import EXPERTS
 from ..errors import ComponentError
-from . import ComponentSpec, TensorSpec, register
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
 from ._common import Mlp, align_to_grid
-from .clip import CLIP_MEAN, CLIP_STD, image_side, smooth_image_sample
+from .clip import CLIP672, CLIP_MEAN, CLIP_STD, image_side, smooth_image_sample
 
 NAME = "expert_F"
 
@@ -135,18 +134,19 @@ def _out_channels(arch: Mapping[str, Any]) -> int:
     return int(arch["embed_dim"])
 
 
-_EXPERT = next(e for e in EXPERTS if e.letter == "F")
-
 register(ComponentSpec(
     name=NAME,
-    prefix=f"model.vision_tower.{_EXPERT.tower}.",
+    kind="tower",
+    prefix="model.vision_tower.vision_tower_6.",
     presets=PRESETS,
     build=lambda cfg: BiomedClipTower(cfg.arch(NAME), cfg.image_feat_size).eval(),
     inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
     outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(NAME)))),),
     sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), CLIP_MEAN, CLIP_STD)},
     unused_keys=("head.*",),
-    expert=_EXPERT,
+    expert=ExpertInfo("F", "This model is a foundation model designed for biomedical vision-language processing."),
+    image_inputs=(CLIP672,),
+    memory=MemoryFigures(params=86_000_000, activation=(197, 768)),
     out_channels=_out_channels,
     description="BiomedCLIP ViT-B/16 (timm) on the CLIP-normalised image resized bilinear to 224, forward_features "
                 "without CLS, 14x14 -> bilinear 48x48",

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ComponentError
-from . import ComponentSpec, TensorSpec, register
+from ..spec import ImageInput
+from . import ComponentSpec, MemoryFigures, TensorSpec, register
 from ._common import align_to_grid
 
 NAME = "base"
@@ -33,6 +34,8 @@ PATCH = 14
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# images_0: CLIPImageProcessor at image_feat_size * 14 (672), upstream's image_processor_0 (also expert F's input)
+CLIP672 = ImageInput("clip672", "clip", None, CLIP_MEAN, CLIP_STD, ("clip672",))
 
 _COMMON = dict(patch_size=PATCH, hidden_act="quick_gelu", layer_norm_eps=1e-5, attn_implementation="eager")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,12 +110,15 @@ def _build(cfg) -> nn.Module:
 
 register(ComponentSpec(
     name=NAME,
+    kind="tower",
     prefix="model.vision_tower.vision_tower_0.",
     presets=PRESETS,
     build=_build,
     inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
     outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(NAME)))),),
     sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), CLIP_MEAN, CLIP_STD)},
+    image_inputs=(CLIP672,),
+    memory=MemoryFigures(params=304_000_000, activation=(2305, 1024)),
     unused_keys=("vision_model.embeddings.position_ids",),
     out_channels=_out_channels,
     description="CLIP ViT-L/14 at 672 (2305-row position embedding), hidden_states[select_layer] without CLS, "

@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import EXPERTS
 from ..errors import ComponentError
-from . import ComponentSpec, TensorSpec, register
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
 from ._common import align_to_grid
-from .sam import SAM_INPUT, LayerNorm2d, PatchEmbed, sam1024_sample, window_partition, window_unpartition
+from .sam import SAM1024, SAM_INPUT, LayerNorm2d, PatchEmbed, sam1024_sample, window_partition, window_unpartition
 
 NAME = "expert_C"
 
@@ -214,17 +213,19 @@ def _build(cfg) -> nn.Module:
     return CoDetrViT(cfg.arch(NAME), cfg.image_feat_size).eval()
 
 
-_EXPERT = next(e for e in EXPERTS if e.letter == "C")
-
 register(ComponentSpec(
     name=NAME,
-    prefix=f"model.vision_tower.{_EXPERT.tower}.",
+    kind="tower",
+    prefix="model.vision_tower.vision_tower_3.",
     presets=PRESETS,
     build=_build,
     inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, SAM_INPUT, SAM_INPUT)),),
     outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(NAME)))),),
     sample_inputs=sam1024_sample,
-    expert=_EXPERT,
+    expert=ExpertInfo("C", "This model is a state-of-the-art object detector that can identify objects in "
+                          "images."),
+    image_inputs=(SAM1024,),
+    memory=MemoryFigures(params=310_000_000, activation=(6400, 1024)),
     out_channels=_out_channels,
     description="Co-DETR ViT-L/16 (EVA-02 style: 2-D RoPE, SwiGLU, window 16 + 4 global blocks) at 1280, "
                 "neck 256 ch at 80x80 -> bilinear 37x37 -> bilinear 48x48",

@@ -28,15 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import EXPERTS
 from ..errors import ComponentError
-from . import ComponentSpec, TensorSpec, register
+from ..spec import ImageInput
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
 from ._common import Mlp, align_to_grid
 from .clip import image_side, layers_to_run, smooth_image_sample
 
 NAME = "expert_A"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# images_1: DINOv2's AutoImageProcessor (a BitImageProcessor) at 672, upstream's image_processor_1
+DINO672 = ImageInput("dino672", "bit", None, IMAGENET_MEAN, IMAGENET_STD, ("dino672",))
 
 _COMMON = dict(image_size=518, patch_size=14, mlp_ratio=4.0, use_swiglu_ffn=True, layer_norm_eps=1e-6,
                qkv_bias=True, hidden_act="gelu", resize_mode="bilinear", resize_align_corners=False)
@@ -195,18 +197,20 @@ def _out_channels(arch: Mapping[str, Any]) -> int:
     return int(arch["hidden_size"])
 
 
-_EXPERT = next(e for e in EXPERTS if e.letter == "A")
-
 register(ComponentSpec(
     name=NAME,
-    prefix=f"model.vision_tower.{_EXPERT.tower}.",
+    kind="tower",
+    prefix="model.vision_tower.vision_tower_1.",
     presets=PRESETS,
     build=lambda cfg: Dinov2Tower(cfg.arch(NAME), cfg.mm_vision_select_layer, cfg.image_feat_size).eval(),
     inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
     outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(NAME)))),),
     sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), IMAGENET_MEAN,
                                                                          IMAGENET_STD)},
-    expert=_EXPERT,
+    expert=ExpertInfo("A", "This model can effectively extract the accurate spatial and semantic information from "
+                          "natural images."),
+    image_inputs=(DINO672,),
+    memory=MemoryFigures(params=1_140_000_000, activation=(2305, 1536)),
     out_channels=_out_channels,
     description="DINOv2-giant (SwiGLU, 40 layers) at 518 (672 input resized bilinear), hidden_states[select_layer] "
                 "without CLS, 37x37 -> bilinear 48x48",

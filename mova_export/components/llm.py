@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ComponentSpec, TensorSpec, register
+from . import ComponentSpec, MemoryFigures, TensorSpec, register
 
 NAME = "llm"
 
@@ -37,7 +37,9 @@ def _sample(cfg: Any, seed: int) -> dict[str, torch.Tensor]:
 
 register(ComponentSpec(
     name=NAME,
+    kind="llm",
     prefix="",
+    memory=MemoryFigures(params=8_030_000_000, activation=(1, 4096)),
     presets={"full": {}, "tiny": {}},
     build=build_llm,
     inputs=lambda cfg: (TensorSpec("input_ids", (1, 16), "int64"),),

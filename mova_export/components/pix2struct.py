@@ -25,13 +25,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import EXPERTS
 from ..errors import ComponentError
-from . import ComponentSpec, TensorSpec, register
+from ..spec import ImageInput
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
+from .clip import CLIP_MEAN
 from ._common import align_to_grid
 
 PATCH = 16
 PATCH_DIM = 2 + PATCH * PATCH * 3   # 770
+# flattened_patches: Pix2StructImageProcessor (is_vqa False, max_patches = pix2struct_max_patches, per-image
+# standardisation); upstream sets its image_mean to CLIP's, which only serves as expand2square's pad colour
+PIX2STRUCT = ImageInput("pix2struct", "pix2struct", None, CLIP_MEAN, None, ("pix2struct", "pix2struct_mask"))
 
 _COMMON = dict(patch_embed_hidden_size=PATCH * PATCH * 3, seq_len=4096, dense_act_fn="gelu_new",
                layer_norm_eps=1e-6, d_kv=64, attn_implementation="eager")
@@ -106,8 +110,8 @@ def _out_channels(arch: Mapping[str, Any]) -> int:
     return int(arch["hidden_size"])
 
 
-def _register(name: str, letter: str, presets: dict[str, dict[str, Any]], description: str) -> None:
-    expert = next(e for e in EXPERTS if e.letter == letter)
+def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict[str, Any]], memory: MemoryFigures,
+              description: str) -> None:
 
     def build(cfg) -> nn.Module:
         p = cfg.pix2struct_max_patches
@@ -119,19 +123,28 @@ def _register(name: str, letter: str, presets: dict[str, dict[str, Any]], descri
 
     register(ComponentSpec(
         name=name,
-        prefix=f"model.vision_tower.{expert.tower}.",
+        kind="tower",
+        prefix=f"model.vision_tower.{tower}.",
         presets=presets,
         build=build,
         inputs=_inputs,
         outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(name)))),),
         sample_inputs=pix2struct_sample,
         expert=expert,
+        image_inputs=(PIX2STRUCT,),
+        memory=memory,
         out_channels=_out_channels,
         description=description,
     ))
 
 
-_register("expert_D", "D", PIX2STRUCT_PRESETS,
+_register("expert_D", "vision_tower_4",
+          ExpertInfo("D", "This model shows remarkable skill in text recognition, attaining top-tier text analysis "
+                          "outcomes across diverse areas"),
+          PIX2STRUCT_PRESETS, MemoryFigures(params=515_000_000, activation=(2025, 1536)),
           "Pix2Struct-large vision encoder (18 layers, 1536) on 2025 flattened 16x16 patches, 45x45 -> bilinear 48x48")
-_register("expert_E", "E", DEPLOT_PRESETS,
+_register("expert_E", "vision_tower_5",
+          ExpertInfo("E", "This model is a specialized model designed to achieve state-of-the-art plot and chart "
+                          "understanding performance."),
+          DEPLOT_PRESETS, MemoryFigures(params=92_000_000, activation=(2025, 768)),
           "Deplot (Pix2Struct-base) vision encoder (12 layers, 768) on the same patches, 45x45 -> bilinear 48x48")

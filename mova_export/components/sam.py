@@ -28,14 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import EXPERTS
 from ..errors import ComponentError
-from . import ComponentSpec, TensorSpec, register
+from ..spec import ImageInput
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
+from .clip import CLIP_MEAN, CLIP_STD
 from ._common import align_to_grid
 
 SAM_INPUT = 1024   # high_images side (upstream img_size)
 SAM_PATCH = 16
 SAM_WINDOW = 14
+# high_images: upstream's image_processor_2 from the Vary expert folder [inferred: that preprocessor config was not
+# read]: taken as a CLIP processor at 1024 with CLIP mean/std, the normalisation Vary's own SAM input uses
+SAM1024 = ImageInput("sam1024", "clip", SAM_INPUT, CLIP_MEAN, CLIP_STD, ("sam1024",))
 
 _COMMON = dict(img_size=SAM_INPUT, patch_size=SAM_PATCH, window_size=SAM_WINDOW, mlp_ratio=4.0, out_chans=256,
                norm_eps=1e-6, neck_eps=1e-6)
@@ -216,8 +220,8 @@ def sam1024_sample(cfg, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     low = torch.rand(1, 3, 16, 16, generator=gen)
     img = F.interpolate(low, size=(SAM_INPUT, SAM_INPUT), mode="bilinear", align_corners=False)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return {"pixel_values": ((img - mean) / std).float()}
 
 
@@ -225,8 +229,8 @@ def _sam1024_inputs(cfg) -> tuple[TensorSpec, ...]:
     return (TensorSpec("pixel_values", (1, 3, SAM_INPUT, SAM_INPUT)),)
 
 
-def _register(name: str, letter: str, presets: dict[str, dict[str, Any]], description: str) -> None:
-    expert = next(e for e in EXPERTS if e.letter == letter)
+def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict[str, Any]], memory: MemoryFigures,
+              description: str) -> None:
 
     def out_channels(arch: Mapping[str, Any]) -> int:
         return int(arch.get("net2_chans") or 0) or int(arch["out_chans"])
@@ -241,19 +245,28 @@ def _register(name: str, letter: str, presets: dict[str, dict[str, Any]], descri
 
     register(ComponentSpec(
         name=name,
-        prefix=f"model.vision_tower.{expert.tower}.",
+        kind="tower",
+        prefix=f"model.vision_tower.{tower}.",
         presets=presets,
         build=build,
         inputs=_sam1024_inputs,
         outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, out_channels(cfg.arch(name)))),),
         sample_inputs=sam1024_sample,
         expert=expert,
+        image_inputs=(SAM1024,),
+        memory=memory,
         out_channels=out_channels,
         description=description,
     ))
 
 
-_register("expert_B", "B", VARY_PRESETS,
+_register("expert_B", "vision_tower_2",
+          ExpertInfo("B", "This model can handle images with text accurately and efficiently but fails to process "
+                          "natural images."),
+          VARY_PRESETS, MemoryFigures(params=96_000_000, activation=(4096, 768)),
           "Vary: SAM ViT-B/16 image encoder at 1024 + net_2 (3x3 s2, 256->512), 32x32 -> bilinear 48x48")
-_register("expert_G", "G", SAM_H_PRESETS,
+_register("expert_G", "vision_tower_7",
+          ExpertInfo("G", "This model is a leading image segmentation framework and achieves strong zero-shot "
+                          "segmentation performance."),
+          SAM_H_PRESETS, MemoryFigures(params=637_000_000, activation=(4096, 1280)),
           "SAM ViT-H/16 image encoder at 1024, neck 256 ch at 64x64 -> bilinear 48x48")

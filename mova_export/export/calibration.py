@@ -5,8 +5,8 @@ as `file name<TAB>question`, or plain lines taken in the images' sorted order; i
 generic one. Without `--calib`, the built-in set is six photographs scikit-image ships (natural scenes, a micrograph,
 a scanned page), so every expert sees inputs of its own domain.
 
-The images are run through the exported fp32 graphs' PyTorch modules during export (FeedBuilder), so the experts
-and the adapter are calibrated on the real features of the earlier stages, not on noise.
+The images are run through the components' PyTorch modules during export (export/component.py), so the experts
+and the adapter are calibrated on the real features of the earlier components, not on noise.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 QUESTIONS_FILE = "questions.txt"
@@ -27,7 +27,7 @@ GENERIC_QUESTION = "What is shown in this image?"
 @dataclass(frozen=True)
 class CalibrationSet:
     labels: tuple[str, ...]          # image names (file stems or sample names)
-    samples: tuple[Any, ...]         # what export_bundle takes: sample names or image paths
+    samples: tuple[Any, ...]         # sample names or image paths
     questions: tuple[str, ...]
     source: str                      # "built-in" or the folder
 
@@ -39,13 +39,23 @@ class CalibrationSet:
             h.update(question.encode())
         return h.hexdigest()
 
+    def images(self) -> list[tuple[str, np.ndarray]]:
+        """(label, HxWx3 uint8) of every image of the set."""
+        from ..preprocess import load_image
+        from ..samples import sample_images
+
+        names = [s for s in self.samples if not isinstance(s, Path)]
+        known = sample_images(names) if names else {}
+        return [(label, known[s] if not isinstance(s, Path) else load_image(s))
+                for label, s in zip(self.labels, self.samples)]
+
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "images": list(self.labels), "questions": list(self.questions),
                 "sha256": self.digest()}
 
 
 def builtin_calibration() -> CalibrationSet:
-    from .reference import SAMPLE_QUESTIONS
+    from ..samples import SAMPLE_QUESTIONS
 
     names = tuple(SAMPLE_QUESTIONS)
     return CalibrationSet(names, names, tuple(SAMPLE_QUESTIONS[n] for n in names), "built-in (scikit-image samples)")

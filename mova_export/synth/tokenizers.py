@@ -1,4 +1,4 @@
-"""Tokenizer files made offline, and the loaders the pipelines use.
+"""Tokenizer files made offline for synthetic checkpoints.
 
 Synthetic checkpoints need the two tokenizers a real MoVA-8B checkpoint ships, without any download:
 
@@ -21,28 +21,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import CheckpointError
-from .prompts import ROUTING_PROMPT, STOP_TOKEN, SYSTEM
+from ..llama3 import (BOS_TOKEN, EOS_TOKEN, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPLIT_REGEX, LLAMA3_VOCAB_SIZE, NUM_SPECIAL,
+                      llama3_special_tokens)
+from ..prompts import SYSTEM, routing_prompt
 
-LLAMA3_VOCAB_SIZE = 128256
 BERT_VOCAB_SIZE = 30522
-NUM_SPECIAL = 256
-BOS_TOKEN = "<|begin_of_text|>"
-EOS_TOKEN = STOP_TOKEN  # <|eot_id|>: load_pretrained_model sets it as eos for mova-8b
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-# Llama-3's pre-tokenizer regex (tokenizer.json of Meta-Llama-3-8B-Instruct; llama.cpp's "llama-bpe").
-LLAMA3_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# Meta-Llama-3-8B-Instruct's chat template.
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 
 _CORPUS_EXTRA = """\
 The quick brown fox jumps over the lazy dog. What is in the image? Describe this image in detail.
@@ -94,15 +78,10 @@ result burn hill safe cat century consider type law bit coast copy phrase silent
 
 def corpus() -> list[str]:
     """The embedded English training corpus: MoVA's prompts plus common words and sample questions."""
-    return [SYSTEM, ROUTING_PROMPT, ROUTING_PROMPT + "What is in the image?", *_CORPUS_EXTRA.splitlines()]
+    from ..components import routing_prompt_lines
 
-
-def llama3_special_tokens() -> list[str]:
-    """Llama-3's 256 special tokens in id order (offset 0 = id 128000 in the real vocabulary)."""
-    names = ["<|begin_of_text|>", "<|end_of_text|>", *(f"<|reserved_special_token_{i}|>" for i in range(4)),
-             "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
-    names += [f"<|reserved_special_token_{i}|>" for i in range(5, 5 + NUM_SPECIAL - len(names))]
-    return names
+    prompt = routing_prompt(routing_prompt_lines())
+    return [SYSTEM, prompt, prompt + "What is in the image?", *_CORPUS_EXTRA.splitlines()]
 
 
 # ---- Llama-3 BPE ---------------------------------------------------------------------------------------------------
@@ -256,65 +235,17 @@ def write_bert_vocab(out_dir: str | Path, vocab_size: int = BERT_VOCAB_SIZE) -> 
     return out
 
 
-# ---- loaders --------------------------------------------------------------------------------------------------------
-def load_llm_tokenizer(checkpoint_dir: str | Path) -> Any:
-    """The LLM tokenizer of a checkpoint (or bundle tokenizer folder) with eos = <|eot_id|>, as MoVA-8B loads it."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = Path(checkpoint_dir)
-    if not path.is_dir():
-        raise CheckpointError(f"LLM tokenizer folder {path} does not exist; pass the checkpoint folder that holds "
-                              "tokenizer.json")
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path / 'tokenizer.json'} not found; MoVA-8B ships the Llama-3 tokenizer.json next to "
-                              "config.json (synthetic checkpoints: `mova-export synth` writes one)")
-    try:
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    except Exception as exc:  # transformers raises many types for a broken file
-        raise CheckpointError(f"cannot load the LLM tokenizer from {path}: {_first_line(exc)}; re-download "
-                              "tokenizer.json / tokenizer_config.json") from exc
-    if tok.convert_tokens_to_ids(EOS_TOKEN) not in (None, tok.unk_token_id):
-        tok.eos_token = EOS_TOKEN
-    return tok
-
-
-def load_text_tokenizer(path: str | Path) -> Any:
-    """The BERT (uncased WordPiece) tokenizer of the MoV-Adapter's text encoder, from a folder with vocab.txt."""
-    from transformers import BertTokenizerFast
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"BERT tokenizer folder {folder} does not exist; it must hold bert-large-uncased's "
-                              "vocab.txt (config.json mm_projector_text_encoder points at it)")
-    if not (folder / "vocab.txt").is_file() and not (folder / "tokenizer.json").is_file():
-        raise CheckpointError(f"{folder} has no vocab.txt or tokenizer.json; copy bert-large-uncased's vocab.txt there")
-    try:
-        return BertTokenizerFast.from_pretrained(str(folder))
-    except Exception as exc:
-        raise CheckpointError(f"cannot load the BERT tokenizer from {folder}: {_first_line(exc)}; replace vocab.txt "
-                              "with bert-large-uncased's") from exc
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-def special_token_ids(vocab_size: int) -> dict[str, int]:
-    """Where each Llama-3 special token sits for a given vocab_size (e.g. <|eot_id|> -> 128009 at 128256)."""
-    first = vocab_size - NUM_SPECIAL
-    return {t: first + i for i, t in enumerate(llama3_special_tokens())}
-
-
 def iter_sample_texts() -> Iterable[str]:
     """Strings the tokenizer parity tests use: prompts, chat frames, specials, odd whitespace, unicode."""
-    from .prompts import chat_prompt
+    from ..components import routing_prompt_lines
+    from ..prompts import chat_prompt
 
-    yield from (ROUTING_PROMPT, SYSTEM, chat_prompt("What is in the image?", routing=True),
-                chat_prompt("Describe this image.", routing=False), "A, D", "none", "B",
+    prompt = routing_prompt(routing_prompt_lines())
+    yield from (prompt, SYSTEM, chat_prompt("What is in the image?", routing_prompt=prompt),
+                chat_prompt("Describe this image."), "A, D", "none", "B",
                 "Hello world!  Multiple   spaces\n\nand\ttabs", "naïve café 東京 🦙 emojis",
                 "I've been 'told he's there, 'RE you sure? 3333333 3.14", "<|eot_id|><|start_header_id|>")

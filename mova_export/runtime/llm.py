@@ -25,9 +25,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .config import IMAGE_TOKEN_INDEX
-from .errors import LLMError
-from .prompts import STOP_TOKEN, tokenize_with_image
+from ..errors import LLMError
+from ..prompts import IMAGE_TOKEN_INDEX, STOP_TOKEN, tokenize_with_image
 
 GGML_TYPE_F32 = 0  # ggml_type for an F32 KV cache (type_k / type_v)
 _LOGGER = logging.getLogger("llama-cpp-python")
@@ -73,7 +72,7 @@ def llama_cpp_log(verbose: bool) -> Iterator[None]:
         _LOGGER.setLevel(level)
 
 
-def _as_embeddings(image_embeddings: Any, width: int, where: str) -> np.ndarray:
+def as_embeddings(image_embeddings: Any, width: int, where: str) -> np.ndarray:
     """[N, width] float32 C-contiguous from a numpy array or torch tensor ([1, N, width] is accepted too)."""
     if hasattr(image_embeddings, "detach"):
         image_embeddings = image_embeddings.detach().float().cpu().numpy()
@@ -181,7 +180,7 @@ class LlamaCppLLM:
         before, after = split_at_marker(ids, image_embeddings is not None, where)
         segments: list[tuple[str, Any]] = [("tokens", before)]
         if after is not None:
-            segments += [("embd", _as_embeddings(image_embeddings, self.n_embd, where)), ("tokens", after)]
+            segments += [("embd", as_embeddings(image_embeddings, self.n_embd, where)), ("tokens", after)]
         segments = [(kind, data) for kind, data in segments if len(data)]
         text = [t for kind, data in segments if kind == "tokens" for t in data]
         bad = [t for t in text if not 0 <= t < self.n_vocab]
@@ -292,63 +291,3 @@ class LlamaCppLLM:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
-
-
-# ---- transformers reference ----------------------------------------------------------------------------------------------
-def hf_inputs_embeds(model: Any, ids: Sequence[int], image_embeddings: Any = None) -> Any:
-    """[1, positions, H] inputs_embeds: text ids embedded, the image embeddings spliced in at the marker
-    (upstream prepare_inputs_labels_for_multimodal for B=1)."""
-    import torch
-
-    embed = model.get_input_embeddings()
-    before, after = split_at_marker(ids, image_embeddings is not None, "hf_inputs_embeds")
-    device, dtype = embed.weight.device, embed.weight.dtype
-
-    def text(part: list[int]) -> "torch.Tensor":
-        with torch.no_grad():
-            return embed(torch.tensor(part, dtype=torch.long, device=device))
-
-    parts = [text(before)] if before else []
-    if after is not None:
-        width = embed.weight.shape[1]
-        image = torch.as_tensor(_as_embeddings(image_embeddings, width, "hf_inputs_embeds"))
-        parts.append(image.to(device=device, dtype=dtype))
-        if after:
-            parts.append(text(after))
-    if not parts:
-        raise LLMError("hf_inputs_embeds: the prompt is empty")
-    return torch.cat(parts, dim=0)[None]
-
-
-def hf_logits(model: Any, ids: Sequence[int], image_embeddings: Any = None) -> np.ndarray:
-    """Logits [positions, vocab] (float32) of one transformers forward over the spliced prompt."""
-    import torch
-
-    with torch.inference_mode():
-        out = model(inputs_embeds=hf_inputs_embeds(model, ids, image_embeddings), use_cache=False)
-    return out.logits[0].float().cpu().numpy()
-
-
-def hf_generate_stream(model: Any, ids: Sequence[int], image_embeddings: Any, max_new_tokens: int,
-                       eos_ids: Sequence[int]) -> Iterator[int]:
-    """Greedy decoding on a transformers LlamaForCausalLM, one id at a time: prefill inputs_embeds (image spliced in
-    at the marker), then one token per step with the KV cache. Stops before a stop id (never yielded)."""
-    import torch
-
-    stops = {int(e) for e in eos_ids}
-    with torch.inference_mode():
-        res = model(inputs_embeds=hf_inputs_embeds(model, ids, image_embeddings), use_cache=True)
-        for step in range(max_new_tokens):
-            token = int(torch.argmax(res.logits[0, -1].float()))
-            if token in stops:
-                return
-            yield token
-            if step + 1 < max_new_tokens:
-                nxt = torch.tensor([[token]], dtype=torch.long, device=res.logits.device)
-                res = model(input_ids=nxt, past_key_values=res.past_key_values, use_cache=True)
-
-
-def hf_generate(model: Any, ids: Sequence[int], image_embeddings: Any, max_new_tokens: int,
-                eos_ids: Sequence[int]) -> list[int]:
-    """The generated ids of hf_generate_stream (without the stop id; the same contract as LlamaCppLLM.generate)."""
-    return list(hf_generate_stream(model, ids, image_embeddings, max_new_tokens, eos_ids))

@@ -20,13 +20,15 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .errors import BundleError, RecipeError
-from .recipe import BYTES_PER_PRECISION, COMPONENTS, EXPERTS, LLM_QUANTS, ExpertPolicy, Recipe
+from ..errors import BundleError, RecipeError
+from ..gguf.convert import BITS_PER_WEIGHT
+from ..recipe import BYTES_PER_PRECISION, ExpertPolicy, Recipe, expert_components, graph_components, llm_quants
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.table import Table
 
-    from .config import MoVAConfig
+    from ..bundle import Manifest
+    from ..config import MoVAConfig
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -36,28 +38,21 @@ ACTIVATION_FACTOR = 8          # live intermediates of a transformer block (MLP 
 LLAMA_UBATCH = 512             # llama.cpp default micro-batch
 KV_BYTES = 2                   # f16 KV cache
 
-# Bits per weight of llama.cpp quant types on Llama-3-8B (file size / params; Q4_K_M measured: 4.58 GiB).
-GGUF_BITS_PER_WEIGHT: dict[str, float] = {"f16": 16.0, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q4_k_m": 4.89}
 
-# Full-size reference parameter counts (MoVA-8B), for planning with no checkpoint and no component modules.
-FULL_PARAMS: dict[str, int] = {
-    "base": 304_000_000, "expert_A": 1_140_000_000, "expert_B": 96_000_000, "expert_C": 310_000_000,
-    "expert_D": 515_000_000, "expert_E": 92_000_000, "expert_F": 86_000_000, "expert_G": 637_000_000,
-    "text_encoder": 335_000_000, "adapter": 151_500_000, "llm": 8_030_000_000,
-}
-# Full-size (tokens, width) of each graph's widest stage, for the activation estimate.
-FULL_ACTIVATIONS: dict[str, tuple[int, int]] = {
-    "base": (2305, 1024),          # CLIP-L/14 at 672
-    "expert_A": (2305, 1536),      # DINOv2-g/14 at 672
-    "expert_B": (4096, 768),       # SAM-B (Vary) at 1024
-    "expert_C": (6400, 1024),      # Co-DETR ViT-L at 1280
-    "expert_D": (2025, 1536),      # Pix2Struct-L, 2025 patches
-    "expert_E": (2025, 768),       # Deplot
-    "expert_F": (197, 768),        # BiomedCLIP B/16 at 224
-    "expert_G": (4096, 1280),      # SAM-H at 1024
-    "text_encoder": (64, 1024),    # BERT-large, 64 tokens
-    "adapter": (2304, 5632),       # 48x48 grid, base + expert channels concatenated
-}
+
+def full_params() -> dict[str, int]:
+    """Full-size (MoVA-8B) parameter counts from the components' own memory figures, for planning with no
+    checkpoint and no component modules."""
+    from ..components import all_specs
+
+    return {s.name: s.memory.params for s in all_specs()}
+
+
+def full_activations() -> dict[str, tuple[int, int]]:
+    """Full-size (tokens, width) of each graph's widest stage, for the activation estimate."""
+    from ..components import all_specs
+
+    return {s.name: s.memory.activation for s in all_specs() if s.kind != "llm"}
 
 
 @dataclass(frozen=True)
@@ -96,7 +91,7 @@ class LLMShape:
 
 
 def _full_llm() -> LLMShape:
-    from .config import FULL_LLM
+    from ..config import FULL_LLM
 
     return LLMShape.from_fields(FULL_LLM)
 
@@ -137,98 +132,99 @@ def plan_from_params(recipe: Recipe, params: Mapping[str, int], *, llm: LLMShape
                      llm_quant: str | None = None, model: str = "this MoVA") -> MemoryPlan:
     """Plan from parameter counts (component -> params; `llm` included) x bytes per the recipe's precision.
     `model` names the checkpoint in the verdict ("the full-size MoVA-8B")."""
-    missing = [c for c in (*COMPONENTS, "llm") if c not in params]
+    missing = [c for c in (*graph_components(), "llm") if c not in params]
     if missing:
         raise RecipeError(f"memory plan for {recipe.name}: no parameter count for {', '.join(missing)}; pass every "
-                          "component (see memory.FULL_PARAMS)")
+                          "component (see memory.full_params())")
     weights = {c: (int(params[c]) * BYTES_PER_PRECISION[recipe.precision_of(c)],
-                   f"{params[c] / 1e6:,.1f} M params x {recipe.precision_of(c)}") for c in COMPONENTS}
+                   f"{params[c] / 1e6:,.1f} M params x {recipe.precision_of(c)}") for c in graph_components()}
 
     def llm_bytes(quant: str) -> tuple[int, str]:
-        bpw = GGUF_BITS_PER_WEIGHT[quant]
+        bpw = BITS_PER_WEIGHT[quant]
         return int(params["llm"] * bpw / 8), f"{params['llm'] / 1e9:.2f} B params x {quant} ({bpw} bits/weight)"
 
-    return _plan(recipe, weights, llm_bytes, llm or _full_llm(), activations or FULL_ACTIVATIONS, "params",
+    return _plan(recipe, weights, llm_bytes, llm or _full_llm(), activations or full_activations(), "params",
                  policy, llm_quant, model=model)
 
 
 def plan_from_config(recipe: Recipe, cfg: "MoVAConfig", **kw: Any) -> MemoryPlan:
     """Plan from `describe_config(cfg)` parameter counts (no weights needed) and the config's LLM shape."""
-    from .checkpoint import describe_config
+    from ..checkpoint import describe_config
 
     described = describe_config(cfg)["components"]
     params = {name: info["params"] for name, info in described.items()}
-    activations = _activations_from_config(cfg) if cfg.scale != "full" else FULL_ACTIVATIONS
+    activations = _activations_from_config(cfg) if cfg.scale != "full" else full_activations()
     kw.setdefault("model", "the full-size MoVA-8B" if cfg.scale == "full" else f"the {cfg.scale} MoVA")
     return plan_from_params(recipe, params, llm=LLMShape.from_fields(cfg.llm), activations=activations, **kw)
 
 
 def _activations_from_config(cfg: "MoVAConfig") -> dict[str, tuple[int, int]]:
     """(tokens, width) per graph from the registered specs' output shapes (the tiny-scale estimate)."""
-    from .components import get_spec
+    from ..components import get_spec
 
     out: dict[str, tuple[int, int]] = {}
-    for name in COMPONENTS:
+    for name in graph_components():
         shapes = [t.shape for t in get_spec(name).outputs(cfg)]
         out[name] = max(((math.prod(s[:-1]) or 1, s[-1]) for s in shapes if s), key=lambda tw: tw[0] * tw[1])
     return out
 
 
-def plan_from_manifest(recipe: Recipe, manifest: Mapping[str, Any], *, policy: str | None = None,
+def plan_from_manifest(recipe: Recipe, manifest: "Manifest", *, policy: str | None = None,
                        llm_quant: str | None = None) -> MemoryPlan:
-    """Plan from a bundle's manifest: each component's engine (when compiled) or graph variant at the recipe's
-    precision, by real file size; a variant not built yet is scaled from the fp32 graph. The GGUF's real size when
-    the bundle holds one for the quant, else the LLM's parameter count from the config x bits per weight."""
-    files = manifest.get("files", {})
-    graphs = manifest.get("graphs", {})
-    engines = manifest.get("engines", {})
+    """Plan from a bundle's manifest: each component's graphs (engines when compiled, else the shipped variant), by
+    real file size; a variant not built yet is scaled from the fp32 graph. The GGUF's real size when the bundle holds
+    one of the quant, else the LLM's parameter count from the config x bits per weight."""
+    files = manifest.files
 
     def size(rels: Sequence[str]) -> int:
         return sum(int(files[r]["bytes"]) for r in rels if r in files)
 
     weights: dict[str, tuple[int, str]] = {}
-    for comp in COMPONENTS:
-        want = recipe.precision_of(comp)
-        if comp in engines and engines[comp].get("engine") in files:
-            weights[comp] = (size([engines[comp]["engine"]]), f"engine {engines[comp]['engine']}")
-            continue
-        variants = graphs.get(comp, {}).get("variants", {})
-        if want in variants:
-            v = variants[want]
-            weights[comp] = (size(v.get("files", [v["graph"]])), f"graph {v['graph']}")
-        elif "fp32" in variants:
-            v = variants["fp32"]
-            scaled = size(v.get("files", [v["graph"]])) * BYTES_PER_PRECISION[want] // 4
-            weights[comp] = (scaled, f"{v['graph']} scaled to {want} (not built yet)")
-        else:
+    for comp in graph_components():
+        graphs = [g for g in manifest.graphs.values() if g.component == comp]
+        if not graphs:
             raise BundleError(f"bundle manifest has no {comp} graph; the memory plan needs every component: "
-                              "re-export the bundle with all components")
-    config = manifest.get("config") or {}
+                              "rebuild the bundle with all components")
+        total, where = 0, []
+        for g in graphs:
+            engine = manifest.engines.get(g.name, {}).get("engine")
+            want = manifest.runtime.precision.get(g.name, recipe.precision_of(comp))
+            if engine in files:
+                total += size([engine])
+                where.append(f"engine {engine}")
+            elif want in g.variants:
+                total += size(g.variants[want].files)
+                where.append(f"graph {g.variants[want].graph}")
+            elif "fp32" in g.variants:
+                total += size(g.variants["fp32"].files) * BYTES_PER_PRECISION[want] // 4
+                where.append(f"{g.variants['fp32'].graph} scaled to {want} (not built yet)")
+        weights[comp] = (total, ", ".join(where))
+    config = manifest.config
     if "hidden_size" not in config:
-        raise BundleError("bundle manifest has no LLM config (config.hidden_size); re-export the bundle")
+        raise BundleError("bundle manifest has no LLM config (config.hidden_size); rebuild the bundle")
     shape = LLMShape.from_fields(config)
     ggufs = {rel: meta for rel, meta in files.items() if rel.endswith(".gguf")}
 
     def llm_bytes(quant: str) -> tuple[int, str]:
         for rel, meta in ggufs.items():
-            if quant in rel.lower():
+            if rel.lower().endswith(f".{quant}.gguf"):
                 return int(meta["bytes"]), f"gguf {rel}"
-        bpw = GGUF_BITS_PER_WEIGHT[quant]
+        bpw = BITS_PER_WEIGHT[quant]
         return int(shape.params * bpw / 8), f"{shape.params / 1e6:,.1f} M params x {quant} (no gguf yet)"
 
     acts: dict[str, tuple[int, int]] = {}
-    for comp in COMPONENTS:
-        outs = [t["shape"] for t in graphs.get(comp, {}).get("outputs", []) if t.get("shape")]
-        if outs:
-            acts[comp] = max(((math.prod(s[:-1]) or 1, s[-1]) for s in outs), key=lambda tw: tw[0] * tw[1])
-    scale = (config.get("mova_export") or {}).get("scale", "")
-    model = "the full-size MoVA-8B" if scale == "full" else f"this {scale} MoVA".replace("  ", " ")
+    for g in manifest.graphs.values():
+        outs = [tuple(t.shape) for t in g.outputs if t.shape]
+        widest = max(((math.prod(s[:-1]) or 1, s[-1]) for s in outs), key=lambda tw: tw[0] * tw[1])
+        if g.component not in acts or widest[0] * widest[1] > acts[g.component][0] * acts[g.component][1]:
+            acts[g.component] = widest
+    model = "the full-size MoVA-8B" if manifest.scale == "full" else f"this {manifest.scale} MoVA"
     return _plan(recipe, weights, llm_bytes, shape, acts, "bundle", policy, llm_quant, model=model)
 
 
 def plan_bundle(recipe: Recipe, bundle_path: Any, **kw: Any) -> MemoryPlan:
     """Plan for a bundle folder (its manifest's file sizes; files not re-hashed)."""
-    from .bundle import load_bundle
+    from ..bundle import load_bundle
 
     return plan_from_manifest(recipe, load_bundle(bundle_path, verify=False).manifest, **kw)
 
@@ -240,14 +236,15 @@ def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any
     quant = llm_quant or recipe.llm.quant
     if policy not in ("resident", "lazy"):
         raise RecipeError(f"unknown expert policy {policy!r}; use resident or lazy")
-    if quant not in GGUF_BITS_PER_WEIGHT:
-        raise RecipeError(f"unknown LLM quant {quant!r}; use one of {', '.join(LLM_QUANTS)}")
-    loaded = list(EXPERTS)
+    if quant not in BITS_PER_WEIGHT:
+        raise RecipeError(f"unknown LLM quant {quant!r}; use one of {', '.join(llm_quants())}")
+    experts = expert_components()
+    loaded = list(experts)
     if policy == "lazy":
         k = min(recipe.experts.max_loaded, MAX_ROUTED)
-        loaded = sorted(EXPERTS, key=lambda e: weights[e][0], reverse=True)[:k]
+        loaded = sorted(experts, key=lambda e: weights[e][0], reverse=True)[:k]
     items = [MemoryItem(c, "weights", weights[c][0], weights[c][1])
-             for c in COMPONENTS if c not in EXPERTS or c in loaded]
+             for c in graph_components() if c not in experts or c in loaded]
     lb, ldetail = llm_bytes(quant)
     ctx = recipe.llm.context
     gpu_share = 1.0
@@ -261,7 +258,7 @@ def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any
                             f"ctx x {KV_BYTES} B"))
     items.append(MemoryItem("llm compute", "compute", shape.compute_bytes(ctx),
                             f"KQ {shape.heads} heads x {min(LLAMA_UBATCH, ctx)} x {ctx} + logits, fp32"))
-    running = [c for c in COMPONENTS if (c not in EXPERTS or c in loaded) and c in activations]
+    running = [c for c in graph_components() if (c not in experts or c in loaded) and c in activations]
     if running:
         big = max(running, key=lambda c: activations[c][0] * activations[c][1])
         t, w = activations[big]
@@ -272,7 +269,7 @@ def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any
     peak = sum(i.bytes for i in items)
     budget = recipe.memory.budget_mib * MIB
     verdict = "fits" if peak <= WARN_FRACTION * budget else "warn" if peak <= budget else "refuse"
-    skipped = tuple(e for e in EXPERTS if e not in loaded)
+    skipped = tuple(e for e in experts if e not in loaded)
     what = (f"{recipe.name}: peak {_gib(peak)} of a {_gib(budget)} budget ({policy} experts, LLM {quant}, "
             f"context {ctx})")
     message = {"fits": f"{what}: fits",
@@ -287,7 +284,7 @@ def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any
 def _fix(recipe: Recipe, weights: Any, llm_bytes: Any, shape: LLMShape, activations: Any, source: str,
          policy: str, quant: str, verdict: str) -> str:
     """Re-plan with lazy experts and each smaller LLM quant; name the options and whether they fit."""
-    smaller = list(LLM_QUANTS[LLM_QUANTS.index(quant) + 1:])
+    smaller = [q for q in llm_quants() if BITS_PER_WEIGHT[q] < BITS_PER_WEIGHT[quant]]
     options: list[tuple[str, MemoryPlan]] = []
     lazy_recipe = recipe if recipe.experts.max_loaded <= MAX_ROUTED else replace(
         recipe, experts=ExpertPolicy("lazy", MAX_ROUTED))
@@ -343,5 +340,5 @@ def render_plan(plan: MemoryPlan) -> "Table":
     return table
 
 
-__all__ = ["FULL_ACTIVATIONS", "FULL_PARAMS", "GGUF_BITS_PER_WEIGHT", "LLMShape", "MemoryItem", "MemoryPlan",
-           "plan_bundle", "plan_from_config", "plan_from_manifest", "plan_from_params", "render_plan"]
+__all__ = ["LLMShape", "MemoryItem", "MemoryPlan", "full_activations", "full_params", "plan_bundle",
+           "plan_from_config", "plan_from_manifest", "plan_from_params", "render_plan"]

@@ -26,22 +26,24 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from .errors import LLMError, MoVAExportError
+from ..errors import LLMError, MoVAExportError
+from ..progress import NULL, Console
 
-# qtype -> (how it is produced, llama.cpp ftype name, GGUF type of 2-D weights when written directly)
+# The GGUF types, largest first: how each is produced (written directly as a GGUF tensor type, or quantized by
+# llama.cpp from a lossless file), its llama.cpp ftype name, and the bits per weight it reaches on Llama-3-8B (file
+# size / parameters; Q4_K_M measured 4.58 GiB), which the memory planner and the disk check use.
 QTYPES: dict[str, dict[str, Any]] = {
-    "f32": {"direct": "F32", "ftype": "LLAMA_FTYPE_ALL_F32"},
-    "f16": {"direct": "F16", "ftype": "LLAMA_FTYPE_MOSTLY_F16"},
-    "bf16": {"direct": "BF16", "ftype": "LLAMA_FTYPE_MOSTLY_BF16"},
-    "q8_0": {"ftype": "LLAMA_FTYPE_MOSTLY_Q8_0"},
-    "q6_k": {"ftype": "LLAMA_FTYPE_MOSTLY_Q6_K"},
-    "q5_k_m": {"ftype": "LLAMA_FTYPE_MOSTLY_Q5_K_M"},
-    "q4_k_m": {"ftype": "LLAMA_FTYPE_MOSTLY_Q4_K_M"},
+    "f32": {"direct": "F32", "ftype": "LLAMA_FTYPE_ALL_F32", "bits": 32.0},
+    "f16": {"direct": "F16", "ftype": "LLAMA_FTYPE_MOSTLY_F16", "bits": 16.0},
+    "bf16": {"direct": "BF16", "ftype": "LLAMA_FTYPE_MOSTLY_BF16", "bits": 16.0},
+    "q8_0": {"ftype": "LLAMA_FTYPE_MOSTLY_Q8_0", "bits": 8.5},
+    "q6_k": {"ftype": "LLAMA_FTYPE_MOSTLY_Q6_K", "bits": 6.56},
+    "q5_k_m": {"ftype": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "bits": 5.69},
+    "q4_k_m": {"ftype": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "bits": 4.89},
 }
+BITS_PER_WEIGHT = {q: t["bits"] for q, t in QTYPES.items()}
 # llama_ftype values (llama.h); used for general.file_type of directly written files, no llama_cpp import needed.
 _FILE_TYPE = {"F32": 0, "F16": 1, "BF16": 32}
-# Bits per weight llama.cpp reaches on a Llama-3-8B, for the disk-space check (upper bounds).
-_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9}
 LLAMA3_PRE = "llama-bpe"
 Progress = Callable[[int, int, str], None]  # (done, total, what): bytes written so far / all bytes
 
@@ -59,8 +61,8 @@ class LLMSource:
 # ---- sources ---------------------------------------------------------------------------------------------------------
 def source_from_checkpoint(checkpoint_dir: str | Path) -> LLMSource:
     """The `llm` component of a MoVA checkpoint, read shard by shard, memory-mapped (keys in spec.unused_keys skipped)."""
-    from .checkpoint import Checkpoint
-    from .components import get_spec
+    from ..checkpoint import Checkpoint
+    from ..components import get_spec
 
     ckpt = Checkpoint.open(checkpoint_dir)
     spec = get_spec("llm")
@@ -173,7 +175,7 @@ def _vocab(tokenizer_dir: Path, hp: _Hparams, rows_out: int | None) -> dict[str,
 
     import gguf
 
-    from .tokenizers import EOS_TOKEN, LLAMA3_SPLIT_REGEX, load_llm_tokenizer
+    from ..llama3 import EOS_TOKEN, LLAMA3_SPLIT_REGEX, load_llm_tokenizer
 
     try:
         tok = load_llm_tokenizer(tokenizer_dir)
@@ -346,7 +348,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | N
     if qtype not in QTYPES or "direct" in QTYPES[qtype]:
         raise LLMError(f"cannot quantize to {qtype!r}; quantized types: "
                        f"{[q for q in QTYPES if 'direct' not in QTYPES[q]]}")
-    from .llm import import_llama_cpp, llama_cpp_log
+    from ..runtime.llm import import_llama_cpp, llama_cpp_log
 
     llama_cpp = import_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
@@ -362,7 +364,14 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | N
 
 def estimate_bytes(source: LLMSource, qtype: str) -> int:
     params = sum(int(np.prod(shape)) for shape, _ in source.infos.values())
-    return int(params * _BITS[qtype] / 8)
+    return int(params * BITS_PER_WEIGHT[qtype] / 8)
+
+
+def estimate_gguf_bytes(checkpoint: Any, qtype: str) -> int:
+    """Disk a conversion of the checkpoint's LLM needs: the lossless file, plus the quantized one."""
+    source = source_from_checkpoint(checkpoint.path)
+    kind = _direct_type(qtype, {dt for _, dt in source.infos.values() if dt.is_floating_point}).lower()
+    return estimate_bytes(source, kind) + (0 if "direct" in QTYPES[qtype] else estimate_bytes(source, qtype))
 
 
 def gguf_from_source(source: LLMSource, out_path: str | Path, qtype: str = "f16", *, progress: Progress | None = None,
@@ -380,7 +389,7 @@ def gguf_from_source(source: LLMSource, out_path: str | Path, qtype: str = "f16"
         raise LLMError(f"{out} is a folder; pass the GGUF file to write, e.g. {out / 'llm-' }{qtype}.gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     if "direct" not in QTYPES[qtype]:
-        from .llm import import_llama_cpp
+        from ..runtime.llm import import_llama_cpp
 
         import_llama_cpp()  # fail before writing gigabytes
     kind = _direct_type(qtype, {dt for _, dt in source.infos.values() if dt.is_floating_point})
@@ -409,11 +418,21 @@ def gguf_from_source(source: LLMSource, out_path: str | Path, qtype: str = "f16"
 
 
 def convert_checkpoint_to_gguf(checkpoint_dir: str | Path, out_path: str | Path, qtype: str = "f16", *,
-                               progress: Progress | None = None, threads: int | None = None,
+                               console: Console = NULL, threads: int | None = None,
                                keep_unquantized: str | Path | None = None, verbose: bool = False) -> Path:
-    """`mova-export gguf CHECKPOINT --out FILE --type TYPE`: the checkpoint's LLM as one GGUF file."""
-    return gguf_from_source(source_from_checkpoint(checkpoint_dir), out_path, qtype, progress=progress,
-                            threads=threads, keep_unquantized=keep_unquantized, verbose=verbose)
+    """`mova-export gguf CHECKPOINT --out FILE --type TYPE`: the checkpoint's LLM as one GGUF file, with a
+    progress bar over the tensors written (in percent of the bytes) and the llama.cpp quantization."""
+    source = source_from_checkpoint(checkpoint_dir)
+    with console.task(f"gguf {qtype}", total=101) as steps:
+        def progress(done: int, total: int, what: str) -> None:
+            target = 100 if not total else int(100 * done / total)
+            while steps.done < target:
+                steps.advance(what)
+            if not total:  # the quantization step after the lossless file
+                steps.advance(what)
+
+        return gguf_from_source(source, out_path, qtype, progress=progress, threads=threads,
+                                keep_unquantized=keep_unquantized, verbose=verbose)
 
 
 gguf_from_checkpoint = convert_checkpoint_to_gguf  # the style guide's <Output>From<Input> name

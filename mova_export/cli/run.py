@@ -1,4 +1,6 @@
-"""`mova-export run` and `mova-export bench latency|parity`: thin click commands over runtime.py and bench.py."""
+"""`mova-export run` and `mova-export bench latency|parity`: thin click commands over the runtime and bench/.
+
+Importing this module imports neither torch nor the build side: `run` works in a device-only install."""
 from __future__ import annotations
 
 import json
@@ -8,10 +10,12 @@ from typing import Any
 
 import click
 
-from .cli_common import _one_line_errors, _parse_letters, _resolve_image
+from .common import one_line_errors, parse_letters, resolve_image
 
-BACKEND_CHOICE = click.Choice(["auto", "onnxruntime", "tensorrt", "torch"])
+BACKEND_CHOICE = click.Choice(["auto", "onnxruntime", "tensorrt"])
 DEVICE_CHOICE = click.Choice(["cpu", "cuda"])
+DEVICE_HELP = "cpu, or cuda: ONNX Runtime's CUDA provider / TensorRT engines and llama.cpp GPU layers."
+BACKEND_HELP = "Vision graphs: onnxruntime, tensorrt (the bundle's engines) or auto (engines when usable here)."
 
 
 def _precision(text: str | None) -> Any:
@@ -48,7 +52,7 @@ def _log(enabled: bool):
 @click.option("--llm-threads", type=int, default=None, help="llama.cpp threads (default: the bundle's).")
 @click.option("--f32-kv", is_flag=True, help="F32 KV cache in llama.cpp (exact parity with an f32 GGUF).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files at load.")
-@_one_line_errors
+@one_line_errors
 def run(bundle: Path, image: str, question: str, stream: bool, as_json: bool, max_new_tokens: int, backend: str,
         device: str, precision: str | None, experts: str | None, llm_threads: int | None, f32_kv: bool,
         no_verify: bool) -> None:
@@ -100,7 +104,7 @@ def bench() -> None:
 @click.option("--llm-threads", type=int, default=None)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
               help="Folder for latency.json, latency.md and latency.png.")
-@_one_line_errors
+@one_line_errors
 def latency(bundle: Path, runs: int, warmup: int, images: tuple[str, ...], question: str | None,
             max_new_tokens: int, backend: str, device: str, precision: str | None, experts: str | None,
             no_reference: bool, llm_threads: int | None, out_dir: Path) -> None:
@@ -130,7 +134,7 @@ def latency(bundle: Path, runs: int, warmup: int, images: tuple[str, ...], quest
 @click.option("--llm-threads", type=int, default=None)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
               help="Folder for parity.json, parity.md and parity.png.")
-@_one_line_errors
+@one_line_errors
 def parity(bundle: Path, images: tuple[str, ...], question: str | None, configs: tuple[str, ...],
            max_new_tokens: int, device: str, experts: str | None, llm_threads: int | None, out_dir: Path) -> None:
     """Routing agreement, per-graph cosine, answer exact match vs the PyTorch reference, per backend and precision."""

@@ -1,29 +1,22 @@
-"""Backends behind one interface: `infer(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]`.
+"""The device runtime's backends behind one interface: `infer(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]`.
 
-TorchRunner wraps a component module, OrtRunner an ONNX graph (CPU, or the CUDA execution provider when asked for and
-present; it says when it fell back), TensorRTRunner a serialized engine (tensorrt is imported only when one is made).
-Comparing backends is one loop over runners with the same feed.
+OrtRunner wraps an ONNX graph (CPU, or the CUDA execution provider when asked for and present; it says when it fell
+back), TensorRTRunner a serialized engine (a TensorRT flavor is imported only when one is made). The PyTorch
+component runner lives with the reference (mova_export.reference); comparing backends is one loop over runners with
+the same feed.
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .errors import ExportError, RuntimeInputError
+from ..errors import ExportError, RuntimeInputError
 
 
-class Runner(Protocol):
-    name: str
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-def _check_feed(runner: str, expected: Sequence[str], feed: dict[str, np.ndarray]) -> None:
+def check_feed(runner: str, expected: Sequence[str], feed: dict[str, np.ndarray]) -> None:
     missing = [n for n in expected if n not in feed]
     extra = [n for n in feed if n not in expected]
     if missing or extra:
@@ -31,27 +24,11 @@ def _check_feed(runner: str, expected: Sequence[str], feed: dict[str, np.ndarray
                                 f"expected {list(expected)}")
 
 
-class TorchRunner:
-    """A component module (fp32 reference). Inputs are passed positionally in `input_names` order."""
+def tensorrt_available() -> bool:
+    """True when a TensorRT flavor (tensorrt, or TensorRT for RTX) imports."""
+    import importlib.util
 
-    def __init__(self, module: Any, input_names: Sequence[str], output_names: Sequence[str], name: str = "torch"):
-        self.module = module
-        self.input_names = tuple(input_names)
-        self.output_names = tuple(output_names)
-        self.name = name
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        _check_feed(self.name, self.input_names, feed)
-        with torch.inference_mode():
-            out = self.module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.input_names))
-        if isinstance(out, torch.Tensor):
-            out = (out,)
-        if len(out) != len(self.output_names):
-            raise ExportError(f"{self.name}: module returned {len(out)} tensors, spec declares {self.output_names}")
-        return {n: t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
-                for n, t in zip(self.output_names, out)}
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorrt", "tensorrt_rtx_bindings"))
 
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -95,7 +72,7 @@ class OrtRunner:
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        _check_feed(self.name, self.input_names, feed)
+        check_feed(self.name, self.input_names, feed)
         outs = self.session.run(list(self.output_names), {n: np.ascontiguousarray(feed[n]) for n in self.input_names})
         return dict(zip(self.output_names, outs))
 
@@ -135,7 +112,7 @@ class TensorRTRunner:
         import torch
 
         trt = self._trt
-        _check_feed(self.name, self.input_names, feed)
+        check_feed(self.name, self.input_names, feed)
         keep = []
         for n in self.input_names:
             dtype = trt.nptype(self.engine.get_tensor_dtype(n))

@@ -1,0 +1,79 @@
+"""Hashes, file tables, the source checkpoint's fingerprint and the tool versions a bundle records (pure Python)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+
+# What `tool_versions` records: the build side's libraries where installed (the device side records its own).
+TOOL_DISTRIBUTIONS = ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxslim", "transformers", "numpy",
+                      "tokenizers", "gguf", "llama-cpp-python", "tensorrt", "tensorrt_rtx_cu12_bindings",
+                      "nvidia-modelopt")
+
+
+def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(root: Path, skip: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """{bundle-relative path: {sha256, bytes}} of every file under root except the names in `skip`."""
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def checkpoint_fingerprint(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Identify the source checkpoint cheaply: sha256 of config.json and the shard index, shard names and sizes
+    (not the shard bytes: 23 GB would take minutes to hash), and one digest over all of it."""
+    checkpoint_dir = Path(checkpoint_dir)
+    info: dict[str, Any] = {"path": str(checkpoint_dir.resolve()),
+                            "config_sha256": sha256_file(checkpoint_dir / "config.json")}
+    indexes = sorted(checkpoint_dir.glob("*.index.json"))
+    shards: set[str] = set()
+    if indexes:
+        info["index"] = {p.name: sha256_file(p) for p in indexes}
+        for p in indexes:
+            try:
+                shards.update(json.loads(p.read_text()).get("weight_map", {}).values())
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{p} is not valid JSON; re-download the checkpoint index") from None
+    else:
+        shards = {p.name for p in checkpoint_dir.iterdir() if p.suffix in (".bin", ".safetensors")}
+    info["shards"] = [{"name": s, "bytes": (checkpoint_dir / s).stat().st_size if (checkpoint_dir / s).exists()
+                       else None} for s in sorted(shards)]
+    info["digest"] = hashlib.sha256(json.dumps({k: v for k, v in info.items() if k != "path"},
+                                               sort_keys=True).encode()).hexdigest()
+    return info
+
+
+def tool_versions() -> dict[str, str]:
+    from .. import __version__
+
+    out = {"python": platform.python_version(), "mova_export": __version__}
+    for dist in TOOL_DISTRIBUTIONS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put src at dst: a hard link when both are on one filesystem (no copy of gigabytes), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,61 @@
+"""Helpers every click command shares."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import click
+
+from ..errors import MoVAExportError
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A MoVAExportError ends the command with `error: <message>` on stderr and exit code 2 (no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MoVAExportError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the cleanup already ran in the library
+            click.echo(f"error: interrupted ({exc or 'Ctrl-C'}); finished build units stay in the work folder, "
+                       "re-run the same command to resume", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def parse_components(text: str | None) -> list[str] | None:
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def parse_letters(text: str, letters: Sequence[str]) -> list[str]:
+    """'A, d' -> ['A', 'D'], checked against the model's expert letters."""
+    chosen = [p.strip().upper() for p in text.split(",") if p.strip()]
+    bad = [p for p in chosen if p not in letters]
+    if bad:
+        raise click.BadParameter(f"unknown expert letter(s) {bad}; use {', '.join(letters)}", param_hint="--experts")
+    return chosen
+
+
+def resolve_image(image: str) -> Any:
+    """A path, or the name of a scikit-image sample photo (lets the demo run with no files)."""
+    if Path(image).exists():
+        return Path(image)
+    from ..samples import SAMPLE_QUESTIONS
+
+    if image in SAMPLE_QUESTIONS:
+        from ..samples import sample_images
+
+        return sample_images([image])[image]
+    from ..errors import RuntimeInputError
+
+    raise RuntimeInputError(f"image {image!r} not found; pass an image file or one of {sorted(SAMPLE_QUESTIONS)}")

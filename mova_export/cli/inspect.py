@@ -1,0 +1,116 @@
+"""`mova-export inspect`: one description for checkpoints and bundles, rendered as rich tables."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import MoVAExportError
+
+
+def describe_path(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return describe_bundle(path, verify)
+    if (path / "config.json").is_file():
+        from ..checkpoint import describe
+
+        return {"kind": "checkpoint", **describe(path)}
+    if not path.exists():
+        raise MoVAExportError(f"{path} does not exist; pass a checkpoint folder (config.json + shards) or a bundle "
+                              "folder (manifest.json)")
+    raise MoVAExportError(f"{path} holds neither config.json (checkpoint) nor manifest.json (bundle); pass one of those")
+
+
+def describe_bundle(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """What `mova-export inspect BUNDLE` shows: one row per graph variant (quantized ones included), the LLMs, the
+    engines with their flavor and whether their parity was checked on a GPU."""
+    from ..bundle import load_bundle
+
+    bundle = load_bundle(path, verify=verify)
+    m = bundle.manifest
+    graphs = []
+    for name, g in m.graphs.items():
+        for precision, v in g.variants.items():
+            graphs.append({
+                "graph": name, "component": g.component, "role": g.role, "precision": precision,
+                "shipped": m.runtime.precision.get(name) == precision, "file": v.graph, "files": len(v.files),
+                "bytes": v.bytes, "nodes": v.nodes, "inputs": [t.describe() for t in g.inputs],
+                "outputs": [t.describe() for t in g.outputs], "axes": g.axes, "form": g.form,
+                "reference": (v.parity or {}).get("reference", "PyTorch module"),
+                "parity_samples": (v.parity or {}).get("num_samples"), "min_cosine": v.min_cosine(),
+                "max_rel_l2": v.max_rel_l2(), "decision": (v.decision or {}).get("final"),
+            })
+    engines = [{"graph": name, **{k: e.get(k) for k in ("engine", "precision", "flavor", "tensorrt_version",
+                                                          "compute_capability", "verified", "parity")}}
+               for name, e in m.engines.items()]
+    return {"kind": "bundle", "path": str(bundle.path), "verified": verify, "scale": m.scale,
+            "created_utc": m.created_utc, "target": m.target, "graphs": graphs, "engines": engines,
+            "llms": {q: e.to_json() for q, e in (m.llms or ({m.llm.qtype: m.llm} if m.llm else {})).items()},
+            "default_llm": m.llm.qtype if m.llm else None, "experts": list(m.model.letters),
+            "text_buckets": list(m.model.text_buckets), "tools": m.tools, "source_checkpoint": m.source_checkpoint,
+            "total_bytes": sum(f["bytes"] for f in m.files.values()), "num_files": len(m.files)}
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def render_description(info: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    if info.get("kind") == "bundle":
+        target = (info.get("target") or {}).get("recipe", "no target (export only)")
+        console.print(f"[bold]bundle[/bold] {info['path']}  {target}, {info['scale']} scale  {info['num_files']} "
+                      f"files, {_human_bytes(info['total_bytes'])}  (files verified: {info['verified']})")
+        table = Table("graph", "precision", "inputs", "outputs", "size", "min cosine", "vs", title_justify="left")
+        for g in info["graphs"]:
+            precision = g["precision"] + (" (shipped)" if g["shipped"] else "")
+            table.add_row(g["graph"], precision, "\n".join(g["inputs"]), "\n".join(g["outputs"]),
+                          _human_bytes(g["bytes"]), _num(g["min_cosine"], ".6f"), g["reference"])
+        console.print(table)
+        if info["llms"]:
+            console.print("LLM: " + ", ".join(f"{q} {e['gguf']}" + (" (default)" if q == info["default_llm"] else "")
+                                              for q, e in info["llms"].items()))
+        if info["engines"]:
+            engines = Table("graph", "engine", "precision", "flavor", "TensorRT", "cc", "verified on a GPU")
+            for e in info["engines"]:
+                engines.add_row(e["graph"], str(e["engine"]), str(e["precision"]), str(e["flavor"]),
+                                str(e["tensorrt_version"]), str(e["compute_capability"]),
+                                "yes" if e["verified"] else "no (unverified)")
+            console.print(engines)
+        console.print(f"experts {', '.join(info['experts'])}; text length buckets {info['text_buckets']}")
+        return
+
+    cfg = info["config"]
+    console.print(f"[bold]checkpoint[/bold] {info['path']}  scale {cfg['scale']}  format {info['format']}  "
+                  f"{len(info['shards'])} shard(s), {_human_bytes(info['disk_bytes'])} on disk")
+    table = Table("component", "params", "tensors", "size", "dtypes")
+    for name, c in info["components"].items():
+        table.add_row(name, _human_count(c["params"]), str(c["tensors"]), _human_bytes(c["bytes"]),
+                      ", ".join(f"{k}x{v}" for k, v in sorted(c["dtypes"].items())))
+    totals = info["totals"]
+    table.add_row("[bold]total[/bold]", _human_count(totals["params"]), str(totals["tensors"]),
+                  _human_bytes(totals["bytes"]), "")
+    console.print(table)
+    if info.get("missing_components"):
+        console.print(f"[red]missing components:[/red] {', '.join(info['missing_components'])}")
+    if info.get("unowned_keys"):
+        console.print(f"[yellow]{len(info['unowned_keys'])} keys belong to no component[/yellow], "
+                      f"e.g. {info['unowned_keys'][:3]}")
+    if cfg.get("defaulted"):
+        console.print(f"inferred defaults in use (not in config.json): {', '.join(cfg['defaulted'])}")

@@ -1,0 +1,135 @@
+"""The build's work folder: every finished unit of work (a stage of one component) under its cache key.
+
+    <work>/<stage>/<name>/<key>/          a finished unit: its files and unit.json (what it produced)
+    <work>/<stage>/<name>/<key>.partial-<pid>/   a unit being produced (renamed into place when it finishes)
+
+A unit's key hashes exactly what its output depends on (checkpoint fingerprint, calibration set, the recipe fields of
+that component, the keys of the units it reads), so a change to one component's precision redoes that component's
+quantization only, switching --target reuses every export, and two bundles built from one checkpoint into different
+folders share the work. An interrupted build (Ctrl-C, SIGTERM, a crash, a full disk) leaves finished units in place:
+re-running the same command resumes from them. The default folder is ~/.cache/mova-export/work (XDG_CACHE_HOME is
+respected); `mova-export clean` removes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from ..bundle.staging import PARTIAL_MARK
+from ..errors import BuildError
+
+UNIT_FILE = "unit.json"
+GIB = 1 << 30
+
+
+def default_work_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mova-export" / "work"
+
+
+def digest(*parts: Any) -> str:
+    """16 hex digits of sha256 over the parts as canonical JSON: the cache key of a unit."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Unit:
+    stage: str
+    name: str
+    key: str
+    path: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.path / UNIT_FILE).is_file()
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / UNIT_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BuildError(f"work unit {self.path} is unreadable ({exc}); remove it or run `mova-export clean`") \
+                from None
+
+    @contextmanager
+    def produce(self) -> Iterator[Path]:
+        """A temp folder to write the unit into; renamed to the unit's path when the block ends (the caller has then
+        written unit.json), removed when it raises."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.key}{PARTIAL_MARK}{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+            if not (tmp / UNIT_FILE).is_file():
+                raise BuildError(f"work unit {self.stage}/{self.name} finished without {UNIT_FILE}; this is a bug")
+            shutil.rmtree(self.path, ignore_errors=True)   # --no-reuse: replace the old result
+            os.replace(tmp, self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def write_unit(folder: Path, result: Mapping[str, Any]) -> None:
+    (folder / UNIT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+
+
+class WorkFolder:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_work_dir()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BuildError(f"work folder {self.root} cannot be created ({exc.strerror or exc}); pass --work-dir "
+                             "with a writable folder") from None
+
+    def unit(self, stage: str, name: str, key: str) -> Unit:
+        return Unit(stage, name, key, self.root / stage / name / key)
+
+    def partials(self) -> list[Path]:
+        """Unit folders left by a process that is gone (killed before it could clean up)."""
+        out = []
+        for p in self.root.glob(f"*/*/*{PARTIAL_MARK}*"):
+            pid = p.name.rsplit(PARTIAL_MARK, 1)[-1]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                out.append(p)
+        return out
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def require_free(self, needed_bytes: int, what: str) -> None:
+        """Refuse, with the number needed, before a unit that would not fit on the work folder's disk."""
+        free = shutil.disk_usage(self.root).free
+        if needed_bytes > free:
+            raise BuildError(f"{what} needs about {needed_bytes / GIB:.1f} GiB free in {self.root}, which has "
+                             f"{free / GIB:.1f} GiB; free some space or pass --work-dir on a larger disk")
+
+
+def clean(root: str | Path | None = None, partials_only: bool = False) -> tuple[int, int]:
+    """Remove the work folder (or only the leftovers of killed builds); returns (folders removed, bytes freed)."""
+    work = Path(root) if root is not None else default_work_dir()
+    if not work.is_dir():
+        return 0, 0
+    folder = WorkFolder(work)
+    targets = folder.partials() if partials_only else [work]
+    freed = 0
+    for target in targets:
+        freed += sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        shutil.rmtree(target, ignore_errors=True)
+    return len(targets), freed

@@ -1,0 +1,228 @@
+"""The vision side of a bundle: one runner per graph, behind the two-pass orchestration's VisionRunners interface.
+
+Per graph: a precision (the manifest's runtime defaults, overridable) and a backend:
+
+  onnxruntime  the graph of that precision (CPU, or the CUDA EP for device="cuda"; a fallback to CPU is recorded
+               in `fallbacks`)
+  tensorrt     the engine in the manifest's `engines` (compiled for the device); graphs without one run in ONNX
+               Runtime (recorded in `fallbacks`)
+  auto         tensorrt where the manifest says so, engines exist and a TensorRT flavor imports; else onnxruntime
+
+Expert policy: "resident" creates every expert's runner at load; "lazy" creates one the first time it is routed and
+keeps at most `max_resident_experts` (least recently used unloaded first). The base, text encoder and adapter graphs
+are always resident. Not thread-safe by itself: MoVARuntime serialises calls. No torch, no transformers.
+"""
+from __future__ import annotations
+
+import gc
+import warnings
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..bundle import Bundle, GraphEntry
+from ..errors import BundleError, RuntimeInputError
+from ..preprocess import preprocess_input
+from ..text import BertTextTokenizer, text_inputs
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+EXPERT_POLICIES = ("resident", "lazy")
+DEVICES = ("cpu", "cuda")
+
+
+def resolve_precisions(bundle: Bundle, override: str | Mapping[str, str] | None) -> dict[str, str]:
+    """Precision per graph: the manifest's runtime defaults (fp32 where it names none), then the override (one str
+    for every graph, or a dict by graph or component name)."""
+    graphs = bundle.manifest.graphs
+    defaults = bundle.manifest.runtime.precision
+    out = {name: defaults.get(name, "fp32") for name in graphs}
+    if isinstance(override, str):
+        return {name: override for name in graphs}
+    if override:
+        by_component = {g.component: name for name, g in graphs.items()}
+        unknown = sorted(k for k in override if k not in graphs and k not in by_component)
+        if unknown:
+            raise BundleError(f"precision override names unknown graph(s) {unknown}; the bundle has "
+                              f"{', '.join(graphs)}")
+        for key, precision in override.items():
+            out[key if key in graphs else by_component[key]] = precision
+    return out
+
+
+class BundleVision:
+    """Runners for the vision graphs of one bundle (see the module docstring for backends and expert policy)."""
+
+    def __init__(self, bundle: Bundle, precision: str | Mapping[str, str] | None = None, device: str = "cpu", *,
+                 backend: str = "onnxruntime", expert_policy: str = "resident", max_resident_experts: int | None = None,
+                 threads: int | None = None):
+        if backend not in BACKENDS:
+            raise RuntimeInputError(f"unknown vision backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        if expert_policy not in EXPERT_POLICIES:
+            raise RuntimeInputError(f"unknown expert policy {expert_policy!r}; use one of {', '.join(EXPERT_POLICIES)}")
+        if device not in DEVICES:
+            raise RuntimeInputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+        self.bundle, self.device, self.threads = bundle, device, threads
+        m = bundle.manifest
+        self.facts = m.model
+        self.precisions = resolve_precisions(bundle, precision)
+        self.expert_policy = expert_policy
+        self.base_graph = self._required(m.graph_of_component(self.facts.base.component), "base encoder")
+        self.text_graph = self._required(m.graph_of_role("text"), "text encoder")
+        self.answer_graph = self._required(m.graph_of_role("adapter_answer"), "adapter")
+        self.routing_graph = m.graph_of_role("adapter_routing")       # None: the answer graph with no expert
+        self.expert_graphs = {e.component: m.graph_of_component(e.component) for e in self.facts.experts}
+        self.experts = [c for c, g in self.expert_graphs.items() if g is not None]   # routing order
+        cap = len(self.experts) if expert_policy == "resident" else (
+            max_resident_experts if max_resident_experts is not None else max(1, self.facts.topk_experts))
+        if cap < 1:
+            raise RuntimeInputError(f"max_resident_experts={cap}; keep at least one expert loaded")
+        self.max_resident_experts = cap
+        self.backends = {name: self._resolve_backend(name, backend) for name in m.graphs}
+        for name in m.graphs:
+            if self.backends[name] == "onnxruntime":
+                path = bundle.graph_path(name, self.precisions[name])   # BundleError for a missing variant
+                if not path.is_file():
+                    raise BundleError(f"bundle {bundle.path}: graph {path.name} is missing; rebuild the bundle")
+        self.fallbacks: dict[str, str] = {}
+        self._runners: dict[str, Any] = {}
+        self._expert_lru: OrderedDict[str, None] = OrderedDict()
+        self._tokenizer = BertTextTokenizer(bundle.tokenizer_dir("text"))
+        self._zeros: dict[str, np.ndarray] = {}   # reused zero feeds of unrouted experts (dense adapter)
+
+    def _required(self, graph: GraphEntry | None, what: str) -> GraphEntry:
+        if graph is None:
+            raise BundleError(f"bundle {self.bundle.path} lacks the {what} graph the vision side needs; rebuild it "
+                              "with every component")
+        return graph
+
+    # ---- backends ---------------------------------------------------------------------------------------------------
+    def _resolve_backend(self, name: str, requested: str) -> str:
+        from .runners import tensorrt_available
+
+        engines = self.bundle.manifest.engines
+        if requested == "auto":
+            wants_trt = self.bundle.manifest.runtime.vision_backend == "tensorrt"
+            ok = wants_trt and self.device == "cuda" and name in engines and tensorrt_available()
+            return "tensorrt" if ok else "onnxruntime"
+        if requested == "tensorrt":
+            if not engines:
+                raise BundleError(f"bundle {self.bundle.path} has no TensorRT engines; compile them on the device "
+                                  f"(`mova-export compile {self.bundle.path}`) or use backend='onnxruntime'")
+            if not tensorrt_available():
+                raise BundleError("backend='tensorrt' needs a TensorRT Python package, which is not importable here; "
+                                  "install it on the device or use backend='onnxruntime'")
+            return "tensorrt" if name in engines else "onnxruntime"
+        return requested
+
+    def _make_runner(self, name: str) -> Any:
+        from .runners import OrtRunner, TensorRTRunner
+
+        precision = self.precisions[name]
+        label = f"{name}.{precision}"
+        engines = self.bundle.manifest.engines
+        if self.backends[name] == "tensorrt":
+            return TensorRTRunner(self.bundle.path / engines[name]["engine"], name=label)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runner = OrtRunner(self.bundle.graph_path(name, precision), device=self.device, name=label,
+                               threads=self.threads)
+        if runner.fell_back:
+            self.fallbacks[name] = "; ".join(str(w.message) for w in caught) or f"running on {runner.providers[0]}"
+        if name in engines:
+            self.fallbacks.setdefault(name, "has a TensorRT engine, run in ONNX Runtime (tensorrt not selected)")
+        return runner
+
+    def runner(self, name: str) -> Any:
+        if name not in self._runners:
+            self._runners[name] = self._make_runner(name)
+        component = self.bundle.manifest.graphs[name].component
+        if component in self.experts:
+            self._expert_lru[component] = None
+            self._expert_lru.move_to_end(component)
+            while len(self._expert_lru) > self.max_resident_experts:
+                self.unload(next(iter(self._expert_lru)))
+        return self._runners[name]
+
+    def load(self) -> None:
+        """Create the always-resident runners, and every expert's when the policy is resident."""
+        names = [self.base_graph.name, self.text_graph.name, self.answer_graph.name]
+        if self.routing_graph is not None:
+            names.append(self.routing_graph.name)
+        if self.expert_policy == "resident":
+            names += [self.expert_graphs[c].name for c in self.experts]
+        for name in names:
+            self.runner(name)
+
+    def unload(self, component: str) -> None:
+        """Drop one expert's runner (its session and weights); it is re-created on next use."""
+        graph = self.expert_graphs.get(component)
+        if graph is not None:
+            self._runners.pop(graph.name, None)
+        self._expert_lru.pop(component, None)
+        gc.collect()
+
+    def close(self) -> None:
+        self._runners.clear()
+        self._expert_lru.clear()
+        gc.collect()
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._runners)
+
+    @property
+    def providers(self) -> dict[str, tuple[str, ...]]:
+        return {name: getattr(r, "providers", (self.backends[name],)) for name, r in self._runners.items()}
+
+    # ---- VisionRunners ---------------------------------------------------------------------------------------------
+    def _run(self, graph: GraphEntry, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        feed = {t.name: np.ascontiguousarray(a, dtype=t.dtype) for t, a in zip(graph.inputs, arrays)}
+        out = self.runner(graph.name).infer(feed)
+        return [out[t.name] for t in graph.outputs]
+
+    def preprocess(self, rgb: np.ndarray, kind: str) -> list[np.ndarray]:
+        return preprocess_input(rgb, self.facts.image_inputs[kind], self.facts)
+
+    def base(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return self._run(self.base_graph, arrays)[0]
+
+    def text(self, question: str) -> np.ndarray:
+        ids, mask = text_inputs(self._tokenizer, question, self.facts.text_buckets)
+        return self._run(self.text_graph, [ids, mask])[0]
+
+    def expert(self, component: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        graph = self.expert_graphs.get(component)
+        if graph is None:
+            raise RuntimeInputError(f"this bundle has no {component} graph; route to the experts it holds "
+                                    f"({', '.join(self.experts)}) or rebuild it with every component")
+        return self._run(graph, arrays)[0]
+
+    def adapter_routing(self, base: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.routing_graph is not None:
+            image_tokens, routing_tokens = self._run(self.routing_graph, [base, text])
+            return image_tokens, routing_tokens
+        image_tokens, routing_tokens = self._dense(base, text, [0] * len(self.facts.experts), {})
+        return image_tokens, routing_tokens
+
+    def adapter_answer(self, base: np.ndarray, text: np.ndarray, mask: Sequence[int],
+                       experts: dict[int, np.ndarray]) -> np.ndarray:
+        return self._dense(base, text, mask, experts)[0]
+
+    def _dense(self, base: np.ndarray, text: np.ndarray, mask: Sequence[int], experts: dict[int, np.ndarray]
+               ) -> list[np.ndarray]:
+        """The dense adapter graph: (base, expert features A.., text, mask); unrouted experts get zeros."""
+        inputs = self.answer_graph.inputs
+        count = len(self.facts.experts)
+        arrays: list[np.ndarray] = [base]
+        for index, spec in enumerate(inputs[1:1 + count]):
+            arrays.append(experts[index] if mask[index] else self._zeros_for(spec))
+        arrays += [text, np.asarray([mask], dtype=inputs[-1].dtype)]
+        return self._run(self.answer_graph, arrays)
+
+    def _zeros_for(self, spec: Any) -> np.ndarray:
+        if spec.name not in self._zeros:
+            z = np.zeros(spec.shape, spec.dtype)
+            z.flags.writeable = False
+            self._zeros[spec.name] = z
+        return self._zeros[spec.name]
