@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {**_COMMON, "vocab_size": 30522, "hidden_size": 1024, "num_hidden_layers": 24,
              "num_attention_heads": 16, "intermediate_size": 4096},
     "tiny": {**_COMMON, "vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 128},
+             "intermediate_size": 64},
 }
 
 
