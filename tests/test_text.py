@@ -142,10 +142,17 @@ def test_loading_errors_name_the_problem(tmp_path, vocab_folder):
     bad_json = write_bert_vocab(tmp_path / "bad_json", vocab_size=1000)
     (bad_json / "tokenizer_config.json").write_text("{not json")
     cases.append((bad_json, CheckpointError, r"tokenizer_config.json is not valid JSON .*; fix it or delete it"))
+    list_json = write_bert_vocab(tmp_path / "list_json", vocab_size=1000)
+    (list_json / "tokenizer_config.json").write_text("[1, 2]")
+    cases.append((list_json, CheckpointError, r"tokenizer_config.json holds a list, not an object"))
     no_pad = tmp_path / "no_pad"
     no_pad.mkdir()
     (no_pad / "vocab.txt").write_text("\n".join(["[UNK]", "[CLS]", "[SEP]", "[MASK]", "cat"]) + "\n")
     cases.append((no_pad, CheckpointError, r"vocab.txt has no \[PAD\] entry"))
+    not_utf8 = tmp_path / "not_utf8"
+    not_utf8.mkdir()
+    (not_utf8 / "vocab.txt").write_bytes(b"\xff\xfe[PAD]\n\xc3\x28\n")
+    cases.append((not_utf8, CheckpointError, r"cannot read .*vocab.txt \(.*UTF-8\); replace it with bert-large"))
     for folder, error, message in cases:
         with pytest.raises(error, match=message) as info:
             BertTextTokenizer.from_folder(folder)
