@@ -148,14 +148,14 @@ def test_preprocess_gives_every_kind_and_tower_inputs(samples):
 def test_a_new_row_is_one_table_entry(samples):
     """A CLIP-style input at another size and mean needs no code: the row alone, checked against transformers'
     CLIP processor built with those parameters; side None follows image_feat_size."""
-    row = ImageInput("siglip384", "resize_crop", 384, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    out = preprocess(samples["rocket"], PAD, rows=[row])
-    assert list(out) == ["siglip384"] and out["siglip384"].shape == (1, 3, 384, 384)
+    from PIL import Image
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from mova_export.preprocess import expand2square
-    from PIL import Image
 
+    row = ImageInput("siglip384", "resize_crop", 384, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    out = preprocess(samples["rocket"], PAD, rows=[row])
+    assert list(out) == ["siglip384"] and out["siglip384"].shape == (1, 3, 384, 384)
     proc = CLIPImageProcessorPil(size={"shortest_edge": 384}, crop_size={"height": 384, "width": 384},
                                  image_mean=[0.5] * 3, image_std=[0.5] * 3, rescale_factor=1 / 255)
     padded = expand2square(Image.fromarray(samples["rocket"]), (127, 127, 127))
