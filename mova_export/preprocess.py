@@ -1,40 +1,47 @@
 """Image loading and MoVA's preprocessing: one picture -> every tower input, as plain numpy arrays by input kind.
 
-Upstream (`mova/eval/model_vqa_loader.py` + `mova/mm_utils.process_images`) runs four image processors on the same
-RGB picture; with `image_aspect_ratio == "pad"` each first pads the picture to a square (`expand2square`) filled
-with *its own* `image_mean` colour (int(m * 255) per channel), then preprocesses it:
+numpy + PIL only (no torch, no transformers), so the device runtime can use it. Upstream
+(`mova/eval/model_vqa_loader.py` + `mova/mm_utils.process_images`) runs four image processors on the same RGB
+picture; with `image_aspect_ratio == "pad"` each first pads the picture to a square (`expand2square`) filled with
+*its own* `image_mean` colour (int(m * 255) per channel), then preprocesses it. IMAGE_INPUTS is that table, one
+`ImageInput` row per input kind (a new tower with a CLIP-style input at another size or mean is one more row):
 
-  kind              processor (as upstream configures it)                               fed to
-  clip672           CLIPImageProcessor: shortest edge 672, centre crop 672, bicubic,      base, expert F
-                    /255, CLIP mean/std (`image_processor_0`, size set to 48 * 14)
-  dino672           DINOv2's AutoImageProcessor = BitImageProcessor: the same steps with   expert A
-                    ImageNet mean/std (`image_processor_1`, size set to 672)
-  sam1024           `image_processor_2`, AutoImageProcessor from the Vary expert folder    experts B, C, G
-                    [inferred: that folder's preprocessor config was not read]: taken as a
-                    CLIP processor at 1024 (shortest edge + centre crop of the square = a
-                    plain 1024x1024 bicubic resize) with CLIP mean/std, the normalisation
-                    Vary's own SAM input uses and components/sam.py's sample assumes
-  pix2struct (+_mask) Pix2StructImageProcessor, is_vqa False, max_patches =                experts D, E
-                    cfg.pix2struct_max_patches, 16x16 patches, per-image standardisation;
-                    upstream sets its image_mean to CLIP's, which is the pad colour
+  kind              method        as upstream configures it                                          fed to
+  clip672           resize_crop   CLIPImageProcessor, shortest edge = crop = image_feat_size * 14,    base, expert F
+                                  CLIP mean/std (`image_processor_0`)
+  dino672           resize_crop   DINOv2's BitImageProcessor, same geometry, ImageNet mean/std       expert A
+                                  (`image_processor_1`)
+  sam1024           resize_crop   `image_processor_2` from the Vary expert folder [inferred: its      experts B, C, G
+                                  preprocessor config was not read]: a CLIP processor at 1024 with
+                                  CLIP mean/std, the normalisation Vary's SAM input uses
+  pix2struct        pix2struct    Pix2StructImageProcessor, is_vqa False, max_patches =               experts D, E
+  (+ _mask)                       cfg.pix2struct_max_patches, 16x16 patches, per-image
+                                  standardisation; upstream sets its image_mean to CLIP's, which is
+                                  only used as the pad colour
 
-The processors are transformers' slow (PIL / numpy) classes built from explicit parameters (no hub access; the
-torchvision "fast" backends are not used). PROCESSORS below is the table; change it there, not in code.
+Each method reproduces transformers 5.23's slow (PIL) processor step by step:
+* resize_crop (CLIPImageProcessorPil and BitImageProcessorPil run the same steps): PIL bicubic resize of the
+  shortest edge to `side`, the long edge int(side * long / short); centre crop at ((H - side) // 2,
+  (W - side) // 2); uint8 * (1 / 255) in float64, cast to float32; (x - mean) / std in float32. Bit-identical.
+* pix2struct: per-image standardisation in float32 (mean, max(std, 1 / sqrt(N))); the processor's patch grid
+  (rows, cols) and torch's `interpolate(mode="bilinear", antialias=True)` to rows*16 x cols*16, with torch's
+  float32 filter weights (width pass, then height pass); 16x16x3 patches, channel fastest, behind 1-based row
+  and column ids; zero rows up to max_patches; mask = rows whose sum is non-zero (what Pix2Struct derives
+  itself). Only the rounding of the weighted sums differs from torch's (its compiled loop fuses some
+  multiply-adds): at most a few float32 ulps.
 Upstream then casts everything to bf16 on the GPU; these arrays are fp32, the exported graphs' input dtype.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from .errors import RuntimeInputError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from PIL import Image
-
-    from .config import MoVAConfig
+from .errors import ComponentError, RuntimeInputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,23 +51,59 @@ PATCH_SIDE = 14          # CLIP / DINOv2 inputs are image_feat_size * 14 pixels 
 SAM_SIDE = 1024
 PIX2STRUCT_PATCH = 16
 
-# kind -> processor class and arguments; "side" None means image_feat_size * 14.
-PROCESSORS: dict[str, dict[str, Any]] = {
-    "clip672": {"processor": "clip", "side": None, "mean": CLIP_MEAN, "std": CLIP_STD},
-    "dino672": {"processor": "bit", "side": None, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-    "sam1024": {"processor": "clip", "side": SAM_SIDE, "mean": CLIP_MEAN, "std": CLIP_STD},
-}
-PIX2STRUCT_PAD_MEAN = CLIP_MEAN  # upstream: image_processor_4.image_mean = CLIP mean (only used as the pad colour)
 
-INPUT_KINDS = (*PROCESSORS, "pix2struct", "pix2struct_mask")
+class PreprocessConfig(Protocol):
+    """What preprocessing reads from a config: MoVAConfig on the build side, the bundle manifest's on the device."""
+
+    image_feat_size: int
+    image_aspect_ratio: str
+    pix2struct_max_patches: int
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One row of the preprocessing table: how one input kind is made from the RGB picture.
+
+    method "resize_crop" (CLIP / BiT processors) makes `kind` [1, 3, S, S] with S = side, or
+    cfg.image_feat_size * 14 when side is None; "pix2struct" makes `kind` [1, P, 770] and `kind + "_mask"` [1, P]
+    with P = cfg.pix2struct_max_patches (side and std unused). `mean` is also the expand2square fill colour.
+    """
+
+    kind: str
+    method: str
+    side: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ComponentError(f"image input {self.kind!r} has method {self.method!r}; use one of "
+                                 f"{sorted(_METHODS)}")
+        if len(self.mean) != 3:
+            raise ComponentError(f"image input {self.kind!r} has a mean of {len(self.mean)} values; give one per "
+                                 "RGB channel")
+        if self.method == "resize_crop":
+            if self.side is not None and self.side < 1:
+                raise ComponentError(f"image input {self.kind!r} has side {self.side}; use a positive pixel count "
+                                     "or None for image_feat_size * 14")
+            if self.std is None or len(self.std) != 3 or min(self.std) <= 0:
+                raise ComponentError(f"image input {self.kind!r} needs a std of 3 positive values (one per RGB "
+                                     f"channel), got {self.std}")
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        return pad_color(self.mean)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The keys this row adds to preprocess()'s result, in a tower's input order."""
+        return (self.kind, f"{self.kind}_mask") if self.method == "pix2struct" else (self.kind,)
 
 
 # ---- loading -------------------------------------------------------------------------------------------------------
 def load_image(image: Any) -> np.ndarray:
     """A path (str / Path), a PIL image, or a numpy uint8 array (HxW gray, HxWx1, HxWx3 RGB, HxWx4 RGBA) -> HxWx3
     uint8 RGB. Alpha is dropped (PIL's convert("RGB"), as upstream's loader does). Raises RuntimeInputError."""
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -103,10 +146,8 @@ def pad_color(mean) -> tuple[int, int, int]:
     return tuple(int(x * 255) for x in mean)
 
 
-def expand2square(image: "Image.Image", color: tuple[int, int, int]) -> "Image.Image":
+def expand2square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
     """LLaVA's expand2square: paste the picture centred on a square canvas of its longer side."""
-    from PIL import Image
-
     width, height = image.size
     if width == height:
         return image
@@ -116,58 +157,139 @@ def expand2square(image: "Image.Image", color: tuple[int, int, int]) -> "Image.I
     return canvas
 
 
-def _maybe_pad(image: "Image.Image", mean, cfg: "MoVAConfig") -> "Image.Image":
-    return expand2square(image, pad_color(mean)) if cfg.image_aspect_ratio == "pad" else image
+def _resize_crop(image: Image.Image, row: ImageInput, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    side = row.side or cfg.image_feat_size * PATCH_SIDE
+    height, width = _shortest_edge_size(image.height, image.width, side)
+    pixels = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
+    top, left = (height - side) // 2, (width - side) // 2
+    crop = pixels[top:top + side, left:left + side]          # never out of bounds: both edges are >= side
+    scaled = (crop.astype(np.float64) * (1 / 255)).astype(np.float32)
+    normalised = (scaled - np.asarray(row.mean, np.float32)) / np.asarray(row.std, np.float32)
+    return {row.kind: np.ascontiguousarray(normalised.transpose(2, 0, 1)[None])}
 
 
-def _processor(kind: str, cfg: "MoVAConfig"):
-    from transformers.image_utils import PILImageResampling
-
-    entry = PROCESSORS[kind]
-    side = entry["side"] or cfg.image_feat_size * PATCH_SIDE
-    if entry["processor"] == "clip":
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
-    else:
-        from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil as cls
-    return cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_resize=True,
-               do_center_crop=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-               image_mean=list(entry["mean"]), image_std=list(entry["std"]), resample=PILImageResampling.BICUBIC,
-               do_convert_rgb=True)
+def _shortest_edge_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """transformers' get_resize_output_image_size(default_to_square=False): (height, width)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(side * long / short)
+    return (new_long, side) if width <= height else (side, new_long)
 
 
-def pixel_values(image: np.ndarray, kind: str, cfg: "MoVAConfig") -> np.ndarray:
+def _pix2struct(image: Image.Image, row: ImageInput, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    max_patches, patch = int(cfg.pix2struct_max_patches), PIX2STRUCT_PATCH
+    # CHW view of the HWC pixels, as the processor holds them (np.mean / np.std sum in that memory order)
+    pixels = np.moveaxis(np.asarray(image), -1, 0).astype(np.float32)
+    std = max(np.std(pixels), 1.0 / math.sqrt(pixels.size))
+    pixels = (pixels - np.mean(pixels)) / std
+    rows, cols = _patch_grid(image.height, image.width, max_patches)
+    resized = _resize_linear_antialias(pixels, rows * patch, cols * patch)
+    patches = resized.reshape(3, rows, patch, cols, patch).transpose(1, 3, 2, 4, 0).reshape(rows * cols, -1)
+    flat = np.zeros((max_patches, 2 + patches.shape[1]), np.float32)
+    flat[:rows * cols, 0] = np.repeat(np.arange(1, rows + 1), cols)     # 1-based: 0 marks padding
+    flat[:rows * cols, 1] = np.tile(np.arange(1, cols + 1), rows)
+    flat[:rows * cols, 2:] = patches
+    mask = (flat.sum(axis=-1) != 0).astype(np.float32)
+    return {row.kind: flat[None], f"{row.kind}_mask": mask[None]}
+
+
+def _patch_grid(height: int, width: int, max_patches: int) -> tuple[int, int]:
+    """Pix2Struct's grid: the most patches that fit max_patches at the picture's aspect ratio (its float math)."""
+    patch = PIX2STRUCT_PATCH
+    scale = (max_patches * (patch / height) * (patch / width)) ** 0.5
+    rows = max(min(int(scale * height / patch), max_patches), 1)
+    cols = max(min(int(scale * width / patch), max_patches), 1)
+    return rows, cols
+
+
+def _resize_linear_antialias(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """torch.nn.functional.interpolate(x[None], (height, width), mode="bilinear", align_corners=False,
+    antialias=True)[0] for float32 CHW x: separable, the width pass first; an unchanged axis is not resampled."""
+    if x.shape[2] != width:
+        x = _resample_axis(x, width, axis=2)
+    if x.shape[1] != height:
+        x = _resample_axis(x, height, axis=1)
+    return x
+
+
+def _resample_axis(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    index, weight = _linear_antialias_taps(x.shape[axis], size)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    out = np.take(x, index[:, 0], axis=axis) * weight[:, 0].reshape(shape)
+    for k in range(1, index.shape[1]):
+        out += np.take(x, index[:, k], axis=axis) * weight[:, k].reshape(shape)
+    return out
+
+
+def _linear_antialias_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input index and weight [out_size, K] per output pixel of torch's antialiased linear filter (ATen
+    UpSampleKernel.cpp, _compute_indices_min_size_weights_aa) with its mix of float32 and float64 arithmetic, so
+    the weights are torch's to the bit; taps past a pixel's support get weight 0 and a valid index."""
+    f32, f64 = np.float32, np.float64
+    scale = f32(in_size) / f32(out_size)
+    support = scale if scale >= 1.0 else f32(1.0)          # the filter widens when downsampling
+    invscale = f32(1.0 / f64(scale)) if scale >= 1.0 else f32(1.0)
+    taps = math.ceil(support) * 2 + 1
+    center = (f64(scale) * (np.arange(out_size) + 0.5)).astype(f32)
+    start = np.maximum(((center - support).astype(f64) + 0.5).astype(np.int64), 0)
+    count = np.minimum(((center + support).astype(f64) + 0.5).astype(np.int64), in_size) - start
+    j = np.arange(taps)
+    offset = ((start[:, None] + j).astype(f32) - center[:, None]).astype(f64) + 0.5
+    distance = np.abs(offset * invscale).astype(f32)
+    weight = np.where((distance < 1.0) & (j < count[:, None]), (1.0 - distance.astype(f64)).astype(f32), f32(0))
+    total = np.zeros(out_size, f32)
+    for k in range(taps):                                  # torch adds the raw weights one by one in float32
+        total += weight[:, k]
+    np.divide(weight, total[:, None], out=weight, where=total[:, None] != 0)
+    return np.minimum(start[:, None] + j, in_size - 1), weight
+
+
+_METHODS: dict[str, Callable[[Image.Image, ImageInput, PreprocessConfig], dict[str, np.ndarray]]] = {
+    "resize_crop": _resize_crop,
+    "pix2struct": _pix2struct,
+}
+
+# kind -> row: MoVA's four processors (see the module docstring).
+IMAGE_INPUTS: dict[str, ImageInput] = {row.kind: row for row in (
+    ImageInput("clip672", "resize_crop", None, CLIP_MEAN, CLIP_STD),
+    ImageInput("dino672", "resize_crop", None, IMAGENET_MEAN, IMAGENET_STD),
+    ImageInput("sam1024", "resize_crop", SAM_SIDE, CLIP_MEAN, CLIP_STD),
+    ImageInput("pix2struct", "pix2struct", None, CLIP_MEAN),
+)}
+
+INPUT_KINDS = tuple(name for row in IMAGE_INPUTS.values() for name in row.outputs)
+
+
+# ---- public entry points -------------------------------------------------------------------------------------------
+def preprocess_kind(image: Any, row: ImageInput, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    """The arrays of one table row (row.outputs -> float32 C-contiguous arrays) for one picture."""
+    pil = Image.fromarray(load_image(image))
+    if cfg.image_aspect_ratio == "pad":
+        pil = expand2square(pil, row.pad_color)
+    return _METHODS[row.method](pil, row, cfg)
+
+
+def pixel_values(image: Any, kind: str, cfg: PreprocessConfig) -> np.ndarray:
     """One of the square pixel inputs ("clip672", "dino672", "sam1024"): [1, 3, S, S] float32."""
-    from PIL import Image
-
-    pil = _maybe_pad(Image.fromarray(load_image(image)), PROCESSORS[kind]["mean"], cfg)
-    out = _processor(kind, cfg)(images=pil, return_tensors="np")["pixel_values"]
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return preprocess_kind(image, IMAGE_INPUTS[kind], cfg)[kind]
 
 
-def pix2struct_patches(image: np.ndarray, cfg: "MoVAConfig") -> tuple[np.ndarray, np.ndarray]:
+def pix2struct_patches(image: Any, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     """(flattened_patches [1, P, 770], attention_mask [1, P]) float32, P = cfg.pix2struct_max_patches."""
-    from PIL import Image
-    from transformers.models.pix2struct.image_processing_pil_pix2struct import Pix2StructImageProcessorPil
-
-    pil = _maybe_pad(Image.fromarray(load_image(image)), PIX2STRUCT_PAD_MEAN, cfg)
-    proc = Pix2StructImageProcessorPil(patch_size={"height": PIX2STRUCT_PATCH, "width": PIX2STRUCT_PATCH},
-                                       max_patches=cfg.pix2struct_max_patches, is_vqa=False, do_normalize=True,
-                                       do_convert_rgb=True)
-    out = proc(images=pil, max_patches=cfg.pix2struct_max_patches, return_tensors="np")
-    return (np.ascontiguousarray(out["flattened_patches"], dtype=np.float32),
-            np.ascontiguousarray(out["attention_mask"], dtype=np.float32))
+    out = preprocess_kind(image, IMAGE_INPUTS["pix2struct"], cfg)
+    return out["pix2struct"], out["pix2struct_mask"]
 
 
-def preprocess(image: Any, cfg: "MoVAConfig") -> dict[str, np.ndarray]:
-    """Every tower input for one picture, keyed by input kind (see INPUT_KINDS and config.EXPERTS[].input_kind)."""
+def preprocess(image: Any, cfg: PreprocessConfig,
+               rows: Iterable[ImageInput] | None = None) -> dict[str, np.ndarray]:
+    """Every tower input for one picture, keyed by input kind (INPUT_KINDS for the default IMAGE_INPUTS rows)."""
     rgb = load_image(image)
-    out = {kind: pixel_values(rgb, kind, cfg) for kind in PROCESSORS}
-    out["pix2struct"], out["pix2struct_mask"] = pix2struct_patches(rgb, cfg)
+    out: dict[str, np.ndarray] = {}
+    for row in (IMAGE_INPUTS.values() if rows is None else rows):
+        out.update(preprocess_kind(rgb, row, cfg))
     return out
 
 
 def tower_inputs(inputs: dict[str, np.ndarray], kind: str) -> list[np.ndarray]:
     """The positional inputs of a tower fed by one preprocessed kind (Pix2Struct also takes its patch mask)."""
-    if kind == "pix2struct":
-        return [inputs["pix2struct"], inputs["pix2struct_mask"]]
-    return [inputs[kind]]
+    return [inputs[name] for name in IMAGE_INPUTS[kind].outputs]
