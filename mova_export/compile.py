@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import BundleError, CompileError, RecipeError
-from .recipe import COMPONENTS, Recipe, cache_key
+from .recipe import Recipe, cache_key, graph_components
 
 ENGINE_DIR = "engines"
 TIMING_CACHE = "engines/timing.cache"
@@ -98,8 +98,8 @@ def builder_settings(recipe: Recipe, component: str, graph: GraphInfo | None = N
     if recipe.tensorrt is None:
         raise RecipeError(f"recipe {recipe.name} runs {recipe.runtime}, not TensorRT: there is nothing to compile; "
                           "use a TensorRT target (e.g. --target jetson-orin)")
-    if component not in COMPONENTS:
-        raise RecipeError(f"component {component!r} is not compiled by TensorRT; use one of {', '.join(COMPONENTS)}")
+    if component not in graph_components():
+        raise RecipeError(f"component {component!r} is not compiled by TensorRT; use one of {', '.join(graph_components())}")
     trt = recipe.tensorrt
     precision = precision or recipe.precision_of(component)
     qdq = set(graph.qdq) if graph else ({"int8"} if precision == "int8" else {"fp8"} if precision == "fp8" else set())
@@ -337,7 +337,7 @@ def compile_bundle(bundle_path: str | Path, recipe: Recipe, components: Sequence
     root = bundle.path
     manifest = dict(bundle.manifest)
     graphs = manifest.get("graphs", {})
-    names = list(components) if components is not None else [c for c in COMPONENTS if c in graphs]
+    names = list(components) if components is not None else [c for c in graph_components() if c in graphs]
     key = cache_key(recipe, "compile")
     results: list[EngineMetadata] = []
     engines = dict(manifest.get("engines", {}))

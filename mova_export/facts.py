@@ -11,13 +11,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .errors import RuntimeInputError
 from .prompts import MAX_ROUTING_TOKENS, parse_routing, routed_letters
-from .spec import ImageInput
+from .preprocess import ImageInput
+from .text import TEXT_BUCKETS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MoVAConfig
-
-TEXT_BUCKETS = (64, 128, 512)   # static BERT lengths; a question takes the smallest that holds it (<= 512 as upstream)
-
 
 @dataclass(frozen=True)
 class TowerFacts:

@@ -3,8 +3,9 @@
 numpy + PIL only (no torch, no transformers), so the device runtime can use it. Upstream
 (`mova/eval/model_vqa_loader.py` + `mova/mm_utils.process_images`) runs four image processors on the same RGB
 picture; with `image_aspect_ratio == "pad"` each first pads the picture to a square (`expand2square`) filled with
-*its own* `image_mean` colour (int(m * 255) per channel), then preprocesses it. IMAGE_INPUTS is that table, one
-`ImageInput` row per input kind (a new tower with a CLIP-style input at another size or mean is one more row):
+*its own* `image_mean` colour (int(m * 255) per channel), then preprocesses it. Each tower declares the
+`ImageInput` rows it reads (components/, `spec.image_inputs`; a new tower with a CLIP-style input at another size or
+mean is one more row there); the registry's rows are:
 
   kind              method        as upstream configures it                                          fed to
   clip672           resize_crop   CLIPImageProcessor, shortest edge = crop = image_feat_size * 14,    base, expert F
@@ -43,12 +44,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import ComponentError, RuntimeInputError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PATCH_SIDE = 14          # CLIP / DINOv2 inputs are image_feat_size * 14 pixels (672)
-SAM_SIDE = 1024
+PATCH_SIDE = 14          # side None: image_feat_size * 14 pixels (672), the CLIP / DINOv2 input
 PIX2STRUCT_PATCH = 16
 
 
@@ -67,6 +63,7 @@ class ImageInput:
     method "resize_crop" (CLIP / BiT processors) makes `kind` [1, 3, S, S] with S = side, or
     cfg.image_feat_size * 14 when side is None; "pix2struct" makes `kind` [1, P, 770] and `kind + "_mask"` [1, P]
     with P = cfg.pix2struct_max_patches (side and std unused). `mean` is also the expand2square fill colour.
+    upstream: the transformers processor class upstream configures for it (the PyTorch reference runs that one).
     """
 
     kind: str
@@ -74,6 +71,18 @@ class ImageInput:
     side: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float] | None = None
+    upstream: str = "CLIPImageProcessor"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "method": self.method, "side": self.side, "mean": list(self.mean),
+                "std": None if self.std is None else list(self.std), "upstream": self.upstream}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "ImageInput":
+        return cls(str(raw["kind"]), str(raw["method"]), None if raw.get("side") is None else int(raw["side"]),
+                   tuple(float(v) for v in raw["mean"]),
+                   None if raw.get("std") is None else tuple(float(v) for v in raw["std"]),
+                   str(raw.get("upstream", "CLIPImageProcessor")))
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -249,17 +258,6 @@ _METHODS: dict[str, Callable[[Image.Image, ImageInput, PreprocessConfig], dict[s
     "pix2struct": _pix2struct,
 }
 
-# kind -> row: MoVA's four processors (see the module docstring).
-IMAGE_INPUTS: dict[str, ImageInput] = {row.kind: row for row in (
-    ImageInput("clip672", "resize_crop", None, CLIP_MEAN, CLIP_STD),
-    ImageInput("dino672", "resize_crop", None, IMAGENET_MEAN, IMAGENET_STD),
-    ImageInput("sam1024", "resize_crop", SAM_SIDE, CLIP_MEAN, CLIP_STD),
-    ImageInput("pix2struct", "pix2struct", None, CLIP_MEAN),
-)}
-
-INPUT_KINDS = tuple(name for row in IMAGE_INPUTS.values() for name in row.outputs)
-
-
 # ---- public entry points -------------------------------------------------------------------------------------------
 def preprocess_kind(image: Any, row: ImageInput, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
     """The arrays of one table row (row.outputs -> float32 C-contiguous arrays) for one picture."""
@@ -269,27 +267,16 @@ def preprocess_kind(image: Any, row: ImageInput, cfg: PreprocessConfig) -> dict[
     return _METHODS[row.method](pil, row, cfg)
 
 
-def pixel_values(image: Any, kind: str, cfg: PreprocessConfig) -> np.ndarray:
-    """One of the square pixel inputs ("clip672", "dino672", "sam1024"): [1, 3, S, S] float32."""
-    return preprocess_kind(image, IMAGE_INPUTS[kind], cfg)[kind]
+def preprocess_input(image: Any, row: ImageInput, cfg: PreprocessConfig) -> list[np.ndarray]:
+    """The arrays of one row in a tower's input order (row.outputs)."""
+    out = preprocess_kind(image, row, cfg)
+    return [out[name] for name in row.outputs]
 
 
-def pix2struct_patches(image: Any, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(flattened_patches [1, P, 770], attention_mask [1, P]) float32, P = cfg.pix2struct_max_patches."""
-    out = preprocess_kind(image, IMAGE_INPUTS["pix2struct"], cfg)
-    return out["pix2struct"], out["pix2struct_mask"]
-
-
-def preprocess(image: Any, cfg: PreprocessConfig,
-               rows: Iterable[ImageInput] | None = None) -> dict[str, np.ndarray]:
-    """Every tower input for one picture, keyed by input kind (INPUT_KINDS for the default IMAGE_INPUTS rows)."""
+def preprocess(image: Any, rows: Iterable[ImageInput], cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    """Every array of the given rows for one picture, keyed by row output name."""
     rgb = load_image(image)
     out: dict[str, np.ndarray] = {}
-    for row in (IMAGE_INPUTS.values() if rows is None else rows):
+    for row in rows:
         out.update(preprocess_kind(rgb, row, cfg))
     return out
-
-
-def tower_inputs(inputs: dict[str, np.ndarray], kind: str) -> list[np.ndarray]:
-    """The positional inputs of a tower fed by one preprocessed kind (Pix2Struct also takes its patch mask)."""
-    return [inputs[name] for name in IMAGE_INPUTS[kind].outputs]

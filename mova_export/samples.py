@@ -31,3 +31,12 @@ def iter_sample_questions(names: Iterable[str] | None = None) -> Iterator[tuple[
     """(image name, question) for the parity images, or for the given sample names."""
     for name in (names if names is not None else PARITY_IMAGES):
         yield name, SAMPLE_QUESTIONS[name]
+
+
+# (sample image, question) pairs the demo and the benchmarks ask by default: question kinds that the tiny trained
+# MoVA routes to different experts (a real MoVA routes them by the same kinds).
+DEMO_QUESTIONS: tuple[tuple[str, str], ...] = tuple(SAMPLE_QUESTIONS.items())[:3]
+
+
+def demo_questions() -> list[tuple[str, str]]:
+    return list(DEMO_QUESTIONS)

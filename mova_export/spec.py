@@ -2,12 +2,10 @@
 
 TensorSpec: a graph input/output (name, shape, numpy dtype name); a dimension may be a string, the name of an
 axis that takes one of a few static sizes (the text encoder's length buckets).
-ImageInput: one preprocessed image input (a row of the preprocessing table): which processor, at what side, with
-which mean/std; the towers declare the rows they consume and the bundle carries them to the device.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 
@@ -26,27 +24,3 @@ class TensorSpec:
 
     def describe(self) -> str:
         return f"{self.name}{list(self.shape)}:{self.dtype}"
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One preprocessed image input. method: "clip" (CLIPImageProcessor: shortest edge + centre crop, bicubic,
-    /255, mean/std), "bit" (BitImageProcessor, the same steps), "pix2struct" (flattened 16x16 patches + their
-    mask; mean is only the pad colour). side None means image_feat_size * 14 (672 for MoVA). arrays: the names of
-    the arrays the row produces, in the order the tower takes them."""
-    kind: str
-    method: str
-    side: int | None
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float] | None
-    arrays: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> "ImageInput":
-        return cls(str(raw["kind"]), str(raw["method"]), None if raw.get("side") is None else int(raw["side"]),
-                   tuple(float(v) for v in raw["mean"]),
-                   None if raw.get("std") is None else tuple(float(v) for v in raw["std"]),
-                   tuple(str(a) for a in raw["arrays"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +16,38 @@ from .common import one_line_errors, parse_letters, resolve_image
 BACKEND_CHOICE = click.Choice(["auto", "onnxruntime", "tensorrt"])
 DEVICE_CHOICE = click.Choice(["cpu", "cuda"])
 DEVICE_HELP = "cpu, or cuda: ONNX Runtime's CUDA provider / TensorRT engines and llama.cpp GPU layers."
-BACKEND_HELP = "Vision graphs: onnxruntime, tensorrt (the bundle's engines) or auto (engines when usable here)."
+BACKEND_HELP = "Vision graphs: onnxruntime, tensorrt (the bundle's engines) or auto (engines where usable here)."
+PRECISION_HELP = "Graph precision instead of the bundle's plan: fp32 | fp16 | int8 | fp8, or GRAPH=PRECISION,..."
+THREADS_HELP = "llama.cpp threads (default: the recipe's, capped at this host's cores)."
+LLM_HELP = "Which of the bundle's GGUF types to load (default: the recipe's; see `mova-export inspect`)."
 
 
 def _precision(text: str | None) -> Any:
-    """"int8" for every component, or "base=fp16,adapter=fp32" per component; None keeps the bundle's plan."""
-    if text is None:
-        return None
-    if "=" not in text:
+    """"int8" for every graph, or "base=fp16,adapter=fp32" per graph; None keeps the bundle's plan."""
+    if text is None or "=" not in text:
         return text
     out = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, sep, value = part.partition("=")
         if not sep or not name or not value:
-            raise click.BadParameter(f"{part!r}; use PRECISION or COMPONENT=PRECISION,...", param_hint="--precision")
+            raise click.BadParameter(f"{part!r}; use PRECISION or GRAPH=PRECISION,...", param_hint="--precision")
         out[name.strip()] = value.strip()
     return out
 
 
-def _log(enabled: bool):
-    return (lambda msg: click.echo(msg, err=True)) if enabled else (lambda msg: None)
+def _options(device: str, backend: str, precision: str | None, llm_threads: int | None, llm_quant: str | None,
+             f32_kv: bool = False, verify: bool = True) -> Any:
+    from ..runtime import RuntimeOptions
+
+    llm: dict[str, Any] = {"f32_kv": True} if f32_kv else {}
+    if llm_threads:
+        llm["n_threads"] = llm_threads
+    return RuntimeOptions(device=device, backend=backend, precision=_precision(precision), llm=llm,
+                          llm_quant=llm_quant, verify=verify)
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
 
 
 @click.command("run")
@@ -44,25 +57,33 @@ def _log(enabled: bool):
 @click.option("--stream", is_flag=True, help="Print the answer's tokens as they are generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reference --json fields plus tokens_per_s.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Answer length cap.")
-@click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True, help="Vision graphs' backend.")
-@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True)
-@click.option("--precision", default=None, help="Override the bundle's plan: fp32 | fp16 | int8 | fp8, or "
-              "COMPONENT=PRECISION,...")
+@click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True, help=BACKEND_HELP)
+@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--precision", default=None, help=PRECISION_HELP)
+@click.option("--llm", "llm_quant", default=None, help=LLM_HELP)
 @click.option("--experts", default=None, help="Override the routing with letters, e.g. 'A,D' (debugging).")
-@click.option("--llm-threads", type=int, default=None, help="llama.cpp threads (default: the bundle's).")
+@click.option("--llm-threads", type=int, default=None, help=THREADS_HELP)
 @click.option("--f32-kv", is_flag=True, help="F32 KV cache in llama.cpp (exact parity with an f32 GGUF).")
+@click.option("--warmup", is_flag=True, help="Run one warm-up request first, so the timings are a warm request's.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files at load.")
 @one_line_errors
 def run(bundle: Path, image: str, question: str, stream: bool, as_json: bool, max_new_tokens: int, backend: str,
-        device: str, precision: str | None, experts: str | None, llm_threads: int | None, f32_kv: bool,
-        no_verify: bool) -> None:
-    """Answer a question about an image with a bundle (ONNX Runtime / TensorRT vision, llama.cpp LLM)."""
-    from .runtime import MoVARuntime
+        device: str, precision: str | None, llm_quant: str | None, experts: str | None, llm_threads: int | None,
+        f32_kv: bool, warmup: bool, no_verify: bool) -> None:
+    """Answer a question about an image with a bundle (ONNX Runtime / TensorRT vision, llama.cpp LLM).
 
-    forced = _parse_letters(experts) if experts is not None else None
-    frame = _resolve_image(image)
-    with MoVARuntime.from_bundle(bundle, device=device, backend=backend, precision=_precision(precision),
-                                 llm_threads=llm_threads, verify=not no_verify, llm_f32_kv=f32_kv) as rt:
+    Without --warmup the timings are those of the process's first request: they include one-time initialisation
+    (ONNX Runtime's first-run allocations, llama.cpp's graph), reported as `cold_start` in --json."""
+    from ..runtime import MoVARuntime
+
+    frame = resolve_image(image)
+    start = time.perf_counter()
+    with MoVARuntime.from_bundle(bundle, _options(device, backend, precision, llm_threads, llm_quant, f32_kv,
+                                                  not no_verify)) as rt:
+        load_ms = (time.perf_counter() - start) * 1e3
+        forced = parse_letters(experts, rt.facts.letters) if experts is not None else None
+        if warmup:
+            rt.warmup(question)
         answer_stream = rt.ask_stream(frame, question, max_new_tokens, experts=forced)
         for piece in answer_stream:
             if stream:  # with --json the pieces go to stderr so stdout stays one JSON document
@@ -72,15 +93,16 @@ def run(bundle: Path, image: str, question: str, stream: bool, as_json: bool, ma
     if stream:
         click.echo("", err=as_json)
     if as_json:
-        click.echo(json.dumps(answer.to_json()))
+        click.echo(json.dumps({**answer.to_json(), "load_ms": round(load_ms, 1), "cold_start": not warmup}))
         return
     click.echo(f"routing output: {answer.routing_text!r}")
     click.echo(f"experts: {', '.join(answer.experts) or 'none'}")
     if not stream:
         click.echo(f"answer: {answer.text}")
     t = answer.timings_ms
-    click.echo(f"latency: total {t['total']:.1f} ms, first token {t['time_to_first_token']:.1f} ms, "
-               f"decode {answer.tokens_per_s:.1f} tokens/s")
+    when = "warm request" if warmup else "first request of this process, includes one-time initialisation"
+    click.echo(f"latency ({when}): total {t['total']:.1f} ms, first token {t['time_to_first_token']:.1f} ms, "
+               f"decode {answer.tokens_per_s:.1f} tokens/s; bundle loaded in {load_ms:.0f} ms")
 
 
 @click.group("bench")
@@ -92,61 +114,62 @@ def bench() -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--runs", type=int, default=5, show_default=True, help="Measured requests (after warm-up).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Extra warm-up requests.")
-@click.option("--image", "images", multiple=True, help="Image file or sample name (repeat; default astronaut, "
-              "coffee, chelsea, each with its sample question).")
-@click.option("--question", default=None, help="One question for every image (default: the samples' own).")
-@click.option("--max-new-tokens", type=int, default=16, show_default=True)
-@click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True)
-@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True)
-@click.option("--precision", default=None, help="Override the bundle's plan (see `run --precision`).")
+@click.option("--image", "images", multiple=True, help="Image file or sample name (repeat; default: the demo's "
+              "questions about sample photos).")
+@click.option("--question", default=None, help="One question for every image (default: each image's own).")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Answer length cap per request.")
+@click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True, help=BACKEND_HELP)
+@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--precision", default=None, help=PRECISION_HELP)
+@click.option("--llm", "llm_quant", default=None, help=LLM_HELP)
 @click.option("--experts", default=None, help="Force the routing, e.g. 'A,D', in every request.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference side (and the ratio column).")
-@click.option("--llm-threads", type=int, default=None)
+@click.option("--llm-threads", type=int, default=None, help=THREADS_HELP)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
               help="Folder for latency.json, latency.md and latency.png.")
 @one_line_errors
 def latency(bundle: Path, runs: int, warmup: int, images: tuple[str, ...], question: str | None,
-            max_new_tokens: int, backend: str, device: str, precision: str | None, experts: str | None,
-            no_reference: bool, llm_threads: int | None, out_dir: Path) -> None:
+            max_new_tokens: int, backend: str, device: str, precision: str | None, llm_quant: str | None,
+            experts: str | None, no_reference: bool, llm_threads: int | None, out_dir: Path) -> None:
     """Per-stage p50/p95 latency, decode tokens/s and peak memory, side by side with the PyTorch reference."""
-    from .bench import latency_benchmark
+    from ..bench import latency_benchmark
 
     result = latency_benchmark(bundle, runs=runs, warmup=warmup, images=list(images) or None, question=question,
-                               max_new_tokens=max_new_tokens, device=device, backend=backend,
-                               precision=_precision(precision),
-                               experts=_parse_letters(experts) if experts is not None else None,
-                               reference=not no_reference, llm_threads=llm_threads, out_dir=out_dir, log=_log(True))
+                               max_new_tokens=max_new_tokens,
+                               options=_options(device, backend, precision, llm_threads, llm_quant),
+                               experts=[e.strip().upper() for e in experts.split(",") if e.strip()]
+                               if experts is not None else None,
+                               reference=not no_reference, out_dir=out_dir, log=_log)
     click.echo(Path(result["files"]["markdown"]).read_text())
     click.echo(f"wrote {', '.join(result['files'].values())}")
 
 
 @bench.command("parity")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--image", "images", multiple=True, help="Image file or sample name (repeat; default: six "
-              "scikit-image samples with their questions).")
-@click.option("--question", default=None, help="One question for every image (default: the samples' own).")
-@click.option("--config", "configs", multiple=True, help="BACKEND[:PRECISION] to compare (repeat; default "
-              "onnxruntime:fp32 plus the bundle's own plan when it is not all fp32).")
-@click.option("--max-new-tokens", type=int, default=16, show_default=True)
-@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True)
+@click.option("--image", "images", multiple=True, help="Image file or sample name (repeat; default: the demo's "
+              "questions about sample photos).")
+@click.option("--question", default=None, help="One question for every image (default: each image's own).")
+@click.option("--config", "configs", multiple=True, help="BACKEND[:PRECISION[:LLM]] to compare (repeat; default: "
+              "every graph precision the bundle ships with its most exact GGUF, and the bundle's plan with every GGUF "
+              "it ships).")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Answer length cap per question.")
+@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--experts", default=None, help="Force this routing on both sides, e.g. 'A,D,F' (exercises the "
               "expert graphs when the LLM routes none).")
-@click.option("--llm-threads", type=int, default=None)
+@click.option("--llm-threads", type=int, default=None, help=THREADS_HELP)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
               help="Folder for parity.json, parity.md and parity.png.")
 @one_line_errors
 def parity(bundle: Path, images: tuple[str, ...], question: str | None, configs: tuple[str, ...],
            max_new_tokens: int, device: str, experts: str | None, llm_threads: int | None, out_dir: Path) -> None:
-    """Routing agreement, per-graph cosine, answer exact match vs the PyTorch reference, per backend and precision."""
-    from .bench import parity_benchmark, parse_config
+    """Routing agreement, equal answers, first divergence and per-graph cosine vs the PyTorch reference, per
+    configuration (graph precision x GGUF type)."""
+    from ..bench import ParityConfig, parity_benchmark
 
     result = parity_benchmark(bundle, images=list(images) or None, question=question,
-                              configs=[parse_config(c) for c in configs] or None, max_new_tokens=max_new_tokens,
-                              device=device, llm_threads=llm_threads,
-                              experts=_parse_letters(experts) if experts is not None else None, out_dir=out_dir,
-                              log=_log(True))
+                              configs=[ParityConfig.parse(c) for c in configs] or None,
+                              max_new_tokens=max_new_tokens, device=device, llm_threads=llm_threads,
+                              experts=[e.strip().upper() for e in experts.split(",") if e.strip()]
+                              if experts is not None else None, out_dir=out_dir, log=_log)
     click.echo(Path(result["files"]["markdown"]).read_text())
     click.echo(f"wrote {', '.join(result['files'].values())}")
-
-
-__all__ = ["bench", "run"]

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..config import MoVAConfig
-    from ..spec import ImageInput
+    from ..preprocess import ImageInput
 
 KINDS = ("tower", "text", "adapter", "llm")
 

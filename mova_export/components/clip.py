@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ComponentError
-from ..spec import ImageInput
+from ..preprocess import ImageInput
 from . import ComponentSpec, MemoryFigures, TensorSpec, register
 from ._common import align_to_grid
 
@@ -35,7 +35,7 @@ PATCH = 14
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # images_0: CLIPImageProcessor at image_feat_size * 14 (672), upstream's image_processor_0 (also expert F's input)
-CLIP672 = ImageInput("clip672", "clip", None, CLIP_MEAN, CLIP_STD, ("clip672",))
+CLIP672 = ImageInput("clip672", "resize_crop", None, CLIP_MEAN, CLIP_STD, upstream="CLIPImageProcessor")
 
 _COMMON = dict(patch_size=PATCH, hidden_act="quick_gelu", layer_norm_eps=1e-5, attn_implementation="eager")
 PRESETS: dict[str, dict[str, Any]] = {

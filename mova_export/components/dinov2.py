@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ComponentError
-from ..spec import ImageInput
+from ..preprocess import ImageInput
 from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
 from ._common import Mlp, align_to_grid
 from .clip import image_side, layers_to_run, smooth_image_sample
@@ -38,7 +38,7 @@ NAME = "expert_A"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # images_1: DINOv2's AutoImageProcessor (a BitImageProcessor) at 672, upstream's image_processor_1
-DINO672 = ImageInput("dino672", "bit", None, IMAGENET_MEAN, IMAGENET_STD, ("dino672",))
+DINO672 = ImageInput("dino672", "resize_crop", None, IMAGENET_MEAN, IMAGENET_STD, upstream="BitImageProcessor")
 
 _COMMON = dict(image_size=518, patch_size=14, mlp_ratio=4.0, use_swiglu_ffn=True, layer_norm_eps=1e-6,
                qkv_bias=True, hidden_act="gelu", resize_mode="bilinear", resize_align_corners=False)

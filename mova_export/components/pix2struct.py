@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ComponentError
-from ..spec import ImageInput
+from ..preprocess import ImageInput
 from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
 from .clip import CLIP_MEAN
 from ._common import align_to_grid
@@ -35,7 +35,7 @@ PATCH = 16
 PATCH_DIM = 2 + PATCH * PATCH * 3   # 770
 # flattened_patches: Pix2StructImageProcessor (is_vqa False, max_patches = pix2struct_max_patches, per-image
 # standardisation); upstream sets its image_mean to CLIP's, which only serves as expand2square's pad colour
-PIX2STRUCT = ImageInput("pix2struct", "pix2struct", None, CLIP_MEAN, None, ("pix2struct", "pix2struct_mask"))
+PIX2STRUCT = ImageInput("pix2struct", "pix2struct", None, CLIP_MEAN, upstream="Pix2StructImageProcessor")
 
 _COMMON = dict(patch_embed_hidden_size=PATCH * PATCH * 3, seq_len=4096, dense_act_fn="gelu_new",
                layer_norm_eps=1e-6, d_kv=64, attn_implementation="eager")
@@ -91,13 +91,13 @@ class Pix2StructTower(nn.Module):
 def pix2struct_sample(cfg, seed: int) -> dict[str, torch.Tensor]:
     """Real processor output for a smooth random 3:2 picture, not padded to a square, so that the patch grid leaves
     zero rows and the attention mask matters (with image_aspect_ratio "pad" every patch is valid)."""
-    from ..preprocess import pix2struct_patches
+    from ..preprocess import preprocess_input
 
     rng = np.random.default_rng(seed)
     low = rng.uniform(0, 255, size=(4, 6, 3))
     img = np.kron(low, np.ones((80, 80, 1)))                      # 320 x 480 blocks, edges softened below
     img = (img + np.roll(img, 7, axis=0) + np.roll(img, 7, axis=1)) / 3
-    patches, mask = pix2struct_patches(img.astype(np.uint8), cfg.with_overrides(image_aspect_ratio="none"))
+    patches, mask = preprocess_input(img.astype(np.uint8), PIX2STRUCT, cfg.with_overrides(image_aspect_ratio="none"))
     return {"flattened_patches": torch.from_numpy(patches), "attention_mask": torch.from_numpy(mask)}
 
 

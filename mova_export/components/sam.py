@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ComponentError
-from ..spec import ImageInput
+from ..preprocess import ImageInput
 from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
 from .clip import CLIP_MEAN, CLIP_STD
 from ._common import align_to_grid
@@ -39,7 +39,7 @@ SAM_PATCH = 16
 SAM_WINDOW = 14
 # high_images: upstream's image_processor_2 from the Vary expert folder [inferred: that preprocessor config was not
 # read]: taken as a CLIP processor at 1024 with CLIP mean/std, the normalisation Vary's own SAM input uses
-SAM1024 = ImageInput("sam1024", "clip", SAM_INPUT, CLIP_MEAN, CLIP_STD, ("sam1024",))
+SAM1024 = ImageInput("sam1024", "resize_crop", SAM_INPUT, CLIP_MEAN, CLIP_STD, upstream="CLIPImageProcessor")
 
 _COMMON = dict(img_size=SAM_INPUT, patch_size=SAM_PATCH, window_size=SAM_WINDOW, mlp_ratio=4.0, out_chans=256,
                norm_eps=1e-6, neck_eps=1e-6)

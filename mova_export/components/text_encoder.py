@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..facts import TEXT_BUCKETS
+from ..text import TEXT_BUCKETS
 from . import ComponentSpec, MemoryFigures, TensorSpec, register
 
 NAME = "text_encoder"

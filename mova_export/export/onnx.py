@@ -4,7 +4,7 @@ Loaders in the Polygraphy style: `onnx_from_component` (torch module -> checked 
 (fp32 graph -> fp16 graph with fp32 islands), `check_graph` (graph vs the declared inputs and outputs).
 
 Exporter: the TorchScript exporter (`dynamo=False`). The dynamo exporter gives smaller raw graphs but fails on the
-SAM towers ("Failed to decompose the FX graph", shared/notes/onnx-quant.md), so one exporter is used for every
+SAM towers ("Failed to decompose the FX graph", measured on torch 2.13), so one exporter is used for every
 component; onnxslim then folds the shape arithmetic the TorchScript exporter leaves behind.
 """
 from __future__ import annotations

@@ -69,7 +69,7 @@ class BuildContext:
         if self._text_tokenizer is None:
             from ..text import BertTextTokenizer
 
-            self._text_tokenizer = BertTextTokenizer(self.checkpoint.text_tokenizer_dir)
+            self._text_tokenizer = BertTextTokenizer.from_folder(self.checkpoint.text_tokenizer_dir)
         return self._text_tokenizer
 
     def find(self, stage: str, name: str, key: str) -> tuple[Unit, bool]:

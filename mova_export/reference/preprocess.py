@@ -13,33 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..preprocess import load_image
-from ..spec import ImageInput
+from ..errors import ComponentError
+from ..preprocess import ImageInput, expand2square, load_image, pad_color
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 PATCH_SIDE = 14          # CLIP / DINOv2 inputs are image_feat_size * 14 pixels (672)
 PIX2STRUCT_PATCH = 16
-
-
-# ---- upstream steps ------------------------------------------------------------------------------------------------
-def pad_color(mean) -> tuple[int, int, int]:
-    """expand2square's fill: tuple(int(x * 255) for x in image_processor.image_mean)."""
-    return tuple(int(x * 255) for x in mean)
-
-
-def expand2square(image: "Image.Image", color: tuple[int, int, int]) -> "Image.Image":
-    """LLaVA's expand2square: paste the picture centred on a square canvas of its longer side."""
-    from PIL import Image
-
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), color)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
 
 
 def _maybe_pad(image: "Image.Image", mean, cfg: Any) -> "Image.Image":
@@ -50,10 +31,13 @@ def _processor(row: ImageInput, cfg: Any):
     from transformers.image_utils import PILImageResampling
 
     side = row.side or cfg.image_feat_size * PATCH_SIDE
-    if row.method == "clip":
+    if row.upstream == "CLIPImageProcessor":
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
-    else:
+    elif row.upstream == "BitImageProcessor":
         from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil as cls
+    else:
+        raise ComponentError(f"image input {row.kind!r}: the reference has no {row.upstream} (it runs "
+                             "CLIPImageProcessor, BitImageProcessor and Pix2StructImageProcessor)")
     return cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_resize=True,
                do_center_crop=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                image_mean=list(row.mean), image_std=list(row.std), resample=PILImageResampling.BICUBIC,
@@ -84,7 +68,7 @@ def pix2struct_patches(image: Any, row: ImageInput, cfg: Any) -> tuple[np.ndarra
 
 
 def preprocess_input(image: Any, row: ImageInput, cfg: Any) -> list[np.ndarray]:
-    """The arrays of one ImageInput row (row.arrays order), with transformers' processors."""
-    if row.method == "pix2struct":
+    """The arrays of one ImageInput row (row.outputs order), with transformers' processors."""
+    if row.upstream == "Pix2StructImageProcessor":
         return list(pix2struct_patches(image, row, cfg))
     return [pixel_values(image, row, cfg)]

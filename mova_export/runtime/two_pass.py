@@ -27,7 +27,7 @@ class VisionRunners(Protocol):
     """The vision side of one MoVA: numpy in, numpy out."""
 
     def preprocess(self, rgb: np.ndarray, kind: str) -> list[np.ndarray]:
-        """The arrays of one preprocessed image input (facts.image_inputs[kind].arrays order)."""
+        """The arrays of one preprocessed image input (facts.image_inputs[kind].outputs order)."""
 
     def base(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """[1, grid, C] base features."""

@@ -87,7 +87,7 @@ class BundleVision:
         self.fallbacks: dict[str, str] = {}
         self._runners: dict[str, Any] = {}
         self._expert_lru: OrderedDict[str, None] = OrderedDict()
-        self._tokenizer = BertTextTokenizer(bundle.tokenizer_dir("text"))
+        self._tokenizer = BertTextTokenizer.from_folder(bundle.tokenizer_dir("text"), error=BundleError)
         self._zeros: dict[str, np.ndarray] = {}   # reused zero feeds of unrouted experts (dense adapter)
 
     def _required(self, graph: GraphEntry | None, what: str) -> GraphEntry:

@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import INDEX_FILES, SINGLE_FILES, build_on_meta
-from .components import all_specs, component_names, expert_specs, get_spec
-from .config import FULL_LLM, MoVAConfig
-from .errors import CheckpointError, ComponentError
+from ..bundle.staging import staged_dir
+from ..checkpoint import INDEX_FILES, SINGLE_FILES, build_on_meta
+from ..components import all_specs, component_names, expert_specs, get_spec
+from ..config import FULL_LLM, MoVAConfig
+from ..errors import CheckpointError, ComponentError
+from ..progress import Console
 
 DEFAULT_SHARD_SIZE = {"tiny": 8 * 2**20, "full": 5 * 10**9}  # bytes; full matches save_pretrained's "5GB"
+DEMO_SCALE = "tiny"   # what `mova-export demo` writes
 TEXT_ENCODER_DIR = "text_encoder"                            # mm_projector_text_encoder, relative to the checkpoint
 WEIGHT_STD = 0.02
 
@@ -37,15 +38,12 @@ def synthetic_config(scale: str = "tiny") -> MoVAConfig:
     """The MoVAConfig a synthetic checkpoint of this scale records.
 
     LLM fields come from the llm module (`TINY_LLM`) or config.FULL_LLM; mm_hidden_size and expert_channels from the
-    registered towers' out_channels(arch), so the adapter is built for the towers that exist at this scale.
+    registered towers' out_channels(arch), so the adapter is built for the experts the registry holds.
     """
     if scale not in DEFAULT_SHARD_SIZE:
         raise CheckpointError(f"unknown synthetic scale {scale!r}; use 'tiny' or 'full'")
     cfg = MoVAConfig(llm=dict(_llm_fields(scale)), scale=scale, text_encoder_path=TEXT_ENCODER_DIR)
-    channels = list(cfg.expert_channels)
-    for spec in expert_specs():
-        if spec.out_channels is not None:
-            channels[spec.expert.index] = int(spec.out_channels(cfg.arch(spec.name)))
+    channels = [int(spec.out_channels(cfg.arch(spec.name))) for spec in expert_specs()]  # routing order
     hidden = cfg.mm_hidden_size
     if "base" in component_names() and get_spec("base").out_channels is not None:
         hidden = int(get_spec("base").out_channels(cfg.arch("base")))
@@ -58,7 +56,7 @@ def _llm_fields(scale: str) -> dict[str, Any]:
     if scale == "full":
         return dict(FULL_LLM)
     try:
-        from .components.llm import TINY_LLM
+        from ..components.llm import TINY_LLM
     except ImportError:
         raise ComponentError("the llm component (mova_export/components/llm.py, TINY_LLM) is not available; a tiny "
                              "synthetic checkpoint needs it for its LLM fields") from None
@@ -152,7 +150,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> None:
 # ---- the writer ---------------------------------------------------------------------------------------------------
 def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: int = 0, fmt: str = "bin",
                                dtype: torch.dtype = torch.bfloat16, shard_size: int | None = None,
-                               progress: bool = True, overwrite: bool = False,
+                               console: Console | None = None, overwrite: bool = False,
                                components: Sequence[str] | None = None, config: MoVAConfig | None = None) -> Path:
     """Write a random MoVA checkpoint to out_dir and return its path.
 
@@ -176,29 +174,21 @@ def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: i
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(out_dir.parent, total)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    console = console or Console()
+    with staged_dir(out_dir, overwrite=True) as tmp:
         _write_metadata(tmp, cfg, dtype)
-        with _progress(progress, 2 * total, f"MoVA {cfg.scale} checkpoint") as advance:
-            for name, shard in zip(names, shards):  # progress counts bytes generated, then bytes written
-                tensors = {}
-                for entry in shard:
-                    tensors[entry.key] = make_tensor(entry, seed)
-                    advance(entry.nbytes, f"generating {name}")
-                advance(0, f"writing {name}")
+        title = f"synth {cfg.scale} checkpoint ({total / 2**20:,.1f} MiB in {len(names)} shard(s))"
+        with console.task(title, total=2 * len(names)) as steps:
+            for name, shard in zip(names, shards):
+                tensors = {entry.key: make_tensor(entry, seed) for entry in shard}
+                steps.advance(f"generated {name}")
                 _save_shard(tensors, tmp / name, fmt)
-                advance(sum(e.nbytes for e in shard), f"wrote {name}")
+                steps.advance(f"wrote {name}")
                 del tensors
         if len(names) > 1:
             index = {"metadata": {"total_size": total},
                      "weight_map": {e.key: n for n, shard in zip(names, shards) for e in shard}}
             (tmp / INDEX_FILES[fmt]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -207,10 +197,8 @@ def _write_metadata(root: Path, cfg: MoVAConfig, dtype: torch.dtype) -> None:
     (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": cfg.llm["bos_token_id"], "eos_token_id": cfg.llm["eos_token_id"]}
     (root / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    try:  # tokenizers.py lands separately; until then the checkpoint has no tokenizer files
-        from .tokenizers import write_bert_vocab, write_llama3_tokenizer
-    except ImportError:
-        return
+    from .tokenizers import write_bert_vocab, write_llama3_tokenizer
+
     write_llama3_tokenizer(root, vocab_size=int(cfg.llm["vocab_size"]))
     write_bert_vocab(root / TEXT_ENCODER_DIR, **_bert_vocab_args(cfg))
 
@@ -237,34 +225,3 @@ def _check_disk(parent: Path, total: int) -> None:
     if free < need:
         raise CheckpointError(f"not enough disk space in {parent}: the checkpoint needs {need / 1e9:.1f} GB, "
                               f"{free / 1e9:.1f} GB are free; free some space or write elsewhere")
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename tmp to out_dir; an existing out_dir is moved aside first and removed only after the rename."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _progress(enabled: bool, total: int, title: str):
-    """Context manager yielding advance(nbytes, label); a rich progress bar on stderr when enabled."""
-    if not enabled:
-        return nullcontext(lambda nbytes, label: None)
-    from contextlib import contextmanager
-
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    @contextmanager
-    def bar():
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TimeRemainingColumn(), console=Console(stderr=True)) as prog:
-            task = prog.add_task(title, total=total)
-            yield lambda nbytes, label: prog.update(task, advance=nbytes, description=f"{title}: {label}")
-
-    return bar()
