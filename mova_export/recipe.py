@@ -7,8 +7,9 @@ field: an unknown key, a wrong type or an impossible value is a RecipeError nami
   * DLA exists only on Jetson AGX Orin and Orin NX (2 cores); the Orin Nano has none; DLA runs int8/fp16 only.
   * the `cpu` runtime (ONNX Runtime CPU) has no TensorRT section, no fp8 and no GPU layers.
 
-`cache_key(recipe, stage)` hashes exactly the fields a stage depends on (STAGE_FIELDS), so changing e.g. the LLM
-context size never invalidates the quantized graphs.
+`cache_key(recipe, stage[, component])` hashes exactly the fields a stage depends on (STAGE_FIELDS), per component
+for quantize and compile, so changing e.g. the LLM context size never invalidates the quantized graphs and one
+component's precision only redoes that component.
 
 Where the YAML files live: the top-level `recipes/` folder is the source of truth (the project layout keeps one YAML
 per target there). `recipe_dirs()` finds it next to the package (a source checkout or an editable install), then a
@@ -195,26 +196,41 @@ def _plain(value: Any) -> Any:
 # ---- per-stage cache keys ------------------------------------------------------------------------------------------
 # Field paths (dotted, into Recipe.to_dict()) each stage's output depends on. Runtime-only fields (LLM gpu layers,
 # threads, context, expert policy, memory budget) are in no build stage: changing them rebuilds nothing.
+# Field paths (dotted, into Recipe.to_dict()) each stage's output depends on; `{component}` and `{precision}` stand
+# for the component a key is for and its precision, so a change to one component's precision changes that
+# component's quantize and compile keys only. Runtime-only fields (LLM gpu layers, threads, context, expert policy,
+# memory budget) are in no build stage: changing them rebuilds nothing.
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "export": (),
-    "quantize": ("precision", "accuracy", "calibration"),
-    "compile": ("device.name", "device.compute_capability", "tensorrt", "precision"),
+    "quantize": ("precision.{component}", "accuracy.{precision}", "calibration.method", "calibration.samples"),
+    "compile": ("device.name", "device.compute_capability", "tensorrt.version", "tensorrt.fp16", "tensorrt.int8",
+                "tensorrt.fp8", "tensorrt.builder", "tensorrt.dla.core", "tensorrt.dla.gpu_fallback",
+                "precision.{component}", "dla:{component}"),
     "gguf": ("llm.quant",),
     "runtime": ("llm", "experts", "memory", "runtime"),
 }
+COMPONENT_STAGES = ("quantize", "compile")
 
 
-def cache_key(recipe: Recipe, stage: str) -> str:
+def cache_key(recipe: Recipe, stage: str, component: str | None = None) -> str:
     """sha256 (16 hex digits) over the stage name, the schema version and exactly the recipe fields in
-    STAGE_FIELDS[stage]."""
+    STAGE_FIELDS[stage] (for quantize and compile: those of one component)."""
     if stage not in STAGE_FIELDS:
         raise RecipeError(f"unknown build stage {stage!r} for a cache key; use one of {', '.join(STAGE_FIELDS)}")
+    if (stage in COMPONENT_STAGES) != (component is not None):
+        raise RecipeError(f"the {stage} key is {'per component' if stage in COMPONENT_STAGES else 'not per component'}"
+                          f"; {'pass' if stage in COMPONENT_STAGES else 'drop'} the component")
     data = recipe.to_dict()
+    subst = {"component": component or "", "precision": recipe.precision.get(component or "", "")}
     picked: dict[str, Any] = {}
-    for path in STAGE_FIELDS[stage]:
+    for template in STAGE_FIELDS[stage]:
+        path = template.format(**subst)
+        if path.startswith("dla:"):
+            picked[path] = recipe.on_dla(component or "")
+            continue
         value: Any = data
         for part in path.split("."):
-            value = None if value is None else value[part]
+            value = value.get(part) if isinstance(value, Mapping) else None
         picked[path] = value
     blob = json.dumps({"stage": stage, "schema": SCHEMA_VERSION, "fields": picked}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -83,7 +83,7 @@ def test_parity_benchmark_fp32_is_exact(tiny, tmp_path):
 def test_cli_bench_commands(tiny, tmp_path):
     from click.testing import CliRunner
 
-    from mova_export.cli_run import bench
+    from mova_export.cli.run import bench
 
     out = tmp_path / "cli"
     latency = CliRunner().invoke(bench, ["latency", str(tiny[1]), "--runs", "1", "--warmup", "0", "--image", "chelsea",

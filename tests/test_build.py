@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from mova_export.cli import main
 from mova_export.errors import MoVAExportError, RecipeError
 from mova_export.pipeline import build
-from mova_export.runners import OrtRunner
+from mova_export.runtime.runners import OrtRunner
 
 CALIB = {"astronaut": "What is the person wearing?", "coffee": "What is in the cup?",
          "chelsea": "What animal is this?"}
@@ -28,7 +28,7 @@ CALIB = {"astronaut": "What is the person wearing?", "coffee": "What is in the c
 def calib_dir(tmp_path_factory):
     from PIL import Image
 
-    from mova_export.reference import sample_images
+    from mova_export.samples import sample_images
 
     folder = tmp_path_factory.mktemp("calib")
     images = sample_images()

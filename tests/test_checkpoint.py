@@ -13,9 +13,11 @@ from torch import nn
 
 from mova_export import checkpoint as checkpoint_module
 from mova_export.checkpoint import Checkpoint, build_on_meta, describe, describe_config
-from mova_export.components import ComponentSpec, _REGISTRY, component_names, get_spec, owner_of, register
+from mova_export.components import (ComponentSpec, MemoryFigures, component_names, get_spec, owner_of, register,
+                                    unregister)
 from mova_export.config import FULL_LLM, MoVAConfig
 from mova_export.errors import CheckpointError, ComponentError
+from mova_export.progress import NULL
 from mova_export.synth import synthetic_config, write_synthetic_checkpoint
 
 REAL_COMPONENTS = component_names()  # captured before any fake spec is registered
@@ -26,7 +28,7 @@ def tiny_checkpoint(tmp_path_factory, fmt):
     """The session's tiny synthetic checkpoint (same path from any test module, written once)."""
     path = tmp_path_factory.getbasetemp() / f"mova-tiny-{fmt}"
     if not (path / "config.json").exists():
-        write_synthetic_checkpoint(path, scale="tiny", fmt=fmt, progress=False, components=REAL_COMPONENTS)
+        write_synthetic_checkpoint(path, scale="tiny", fmt=fmt, console=NULL, components=REAL_COMPONENTS)
     return path
 
 
@@ -165,7 +167,7 @@ class _Fake(nn.Module):
 
 
 def _fake_spec(name, tiny_width=4):
-    return ComponentSpec(name=name, prefix=f"model.{name}.",
+    return ComponentSpec(name=name, kind="tower", prefix=f"model.{name}.", memory=MemoryFigures(0, (1, 1)),
                          presets={"full": {"width": 8}, "tiny": {"width": tiny_width}},
                          build=lambda cfg: _Fake(cfg.arch(name)["width"]), inputs=lambda cfg: (),
                          outputs=lambda cfg: (), unused_keys=("head.*",))
@@ -180,14 +182,14 @@ def fakes():
         register(_fake_spec(name))
     yield
     for name in FAKES:
-        _REGISTRY.pop(name, None)
+        unregister(name)
 
 
 @pytest.fixture(params=FORMATS)
 def fake_ckpt(request, fakes, tmp_path):
     cfg = MoVAConfig(llm=dict(FULL_LLM), scale="tiny")
     return write_synthetic_checkpoint(tmp_path / "ckpt", config=cfg, fmt=request.param, shard_size=40,
-                                      components=FAKES, progress=False)
+                                      components=FAKES, console=NULL)
 
 
 def _index_path(path):
@@ -274,10 +276,10 @@ def test_building_a_small_component_reads_nothing_else(fmt, tmp_path):
     try:
         path = write_synthetic_checkpoint(tmp_path / "ckpt", config=MoVAConfig(llm=dict(FULL_LLM), scale="tiny"),
                                           fmt=fmt, components=["fake_a", "fake_big"], shard_size=2**30,
-                                          progress=False)
+                                          console=NULL)
     finally:
-        _REGISTRY.pop("fake_a")
-        _REGISTRY.pop("fake_big")
+        unregister("fake_a")
+        unregister("fake_big")
     assert len(list(path.glob("*model*"))) == 1  # a single file holds both components
     out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path), str(Path(__file__).parent)],
                          capture_output=True, text=True, check=True)
@@ -288,7 +290,7 @@ def test_building_a_small_component_reads_nothing_else(fmt, tmp_path):
 def test_single_file_checkpoints(fakes, tmp_path):
     cfg = MoVAConfig(llm=dict(FULL_LLM), scale="tiny")
     for fmt, name in (("bin", "pytorch_model.bin"), ("safetensors", "model.safetensors")):
-        path = write_synthetic_checkpoint(tmp_path / fmt, config=cfg, fmt=fmt, components=FAKES, progress=False)
+        path = write_synthetic_checkpoint(tmp_path / fmt, config=cfg, fmt=fmt, components=FAKES, console=NULL)
         assert (path / name).is_file() and not list(path.glob("*.index.json"))
         ckpt = Checkpoint.open(path)
         assert ckpt.shards == [name] and len(ckpt.keys()) == 10

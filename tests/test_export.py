@@ -14,7 +14,8 @@ import torch
 from mova_export import export as ex
 from mova_export.components import ComponentSpec, TensorSpec
 from mova_export.errors import ExportError
-from mova_export.runners import OrtRunner, TorchRunner
+from mova_export.reference.runners import TorchRunner
+from mova_export.runtime.runners import OrtRunner
 from mova_export.validate import TOLERANCES, compare, parity
 
 # ---------------------------------------------------------------------------------------------------------------

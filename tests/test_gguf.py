@@ -20,8 +20,13 @@ import pytest
 import torch
 
 from mova_export.errors import ComponentError, LLMError
-from mova_export.gguf_convert import (QTYPES, convert_checkpoint_to_gguf, gguf_from_source, source_from_state_dict)
-from mova_export.tokenizers import iter_sample_texts, load_llm_tokenizer, special_token_ids, write_llama3_tokenizer
+from mova_export.gguf import QTYPES, convert_checkpoint_to_gguf, gguf_from_source, source_from_state_dict
+from mova_export.components import routing_prompt_lines
+from mova_export.llama3 import load_llm_tokenizer, special_token_ids
+from mova_export.prompts import routing_prompt
+from mova_export.synth.tokenizers import iter_sample_texts, write_llama3_tokenizer
+
+ROUTING_PROMPT = routing_prompt(routing_prompt_lines())
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 llamacpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install '.[llm]')")
@@ -71,10 +76,11 @@ def tiny_llm(tmp_path_factory) -> TinyLLM:
         have_component = False
     if have_component:
         from mova_export.checkpoint import Checkpoint
-        from mova_export.synth import write_synthetic_checkpoint
+        from mova_export.progress import NULL
+from mova_export.synth import write_synthetic_checkpoint
 
         if not (root / "config.json").exists():
-            write_synthetic_checkpoint(root, scale="tiny", components=["llm"], fmt="safetensors", progress=False)
+            write_synthetic_checkpoint(root, scale="tiny", components=["llm"], fmt="safetensors", console=NULL)
         ckpt = Checkpoint.open(root)
         model = ckpt.build("llm").eval()
         state = dict(ckpt.tensors(ckpt.component_keys("llm")))
@@ -233,7 +239,7 @@ def test_padded_vocab_and_error_messages(tiny, tmp_path):
 
 # ---- llama.cpp --------------------------------------------------------------------------------------------------------
 def _llm(path, **kw):
-    from mova_export.llm import LlamaCppLLM
+    from mova_export.runtime.llm import LlamaCppLLM
 
     return LlamaCppLLM(path, n_ctx=512, n_threads=2, **{"f32_kv": True, **kw})
 
@@ -264,7 +270,7 @@ def test_gguf_tokenizer_matches_transformers(tiny):
             assert llm.tokenize(text) == tok(text).input_ids, text
             assert llm.tokenize(text, add_bos=False) == tok(text, add_special_tokens=False).input_ids, text
         for routing in (True, False):
-            prompt = chat_prompt("What is in the image?", routing=routing)
+            prompt = chat_prompt("What is in the image?", routing_prompt=ROUTING_PROMPT if routing else None)
             hf = tokenize_with_image(prompt, lambda t: tok(t).input_ids, tok.bos_token_id)
             assert llm.encode_prompt(prompt) == hf
             assert hf[:2] == [llm.bos_id, llm.bos_id]  # upstream keeps two BOS: tokenizer BOS + the system string's
@@ -277,11 +283,11 @@ def test_gguf_tokenizer_matches_transformers(tiny):
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", list(QTYPES))
 def test_text_logits_match_transformers(tiny, qtype, record_property):
-    from mova_export.llm import hf_logits
+    from mova_export.reference.llm import hf_logits
     from mova_export.prompts import chat_prompt
 
     tok = load_llm_tokenizer(tiny.root)
-    ids = tok(chat_prompt("Describe this image in detail.", routing=False).replace("<image>\n", "")).input_ids
+    ids = tok(chat_prompt("Describe this image in detail.").replace("<image>\n", "")).input_ids
     ref = hf_logits(tiny.model, ids)
     with _llm(tiny.gguf(qtype)) as llm:
         got = llm.logits_for(ids)
@@ -298,7 +304,7 @@ def test_text_logits_match_transformers(tiny, qtype, record_property):
 @llamacpp
 @pytest.mark.llamacpp
 def test_default_f16_kv_cache_is_looser_but_close(tiny):
-    from mova_export.llm import hf_logits
+    from mova_export.reference.llm import hf_logits
 
     ids = load_llm_tokenizer(tiny.root)("The quick brown fox jumps over the lazy dog.").input_ids
     ref = hf_logits(tiny.model, ids)
@@ -310,7 +316,7 @@ def test_default_f16_kv_cache_is_looser_but_close(tiny):
 @llamacpp
 @pytest.mark.llamacpp
 def test_corrupt_or_missing_gguf(tiny, tmp_path):
-    from mova_export.llm import LlamaCppLLM
+    from mova_export.runtime.llm import LlamaCppLLM
 
     with pytest.raises(LLMError, match="not found.*mova-export gguf"):
         LlamaCppLLM(tmp_path / "none.gguf")

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from mova_export.config import IMAGE_TOKEN_INDEX
 from mova_export.errors import LLMError
-from mova_export.llm import hf_generate, hf_inputs_embeds, hf_logits, split_at_marker
-from mova_export.prompts import MAX_ROUTING_TOKENS, chat_prompt, tokenize_with_image
-from mova_export.tokenizers import load_llm_tokenizer
+from mova_export.components import routing_prompt_lines
+from mova_export.llama3 import load_llm_tokenizer
+from mova_export.prompts import IMAGE_TOKEN_INDEX, MAX_ROUTING_TOKENS, chat_prompt, routing_prompt, tokenize_with_image
+from mova_export.reference.llm import hf_generate, hf_inputs_embeds, hf_logits
+from mova_export.runtime.llm import split_at_marker
+
+ROUTING_PROMPT = routing_prompt(routing_prompt_lines())
 from test_gguf import HAS_LLAMA_CPP, LOGIT_TOL, clear_margin, tiny  # noqa: F401 - tiny is a fixture
 
 llamacpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install '.[llm]')")
@@ -29,13 +32,13 @@ def prompts(tiny):
     tok = load_llm_tokenizer(tiny.root)
     encode = lambda text: tok(text).input_ids  # noqa: E731
     q = "What is in the image?"
-    return {"routing": tokenize_with_image(chat_prompt(q, routing=True), encode, tok.bos_token_id),
-            "answer": tokenize_with_image(chat_prompt(q, routing=False), encode, tok.bos_token_id),
+    return {"routing": tokenize_with_image(chat_prompt(q, routing_prompt=ROUTING_PROMPT), encode, tok.bos_token_id),
+            "answer": tokenize_with_image(chat_prompt(q), encode, tok.bos_token_id),
             "stop": sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")})}
 
 
 def _llm(tiny, qtype, **kw):
-    from mova_export.llm import LlamaCppLLM
+    from mova_export.runtime.llm import LlamaCppLLM
 
     return LlamaCppLLM(tiny.gguf(qtype), n_ctx=512, n_threads=2, **{"f32_kv": True, **kw})
 

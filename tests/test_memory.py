@@ -8,9 +8,12 @@ import pytest
 from rich.console import Console
 
 from mova_export.errors import BundleError, RecipeError
-from mova_export.memory import (FULL_PARAMS, GIB, MIB, LLMShape, plan_from_manifest, plan_from_params,
+from mova_export.pipeline.memory import (GIB, MIB, LLMShape, full_params, plan_from_manifest, plan_from_params,
                                 render_plan)
-from mova_export.recipe import COMPONENTS, load_recipe
+from mova_export.recipe import graph_components, load_recipe
+
+COMPONENTS = graph_components()
+FULL_PARAMS = full_params()
 
 FULL = "the full-size MoVA-8B"
 # recipe -> verdict at full scale with its own expert policy
@@ -100,8 +103,13 @@ def test_render_plan_table():
 
 
 # ---- from a bundle manifest ------------------------------------------------------------------------------------------
-def _tiny_manifest(gguf: bool = True) -> dict:
+def _tiny_manifest(gguf: bool = True):
+    """A typed bundle manifest of tiny graphs: every component fp32 (2 MB), base also int8 (600 kB)."""
+    from mova_export.bundle import GraphEntry, Manifest, Variant
     from mova_export.config import FULL_LLM
+    from mova_export.facts import facts_from_config
+    from mova_export.spec import TensorSpec
+    from mova_export.synth import synthetic_config
 
     llm = {**FULL_LLM, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
@@ -109,13 +117,14 @@ def _tiny_manifest(gguf: bool = True) -> dict:
     for comp in COMPONENTS:
         rel = f"graphs/{comp}.fp32.onnx"
         files[rel] = {"sha256": "0" * 64, "bytes": 2_000_000}
-        graphs[comp] = {"outputs": [{"name": "y", "shape": [1, 64, 32], "dtype": "float32"}],
-                        "variants": {"fp32": {"graph": rel, "files": [rel]}}}
+        graphs[comp] = GraphEntry(comp, comp, "tower", [], [TensorSpec("y", (1, 64, 32))],
+                                  {"fp32": Variant(rel, [rel], 2_000_000)})
     files["graphs/base.int8.onnx"] = {"sha256": "1" * 64, "bytes": 600_000}
-    graphs["base"]["variants"]["int8"] = {"graph": "graphs/base.int8.onnx", "files": ["graphs/base.int8.onnx"]}
+    graphs["base"].variants["int8"] = Variant("graphs/base.int8.onnx", ["graphs/base.int8.onnx"], 600_000)
     if gguf:
         files["llm/model.q4_k_m.gguf"] = {"sha256": "2" * 64, "bytes": 3_000_000}
-    return {"files": files, "graphs": graphs, "config": {**llm, "mova_export": {"scale": "tiny"}}}
+    return Manifest(model=facts_from_config(synthetic_config("tiny")), config={**llm, "mova_export": {"scale": "tiny"}},
+                    graphs=graphs, tokenizers={}, source_checkpoint={}, tools={}, created_utc="", files=files)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -142,15 +151,15 @@ def test_manifest_sizes_are_real_or_scaled():
 
 def test_manifest_with_engines_uses_engine_sizes():
     manifest = _tiny_manifest()
-    manifest["files"]["engines/base.int8.engine"] = {"sha256": "3" * 64, "bytes": 700_000}
-    manifest["engines"] = {"base": {"engine": "engines/base.int8.engine"}}
+    manifest.files["engines/base.int8.engine"] = {"sha256": "3" * 64, "bytes": 700_000}
+    manifest.engines = {"base": {"engine": "engines/base.int8.engine"}}
     items = {i.name: i for i in plan_from_manifest(load_recipe("jetson-orin-agx-64gb"), manifest).items}
     assert items["base"].bytes == 700_000 and "engine" in items["base"].detail
 
 
 def test_manifest_missing_component_refused():
     manifest = _tiny_manifest()
-    del manifest["graphs"]["adapter"]
+    del manifest.graphs["adapter"]
     with pytest.raises(BundleError, match="no adapter graph"):
         plan_from_manifest(load_recipe("cpu"), manifest)
 
@@ -177,7 +186,7 @@ def test_describe_config_counts_match_the_reference_table(full_config):
 
 @pytest.mark.parametrize("name,verdict", sorted(EXPECTED.items()))
 def test_full_scale_verdicts_from_describe_config(full_config, name, verdict):
-    from mova_export.memory import plan_from_config
+    from mova_export.pipeline.memory import plan_from_config
 
     cfg, _ = full_config
     plan = plan_from_config(load_recipe(name), cfg)

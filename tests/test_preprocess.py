@@ -18,53 +18,37 @@ import pytest
 
 import mova_export
 
+from mova_export.components import image_input_table
+from mova_export.components.clip import CLIP_MEAN, CLIP_STD
 from mova_export.errors import ComponentError
-from mova_export.preprocess import (CLIP_MEAN, CLIP_STD, IMAGE_INPUTS, IMAGENET_MEAN, IMAGENET_STD, INPUT_KINDS,
-                                    ImageInput, load_image, pix2struct_patches, preprocess, preprocess_kind,
-                                    pixel_values, tower_inputs)
+from mova_export.preprocess import ImageInput, preprocess, preprocess_input, preprocess_kind
+from mova_export.reference.preprocess import preprocess_input as reference_input
 
 PAD = SimpleNamespace(image_feat_size=48, image_aspect_ratio="pad", pix2struct_max_patches=2025)
 PLAIN = SimpleNamespace(image_feat_size=48, image_aspect_ratio="none", pix2struct_max_patches=2025)
 REPO = Path(mova_export.__file__).resolve().parents[1]   # the subprocess imports this checkout's package
 # 2 float32 ulps of the largest patch values (~8): torch's compiled loop fuses some multiply-adds, numpy does not
 PIX2STRUCT_BOUND = 2e-6
+ROWS = image_input_table()      # the registry's rows: clip672, dino672, sam1024, pix2struct
 
 
-# ---- the reference: transformers' processors, built as the previous implementation built them -----------------
-def _reference_pil(rgb: np.ndarray, mean, cfg):
-    from PIL import Image
+# ours, and the reference's transformers processors (mova_export.reference.preprocess), on one row
+def pixel_values(rgb: np.ndarray, kind: str, cfg) -> np.ndarray:
+    return preprocess_input(rgb, ROWS[kind], cfg)[0]
 
-    from mova_export.preprocess import expand2square, pad_color
 
-    pil = Image.fromarray(load_image(rgb))
-    return expand2square(pil, pad_color(mean)) if cfg.image_aspect_ratio == "pad" else pil
+def pix2struct_patches(rgb: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+    patches, mask = preprocess_input(rgb, ROWS["pix2struct"], cfg)
+    return patches, mask
 
 
 def reference_pixel_values(rgb: np.ndarray, kind: str, cfg) -> np.ndarray:
-    from transformers.image_utils import PILImageResampling
-    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    cls, mean, std, side = {"clip672": (CLIPImageProcessorPil, CLIP_MEAN, CLIP_STD, None),
-                            "dino672": (BitImageProcessorPil, IMAGENET_MEAN, IMAGENET_STD, None),
-                            "sam1024": (CLIPImageProcessorPil, CLIP_MEAN, CLIP_STD, 1024)}[kind]
-    side = side or cfg.image_feat_size * 14
-    proc = cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_resize=True,
-               do_center_crop=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-               image_mean=list(mean), image_std=list(std), resample=PILImageResampling.BICUBIC, do_convert_rgb=True)
-    out = proc(images=_reference_pil(rgb, mean, cfg), return_tensors="np")["pixel_values"]
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return reference_input(rgb, ROWS[kind], cfg)[0]
 
 
 def reference_pix2struct(rgb: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
-    from transformers.models.pix2struct.image_processing_pil_pix2struct import Pix2StructImageProcessorPil
-
-    proc = Pix2StructImageProcessorPil(patch_size={"height": 16, "width": 16}, max_patches=cfg.pix2struct_max_patches,
-                                       is_vqa=False, do_normalize=True, do_convert_rgb=True)
-    out = proc(images=_reference_pil(rgb, CLIP_MEAN, cfg), max_patches=cfg.pix2struct_max_patches,
-               return_tensors="np")
-    return (np.ascontiguousarray(out["flattened_patches"], dtype=np.float32),
-            np.ascontiguousarray(out["attention_mask"], dtype=np.float32))
+    patches, mask = reference_input(rgb, ROWS["pix2struct"], cfg)
+    return patches, mask
 
 
 # ---- frames ----------------------------------------------------------------------------------------------------
@@ -86,7 +70,7 @@ def _awkward_frames() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def samples() -> dict[str, np.ndarray]:
-    from mova_export.reference import sample_images
+    from mova_export.samples import sample_images
 
     return sample_images()
 
@@ -137,12 +121,14 @@ def test_pix2struct_grid_follows_the_aspect_ratio(samples):
 
 
 # ---- the table -------------------------------------------------------------------------------------------------
-def test_preprocess_gives_every_kind_and_tower_inputs(samples):
-    out = preprocess(samples["chelsea"], PAD)
-    assert tuple(out) == INPUT_KINDS == ("clip672", "dino672", "sam1024", "pix2struct", "pix2struct_mask")
+def test_preprocess_gives_every_kind_of_the_registry(samples):
+    out = preprocess(samples["chelsea"], ROWS.values(), PAD)
+    assert tuple(out) == ("clip672", "dino672", "sam1024", "pix2struct", "pix2struct_mask")
     assert np.array_equal(out["dino672"], pixel_values(samples["chelsea"], "dino672", PAD))
-    assert [a.shape for a in tower_inputs(out, "pix2struct")] == [(1, 2025, 770), (1, 2025)]
-    assert [a.shape for a in tower_inputs(out, "clip672")] == [(1, 3, 672, 672)]
+    assert [a.shape for a in preprocess_input(samples["chelsea"], ROWS["pix2struct"], PAD)] == [(1, 2025, 770),
+                                                                                             (1, 2025)]
+    assert [ROWS[k].upstream for k in ROWS] == ["CLIPImageProcessor", "BitImageProcessor", "CLIPImageProcessor",
+                                               "Pix2StructImageProcessor"]
 
 
 def test_a_new_row_is_one_table_entry(samples):
@@ -154,24 +140,24 @@ def test_a_new_row_is_one_table_entry(samples):
     from mova_export.preprocess import expand2square
 
     row = ImageInput("siglip384", "resize_crop", 384, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    out = preprocess(samples["rocket"], PAD, rows=[row])
+    out = preprocess(samples["rocket"], [row], PAD)
     assert list(out) == ["siglip384"] and out["siglip384"].shape == (1, 3, 384, 384)
     proc = CLIPImageProcessorPil(size={"shortest_edge": 384}, crop_size={"height": 384, "width": 384},
                                  image_mean=[0.5] * 3, image_std=[0.5] * 3, rescale_factor=1 / 255)
     padded = expand2square(Image.fromarray(samples["rocket"]), (127, 127, 127))
     assert np.array_equal(out["siglip384"], proc(images=padded, return_tensors="np")["pixel_values"])
     small = SimpleNamespace(image_feat_size=4, image_aspect_ratio="pad", pix2struct_max_patches=64)
-    assert preprocess_kind(samples["rocket"], IMAGE_INPUTS["clip672"], small)["clip672"].shape == (1, 3, 56, 56)
-    assert preprocess_kind(samples["rocket"], IMAGE_INPUTS["pix2struct"], small)["pix2struct"].shape == (1, 64, 770)
+    assert preprocess_kind(samples["rocket"], ROWS["clip672"], small)["clip672"].shape == (1, 3, 56, 56)
+    assert preprocess_kind(samples["rocket"], ROWS["pix2struct"], small)["pix2struct"].shape == (1, 64, 770)
 
 
 def test_pad_colour_is_the_rows_mean():
     """A picture filled with a row's pad colour pads invisibly: every pixel normalises to ~0 (int(255 m) / 255)."""
     for kind in ("clip672", "dino672", "sam1024"):
-        row = IMAGE_INPUTS[kind]
+        row = ROWS[kind]
         frame = np.full((30, 80, 3), row.pad_color, np.uint8)
         assert np.abs(pixel_values(frame, kind, PAD)).max() < 0.02, kind
-    assert IMAGE_INPUTS["dino672"].pad_color == (123, 116, 103) and IMAGE_INPUTS["clip672"].pad_color == (122, 116, 104)
+    assert ROWS["dino672"].pad_color == (123, 116, 103) and ROWS["clip672"].pad_color == (122, 116, 104)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -196,14 +182,15 @@ from types import SimpleNamespace
 sys.modules["torch"] = None          # any import of them now raises ImportError
 sys.modules["transformers"] = None
 import numpy as np
-from mova_export.preprocess import INPUT_KINDS, preprocess
+from mova_export.preprocess import ImageInput, preprocess
+rows = [ImageInput.from_json(r) for r in json.loads(sys.argv[1])]
 cfg = SimpleNamespace(image_feat_size=4, image_aspect_ratio="pad", pix2struct_max_patches=64)
 frame = np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8)
-out = preprocess(frame, cfg)
-assert tuple(out) == INPUT_KINDS
+out = preprocess(frame, rows, cfg)
 print(json.dumps({k: [list(v.shape), str(v.dtype)] for k, v in out.items()}))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    rows = json.dumps([row.to_json() for row in ROWS.values()])   # the rows travel as a bundle carries them
+    done = subprocess.run([sys.executable, "-c", code, rows], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     shapes = json.loads(done.stdout)
     assert shapes == {"clip672": [[1, 3, 56, 56], "float32"], "dino672": [[1, 3, 56, 56], "float32"],

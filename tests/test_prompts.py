@@ -1,9 +1,12 @@
 """Routing prompt, chat frame, <image> tokenization and letter parsing: exactly as upstream MoVA."""
 import pytest
 
-from mova_export.config import IMAGE_TOKEN_INDEX
-from mova_export.prompts import (ROUTING_PROMPT, adapter_text, chat_prompt, parse_routing, routed_letters,
-                                 tokenize_with_image)
+from mova_export.components import expert_letters, routing_prompt_lines
+from mova_export.prompts import (IMAGE_TOKEN_INDEX, adapter_text, chat_prompt, mask_label, parse_routing,
+                                 routed_letters, routing_prompt, tokenize_with_image)
+
+LETTERS = expert_letters()
+ROUTING_PROMPT = routing_prompt(routing_prompt_lines())
 
 
 @pytest.mark.parametrize("response, letters", [
@@ -18,7 +21,9 @@ from mova_export.prompts import (ROUTING_PROMPT, adapter_text, chat_prompt, pars
     ("???", []),
 ])
 def test_parse_routing_matches_upstream(response, letters):
-    assert routed_letters(parse_routing(response)) == letters
+    assert LETTERS == tuple("ABCDEFG")
+    assert routed_letters(parse_routing(response, LETTERS), LETTERS) == letters
+    assert mask_label(parse_routing(response, LETTERS), LETTERS) == ("".join(letters) or "none")
 
 
 def test_routing_prompt_is_verbatim():
@@ -30,14 +35,14 @@ def test_routing_prompt_is_verbatim():
 
 
 def test_chat_frames():
-    routing = chat_prompt("What is this?", routing=True)
-    answer = chat_prompt("What is this?", routing=False)
+    routing = chat_prompt("What is this?", routing_prompt=ROUTING_PROMPT)
+    answer = chat_prompt("What is this?")
     head = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision"
     assert routing.startswith(head) and answer.startswith(head)
     assert answer.endswith("<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
                            "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert "<image>\n" + ROUTING_PROMPT + "What is this?<|eot_id|>" in routing
-    assert chat_prompt("q", routing=False, use_im_start_end=True).count("<im_start><image><im_end>\n") == 1
+    assert chat_prompt("q", use_im_start_end=True).count("<im_start><image><im_end>\n") == 1
 
 
 def test_adapter_text_lowercases_question_only():

@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from mova_export.errors import RecipeError
-from mova_export.recipe import (ALIASES, COMPONENTS, STAGE_FIELDS, LLMOptions, cache_key, list_recipes, load_recipe,
-                                parse_recipe, resolve_target)
+from mova_export.recipe import (ALIASES, STAGE_FIELDS, LLMOptions, cache_key, graph_components, list_recipes,
+                                load_recipe, parse_recipe, resolve_target)
+
+COMPONENTS = graph_components()
 
 SHIPPED = ["jetson-orin-agx-64gb", "jetson-orin-nx-16gb", "jetson-orin-nano-8gb", "rtx-4090", "rtx-3090", "h100",
            "cpu"]
@@ -135,7 +137,7 @@ def test_unknown_key_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("section,key,value,needle", [
     ("precision", "adapter", "int4", "precision.adapter is 'int4'"),
-    ("precision", "expert_G", None, "precision.expert_G is missing"),
+    ("precision", "experts", None, "precision.expert_A is missing"),
     ("llm", "quant", "q2_k", "llm.quant"),
     ("llm", "gpu_layers", "all", "llm.gpu_layers must be int"),
     ("memory", "budget_mib", 10**9, "memory.budget_mib"),
@@ -174,34 +176,67 @@ def test_recipes_are_frozen():
 
 
 # ---- cache keys ------------------------------------------------------------------------------------------------------
+def _keys(recipe) -> dict[str, str]:
+    """Every cache key of a recipe: per component for quantize and compile, one per other stage."""
+    out = {}
+    for stage in STAGE_FIELDS:
+        if stage in ("quantize", "compile"):
+            out.update({f"{stage}/{c}": cache_key(recipe, stage, c) for c in COMPONENTS})
+        else:
+            out[stage] = cache_key(recipe, stage)
+    return out
+
+
 def test_cache_keys_change_only_with_the_fields_that_matter():
     base = load_recipe("jetson-orin-agx-64gb")
-    keys = {stage: cache_key(base, stage) for stage in STAGE_FIELDS}
-    assert keys == {stage: cache_key(load_recipe("jetson-orin"), stage) for stage in STAGE_FIELDS}
+    keys = _keys(base)
+    assert keys == _keys(load_recipe("jetson-orin"))
 
     def changed(recipe):
-        return {s for s in STAGE_FIELDS if cache_key(recipe, s) != keys[s]}
+        return {k for k, v in _keys(recipe).items() if v != keys[k]}
 
     # runtime-only LLM options rebuild nothing
     assert changed(replace(base, llm=replace(base.llm, context=2048, gpu_layers=10, threads=4))) == {"runtime"}
     # the LLM quant only the GGUF (and the runtime)
     assert changed(replace(base, llm=replace(base.llm, quant="q4_k_m"))) == {"gguf", "runtime"}
-    # a precision change: quantize and compile
+    # one component's precision: that component's quantize and compile, nothing else
     precision = {**base.precision, "expert_A": "fp16"}
-    assert changed(replace(base, precision=precision)) == {"quantize", "compile"}
-    # builder options: compile only
+    assert changed(replace(base, precision=precision)) == {"quantize/expert_A", "compile/expert_A"}
+    # builder options: every compile
     trt = replace(base.tensorrt, builder=replace(base.tensorrt.builder, optimization_level=5))
-    assert changed(replace(base, tensorrt=trt)) == {"compile"}
-    # calibration: quantize only
-    assert changed(replace(base, calibration=replace(base.calibration, samples=64))) == {"quantize"}
+    assert changed(replace(base, tensorrt=trt)) == {f"compile/{c}" for c in COMPONENTS}
+    # moving one component onto the DLA: its compile only
+    dla = replace(base.tensorrt, dla=replace(base.tensorrt.dla, components=(*base.tensorrt.dla.components, "base")))
+    assert changed(replace(base, tensorrt=dla)) == {"compile/base"}
+    # calibration samples: every quantize
+    assert changed(replace(base, calibration=replace(base.calibration, samples=64))) == {
+        f"quantize/{c}" for c in COMPONENTS}
+    # the int8 budget: the int8 components' quantize only (the adapter is fp16 here)
+    accuracy = {**base.accuracy, "int8": replace(base.accuracy["int8"], min_cosine=0.99)}
+    assert changed(replace(base, accuracy=accuracy)) == {f"quantize/{c}" for c in COMPONENTS
+                                                         if base.precision[c] == "int8"}
     # the source file path and description are in no key
     assert changed(replace(base, source="elsewhere.yaml", description="x")) == set()
     assert cache_key(base, "export") == cache_key(load_recipe("cpu"), "export")
 
 
+def test_recipe_precision_groups_cover_new_components():
+    """`experts:` gives every registered expert without its own entry its precision; `default:` every other one."""
+    raw = _raw("cpu")
+    assert "experts" in raw["precision"] and "expert_A" not in raw["precision"]
+    assert all(load_recipe("cpu").precision[c] == "int8" for c in COMPONENTS if c.startswith("expert_"))
+    raw["precision"] = {"default": "fp16", "expert_C": "int8"}
+    recipe = parse_recipe(raw, source="test.yaml")
+    assert recipe.precision["expert_C"] == "int8" and recipe.precision["adapter"] == "fp16"
+    raw["precision"] = {"base": "int8"}
+    _refused(raw, "precision.expert_A", "is missing", "experts:")
+
+
 def test_cache_key_unknown_stage():
     with pytest.raises(RecipeError, match="unknown build stage 'link'"):
         cache_key(load_recipe("cpu"), "link")
+    with pytest.raises(RecipeError, match="per component"):
+        cache_key(load_recipe("cpu"), "quantize")
     assert isinstance(LLMOptions("q8_0", -1, 4096, 8), LLMOptions)
 
 

@@ -65,7 +65,7 @@ def ref(tiny):
 
 @pytest.fixture(scope="module")
 def images():
-    from mova_export.reference import sample_images
+    from mova_export.samples import sample_images
 
     return sample_images()
 
@@ -81,7 +81,7 @@ def baseline(rt, images):
 
 @pytest.mark.parametrize("name", SAMPLES)
 def test_answers_and_routes_like_the_reference(rt, ref, images, name):
-    from mova_export.reference import SAMPLE_QUESTIONS
+    from mova_export.samples import SAMPLE_QUESTIONS
 
     question = SAMPLE_QUESTIONS[name]
     got = rt.ask(images[name], question, MAX_NEW)
@@ -271,7 +271,7 @@ def test_precision_override(tiny, images):
 def test_cli_run_json_matches_reference(tiny, ref, images):
     from click.testing import CliRunner
 
-    from mova_export.cli_run import run
+    from mova_export.cli.run import run
 
     result = CliRunner().invoke(run, [str(tiny[1]), "--image", "coffee", "--question", "What is in the cup?",
                                       "--json", "--max-new-tokens", str(MAX_NEW), "--backend", "onnxruntime",
@@ -288,7 +288,7 @@ def test_cli_run_json_matches_reference(tiny, ref, images):
 def test_cli_run_stream_and_errors(tiny, tmp_path):
     from click.testing import CliRunner
 
-    from mova_export.cli_run import run
+    from mova_export.cli.run import run
 
     streamed = CliRunner().invoke(run, [str(tiny[1]), "--image", "chelsea", "--question", "What animal is this?",
                                         "--stream", "--max-new-tokens", "4", "--experts", "A", "--no-verify"])

@@ -9,9 +9,10 @@ import torch
 
 from mova_export import synth
 from mova_export.checkpoint import Checkpoint, build_on_meta
-from mova_export.components import component_names, expert_specs, get_spec
+from mova_export.components import component_names, expert_index, expert_specs, get_spec
 from mova_export.config import MoVAConfig
 from mova_export.errors import CheckpointError
+from mova_export.progress import NULL
 from mova_export.synth import (DEFAULT_SHARD_SIZE, plan_tensors, synthetic_config, write_synthetic_checkpoint)
 
 REAL_COMPONENTS = component_names()
@@ -21,7 +22,7 @@ def tiny_checkpoint(tmp_path_factory, fmt):
     """The session's tiny synthetic checkpoint (same path as in test_checkpoint, so it is written once)."""
     path = tmp_path_factory.getbasetemp() / f"mova-tiny-{fmt}"
     if not (path / "config.json").exists():
-        write_synthetic_checkpoint(path, scale="tiny", fmt=fmt, progress=False, components=REAL_COMPONENTS)
+        write_synthetic_checkpoint(path, scale="tiny", fmt=fmt, console=NULL, components=REAL_COMPONENTS)
     return path
 
 
@@ -56,7 +57,7 @@ def _tensors(root):
 
 
 def test_same_seed_same_bytes(tiny_bin, tmp_path):
-    again = write_synthetic_checkpoint(tmp_path / "again", scale="tiny", seed=0, progress=False,
+    again = write_synthetic_checkpoint(tmp_path / "again", scale="tiny", seed=0, console=NULL,
                                        components=REAL_COMPONENTS)
     assert _files(again) == _files(tiny_bin)
     for name in _files(again):
@@ -86,7 +87,7 @@ def test_layout_config_and_index(tiny_bin):
     assert raw["model_type"] == "mova_llama" and raw["mova_export"]["scale"] == "tiny"
     assert raw["torch_dtype"] == "bfloat16" and raw["mm_projector_text_encoder"] == "text_encoder"
     for spec in expert_specs():
-        assert cfg.expert_channels[spec.expert.index] == spec.out_channels(cfg.arch(spec.name)), spec.name
+        assert cfg.expert_channels[expert_index(spec.name)] == spec.out_channels(cfg.arch(spec.name)), spec.name
     if "base" in REAL_COMPONENTS and get_spec("base").out_channels:
         assert cfg.mm_hidden_size == get_spec("base").out_channels(cfg.arch("base"))
     generation = json.loads((tiny_bin / "generation_config.json").read_text())
@@ -139,7 +140,7 @@ def test_streams_shard_by_shard(tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "_save_shard", lambda tensors, path, fmt: events.append(("save", set(tensors))) or
                         save(tensors, path, fmt))
     size = DEFAULT_SHARD_SIZE["tiny"] // 4
-    write_synthetic_checkpoint(tmp_path / "ckpt", scale="tiny", shard_size=size, progress=False,
+    write_synthetic_checkpoint(tmp_path / "ckpt", scale="tiny", shard_size=size, console=NULL,
                                components=REAL_COMPONENTS)
     saves = [i for i, e in enumerate(events) if e[0] == "save"]
     assert len(saves) > 4
@@ -167,9 +168,9 @@ def test_refuses_a_non_empty_folder_and_overwrites_atomically(tmp_path):
     (out / "keep.txt").write_text("mine")
     name = _smallest_component()
     with pytest.raises(CheckpointError, match=r"out exists and is not empty; .*overwrite=True \(CLI: --overwrite\)"):
-        write_synthetic_checkpoint(out, components=[name], progress=False)
+        write_synthetic_checkpoint(out, components=[name], console=NULL)
     assert (out / "keep.txt").read_text() == "mine"
-    write_synthetic_checkpoint(out, components=[name], progress=False, overwrite=True)
+    write_synthetic_checkpoint(out, components=[name], console=NULL, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     Checkpoint.open(out).build(name)
@@ -178,7 +179,7 @@ def test_refuses_a_non_empty_folder_and_overwrites_atomically(tmp_path):
 def test_failure_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):
     name = _smallest_component()
     out = tmp_path / "out"
-    write_synthetic_checkpoint(out, components=[name], progress=False)
+    write_synthetic_checkpoint(out, components=[name], console=NULL)
     before = {f: (out / f).read_bytes() for f in _files(out)}
 
     def broken(tensors, path, fmt):
@@ -186,20 +187,20 @@ def test_failure_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "_save_shard", broken)
     with pytest.raises(OSError, match="disk full"):
-        write_synthetic_checkpoint(out, components=[name], progress=False, overwrite=True, seed=1)
+        write_synthetic_checkpoint(out, components=[name], console=NULL, overwrite=True, seed=1)
     with pytest.raises(OSError, match="disk full"):
-        write_synthetic_checkpoint(tmp_path / "new", components=[name], progress=False)
+        write_synthetic_checkpoint(tmp_path / "new", components=[name], console=NULL)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert {f: (out / f).read_bytes() for f in _files(out)} == before
 
 
 def test_disk_space_and_argument_errors(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="unknown synthetic scale 'huge'"):
-        write_synthetic_checkpoint(tmp_path / "a", scale="huge", progress=False)
+        write_synthetic_checkpoint(tmp_path / "a", scale="huge", console=NULL)
     with pytest.raises(CheckpointError, match="unknown checkpoint format 'gguf'"):
-        write_synthetic_checkpoint(tmp_path / "a", fmt="gguf", progress=False)
+        write_synthetic_checkpoint(tmp_path / "a", fmt="gguf", console=NULL)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(synth.shutil, "disk_usage", lambda p: usage(10, 10, 1000))
     with pytest.raises(CheckpointError, match=r"not enough disk space in .*: the checkpoint needs .* GB are free"):
-        write_synthetic_checkpoint(tmp_path / "a", scale="tiny", progress=False)
+        write_synthetic_checkpoint(tmp_path / "a", scale="tiny", console=NULL)
     assert not list(tmp_path.iterdir())

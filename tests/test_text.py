@@ -15,7 +15,7 @@ import mova_export
 from mova_export.errors import BundleError, CheckpointError, RuntimeInputError
 from mova_export.prompts import adapter_text
 from mova_export.text import MAX_TEXT_TOKENS, TEXT_BUCKETS, BertTextTokenizer, bucket_for, text_inputs
-from mova_export.tokenizers import iter_sample_texts, write_bert_vocab
+from mova_export.synth.tokenizers import iter_sample_texts, write_bert_vocab
 
 REPO = Path(mova_export.__file__).resolve().parents[1]   # the subprocess imports this checkout's package
 

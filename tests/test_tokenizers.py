@@ -6,9 +6,14 @@ import json
 import pytest
 
 from mova_export.errors import CheckpointError
-from mova_export.prompts import ASSISTANT_ROLE, ROUTING_PROMPT, SEP, SYSTEM, USER_ROLE, chat_prompt, tokenize_with_image
-from mova_export.tokenizers import (BERT_SPECIALS, iter_sample_texts, llama3_special_tokens, load_llm_tokenizer,
-                                    load_text_tokenizer, special_token_ids, write_bert_vocab, write_llama3_tokenizer)
+from mova_export.components import routing_prompt_lines
+from mova_export.llama3 import llama3_special_tokens, load_llm_tokenizer, special_token_ids
+from mova_export.prompts import (ASSISTANT_ROLE, SEP, SYSTEM, USER_ROLE, chat_prompt, routing_prompt,
+                                 tokenize_with_image)
+from mova_export.reference import load_text_tokenizer
+from mova_export.synth.tokenizers import BERT_SPECIALS, iter_sample_texts, write_bert_vocab, write_llama3_tokenizer
+
+ROUTING_PROMPT = routing_prompt(routing_prompt_lines())
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def test_tokenizes_like_llama3(tiny_tok):
     for text in iter_sample_texts():
         assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
     # upstream tokenizer_image_token keeps both BOS ids (tokenizer BOS + the one in the system string)
-    ids = tokenize_with_image(chat_prompt("Q?", routing=True), lambda t: tok(t).input_ids, tok.bos_token_id)
+    ids = tokenize_with_image(chat_prompt("Q?", routing_prompt=ROUTING_PROMPT), lambda t: tok(t).input_ids, tok.bos_token_id)
     assert ids[:2] == [tok.bos_token_id] * 2 and ids.count(-200) == 1
 
 
@@ -65,7 +70,7 @@ def test_chat_template_renders_movas_frame(tiny_tok):
     text = tok.apply_chat_template([{"role": "system", "content": system},
                                     {"role": "user", "content": "<image>\n" + ROUTING_PROMPT + question}],
                                    tokenize=False, add_generation_prompt=True)
-    assert text == chat_prompt(question, routing=True)
+    assert text == chat_prompt(question, routing_prompt=ROUTING_PROMPT)
     assert text.endswith(SEP + ASSISTANT_ROLE) and USER_ROLE in text
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mova_export.components import get_spec
+from mova_export.components import expert_index, get_spec
 from mova_export.config import FULL_LLM, MoVAConfig
 from mova_export.errors import ComponentError, RuntimeInputError
 from helpers import randomize
@@ -76,8 +76,8 @@ def test_spec_declares_the_upstream_tower(name):
         assert spec.expert is None
         assert spec.out_channels(FULL.arch(name)) == FULL.mm_hidden_size == 1024
     else:
-        assert spec.expert.letter == name[-1] and spec.expert.input_kind == KIND[name]
-        assert spec.out_channels(FULL.arch(name)) == FULL.expert_channels[spec.expert.index] == FULL_CHANNELS[name]
+        assert spec.expert.letter == name[-1] and [r.kind for r in spec.image_inputs] == [KIND[name]]
+        assert spec.out_channels(FULL.arch(name)) == FULL.expert_channels[expert_index(name)] == FULL_CHANNELS[name]
     if KIND[name] == "pix2struct":
         want = [("flattened_patches", (1, 2025, 770), "float32"), ("attention_mask", (1, 2025), "float32")]
     else:

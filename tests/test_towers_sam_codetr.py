@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mova_export.components import get_spec
+from mova_export.components import expert_index, get_spec
 from mova_export.config import FULL_LLM, MoVAConfig
 from helpers import randomize
 
@@ -56,10 +56,10 @@ def _meta_build(name: str, cfg: MoVAConfig = FULL) -> nn.Module:
 def test_spec_declares_the_upstream_tower(name):
     spec = get_spec(name)
     assert spec.prefix == f"model.vision_tower.{TOWER[name]}."
-    assert spec.expert.letter == name[-1] and spec.expert.input_kind == "sam1024"
+    assert spec.expert.letter == name[-1] and [r.kind for r in spec.image_inputs] == ["sam1024"]
     assert [(t.name, t.shape, t.dtype) for t in spec.inputs(FULL)] == [("pixel_values", (1, 3, 1024, 1024), "float32")]
     channels = {"expert_B": 512, "expert_C": 256, "expert_G": 256}[name]
-    assert spec.out_channels(FULL.arch(name)) == channels == FULL.expert_channels[spec.expert.index]
+    assert spec.out_channels(FULL.arch(name)) == channels == FULL.expert_channels[expert_index(name)]
     assert [(t.name, t.shape) for t in spec.outputs(FULL)] == [("features", (1, 2304, channels))]
     assert spec.unused_keys == () and spec.exclude_prefixes == ()
 

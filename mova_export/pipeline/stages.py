@@ -149,15 +149,6 @@ def export_stage(ctx: BuildContext, name: str, upstream: Mapping[str, Mapping[st
 
 
 # ---- quantize ------------------------------------------------------------------------------------------------------
-def quantize_fields(recipe: "Recipe", precision: str) -> dict[str, Any]:
-    """Exactly the recipe fields one component's quantization reads."""
-    budget = recipe.accuracy.get(precision)
-    if budget is None:
-        raise RecipeError(f"recipe {recipe.name}: accuracy.{precision} is missing; give it a min_cosine")
-    return {"precision": precision, "budget": [budget.min_cosine, budget.max_rel_l2],
-            "method": recipe.calibration.method, "samples": recipe.calibration.samples}
-
-
 def quantize_stage(ctx: BuildContext, graph: "GraphEntry", export_dir: Path, export_unit_key: str,
                    calibration_file: str, recipe: "Recipe") -> tuple[dict[str, Any], Path | None]:
     """The shipped variant of one graph for the recipe: (decision, quantize unit folder or None). The decision's
@@ -170,9 +161,13 @@ def quantize_stage(ctx: BuildContext, graph: "GraphEntry", export_dir: Path, exp
     wanted = recipe.precision_of(graph.component)
     if wanted not in ("int8", "fp8"):
         return {"graph": graph.name, "requested": wanted, "final": wanted, "variant": wanted}, None
+    from ..recipe import cache_key
+
+    if wanted not in recipe.accuracy:
+        raise RecipeError(f"recipe {recipe.name}: accuracy.{wanted} is missing; give it a min_cosine")
     start = time.perf_counter()
-    fields = quantize_fields(recipe, wanted)
-    key = digest("quantize", STAGE_VERSIONS["quantize"], export_unit_key, graph.name, fields)
+    key = digest("quantize", STAGE_VERSIONS["quantize"], export_unit_key, graph.name,
+                 cache_key(recipe, "quantize", graph.component))
     unit, reused = ctx.find("quantize", graph.name, key)
     if reused:
         decision = unit.read()
