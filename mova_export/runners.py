@@ -140,8 +140,6 @@ class TensorRTRunner:
             raise ExportError(f"TensorRT engine {self.path} not found")
         self.name = name or self.path.name
         trt = import_flavor(flavor)
-        cudart = _cudart()
-        self._trt, self._cudart = trt, cudart
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if dla_core is not None:
             if dla_core >= runtime.num_DLA_cores:
@@ -150,8 +148,11 @@ class TensorRTRunner:
             runtime.DLA_core = dla_core
         self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise ExportError(f"TensorRT could not deserialize {self.path}; engines are tied to the flavor, version "
-                              "and GPU that built them: rebuild it with `mova-export compile` for this device")
+            raise ExportError(f"TensorRT could not deserialize {self.path} (TensorRT's log above says why: no CUDA GPU, "
+                              "or an engine of another flavor, version or GPU); rebuild it with `mova-export compile` "
+                              "for this device")
+        cudart = _cudart()
+        self._trt, self._cudart = trt, cudart
         self.runtime_cache_path = Path(runtime_cache) if runtime_cache is not None else None
         self._runtime_cache = None
         if FLAVORS[flavor].runtime_cache and self.runtime_cache_path is not None:

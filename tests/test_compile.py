@@ -475,3 +475,25 @@ def test_rtx_compile_bundle_records_flavor_version_target_and_unverified_parity(
         assert meta.layers["attention_matmuls_fp32"] == 0 and meta.timing_cache == ""
     assert not (bundle / "engines/timing").exists()   # TensorRT-RTX has no timing cache
     assert any("for SM89 ahead of time" in line for line in logs)
+
+
+@pytest.mark.tensorrt
+@needs_rtx
+def test_dla_cores_are_checked_on_build_and_on_load(tiny_graphs, tmp_path):
+    """The builder's and the runtime's real num_DLA_cores (0 here) refuse a DLA engine before any build or load."""
+    from mova_export.errors import ExportError
+    from mova_export.runners import TensorRTRunner
+
+    graph = tiny_graphs["base"]["fp16"]
+    on_dla = BuilderSettings("base", "fp16", "tensorrt-rtx", True, (), ("GPU_FALLBACK",), (), 3, 1 << 30, False, 0,
+                             "8.9")
+    with pytest.raises(CompileError, match=r"DLA core 0 but this device has 0 DLA core\(s\) .builder.num_DLA_cores"):
+        engine_from_onnx(graph, tmp_path / "dla.engine", on_dla)
+    engine = tmp_path / "base.engine"
+    engine_from_onnx(graph, engine, builder_settings(R4090, "base", inspect_graph(graph), "fp16"))
+    with pytest.raises(ExportError, match=r"runs on DLA core 1 but this device has 0 DLA core\(s\)"):
+        TensorRTRunner(engine, flavor="tensorrt-rtx", dla_core=1)
+    if current_device().gpu_name is None:   # no GPU: deserialisation fails and says so in one line
+        with pytest.raises(ExportError, match="could not deserialize .*no CUDA GPU") as info:
+            TensorRTRunner(engine, flavor="tensorrt-rtx")
+        assert "\n" not in str(info.value)

@@ -42,9 +42,9 @@ def _feeds(root: Path, manifest: Mapping[str, Any], component: str) -> list[dict
     entry = (manifest.get("calibration") or {}).get(component)
     if not entry:
         return []
-    from ..quantize import load_calibration
+    from ..calibration import read_feeds
 
-    return load_calibration(root / entry["file"])
+    return read_feeds(root / entry["file"])
 
 
 def compile_bundle(bundle_path: str | Path, recipe: Recipe, components: Sequence[str] | None = None, *,
