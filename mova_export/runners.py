@@ -148,9 +148,9 @@ class TensorRTRunner:
             runtime.DLA_core = dla_core
         self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise ExportError(f"TensorRT could not deserialize {self.path} (TensorRT's log above says why: no CUDA GPU, "
-                              "or an engine of another flavor, version or GPU); rebuild it with `mova-export compile` "
-                              "for this device")
+            raise ExportError(f"TensorRT could not deserialize {self.path} (TensorRT's log above says why: no CUDA "
+                              "GPU, or an engine of another flavor, version or GPU); rebuild it with `mova-export "
+                              "compile` for this device")
         cudart = _cudart()
         self._trt, self._cudart = trt, cudart
         self.runtime_cache_path = Path(runtime_cache) if runtime_cache is not None else None

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mova_export.compile import (FLAVORS, BuildResult, BuilderSettings, DeviceInfo, EngineMetadata, EngineParity,
-                                 GraphInfo, LayerProfile, builder_settings, can_compile_here, check_engine_metadata,
-                                 compile_bundle, current_device, engine_from_onnx, engine_parity, inspect_graph,
-                                 installed_flavors, profile_onnx, read_engine_metadata, resolve_settings,
-                                 select_variant)
+from mova_export.compile import (FLAVORS, RTX_COMPUTE_CAPABILITIES, BuildResult, BuilderSettings, DeviceInfo,
+                                 EngineMetadata, EngineParity, GraphInfo, LayerProfile, builder_settings,
+                                 can_compile_here, check_engine_metadata, compile_bundle, current_device,
+                                 engine_from_onnx, engine_parity, inspect_graph, installed_flavors, profile_onnx,
+                                 read_engine_metadata, resolve_settings, select_variant)
 from mova_export.compile.flavors import import_flavor, tensorrt_flavor
 from mova_export.errors import BundleError, CompileError, RecipeError
 from mova_export.recipe import load_recipe
@@ -497,3 +497,31 @@ def test_dla_cores_are_checked_on_build_and_on_load(tiny_graphs, tmp_path):
         with pytest.raises(ExportError, match="could not deserialize .*no CUDA GPU") as info:
             TensorRTRunner(engine, flavor="tensorrt-rtx")
         assert "\n" not in str(info.value)
+
+
+def _rtx_gpu() -> str | None:
+    dev = current_device()
+    return dev.compute_capability if HAS_RTX and dev.compute_capability in RTX_COMPUTE_CAPABILITIES else None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_rtx_gpu() is None, reason="needs TensorRT-RTX and a GPU it targets (SM75/80/86/89/120/121)")
+def test_engine_parity_on_the_gpu(tiny_graphs, tmp_path):
+    """On an RTX-class GPU: the engine runs through TensorRTRunner (cuda-python buffers, runtime cache) and matches
+    its ONNX graph; the runtime cache is written beside it for the next run."""
+    pytest.importorskip("cuda.bindings")
+    from mova_export.components import get_spec
+    from mova_export.config import FULL_LLM, MoVAConfig
+
+    cc = _rtx_gpu()
+    cfg = MoVAConfig(llm=dict(FULL_LLM), scale="tiny")
+    feeds = [{k: np.asarray(v) for k, v in get_spec("base").sample_inputs(cfg, s).items()} for s in range(2)]
+    for precision in ("fp16", "int8"):
+        graph = tiny_graphs["base"][precision]
+        settings = BuilderSettings("base", precision, "tensorrt-rtx", True, (), (), (), 3, 1 << 30, False, None, cc)
+        engine_from_onnx(graph, tmp_path / f"{precision}.engine", settings)
+        result = engine_parity(tmp_path / f"{precision}.engine", graph, feeds, compute_capability=cc,
+                               device=current_device(), flavor="tensorrt-rtx",
+                               runtime_cache=tmp_path / f"{precision}.runtime-cache")
+        assert result.status == "verified" and result.samples == 2 and result.cosine > 0.999, result
+        assert (tmp_path / f"{precision}.runtime-cache").stat().st_size > 0

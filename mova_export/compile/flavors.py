@@ -1,10 +1,10 @@
 """The three TensorRT flavors one builder serves: what differs per flavor is a row of `FLAVORS`, not a branch.
 
-| flavor        | Python module                 | typing                         | compute capability      | caches          |
-|---------------|-------------------------------|--------------------------------|-------------------------|-----------------|
-| tensorrt-10   | tensorrt 10.0 .. 10.11        | weak allowed (FP16/INT8 flags) | the GPU it builds on    | timing cache    |
-| tensorrt      | tensorrt >= 10.12, 11.x       | strongly typed only            | the GPU it builds on    | timing cache    |
-| tensorrt-rtx  | tensorrt_rtx / _rtx_bindings  | strongly typed only            | chosen, ahead of time   | runtime cache   |
+| flavor       | Python module                | typing                         | target                | cache         |
+|--------------|------------------------------|--------------------------------|-----------------------|---------------|
+| tensorrt-10  | tensorrt 10.0 .. 10.11       | weak allowed (FP16/INT8 flags) | the GPU it builds on  | timing cache  |
+| tensorrt     | tensorrt >= 10.12, 11.x      | strongly typed only            | the GPU it builds on  | timing cache  |
+| tensorrt-rtx | tensorrt_rtx / _rtx_bindings | strongly typed only            | a compute capability  | runtime cache |
 
 API facts behind the rows (NVIDIA/TensorRT sources, python/src/infer/pyCore.cpp at tags v10.3.0 and v11.1, and
 the installed tensorrt_rtx_bindings 1.7.1.116):
@@ -41,7 +41,7 @@ class Flavor:
     name: str
     modules: tuple[str, ...]            # import names, first importable wins
     weak_typing: bool                   # FP16/INT8 builder flags and weakly typed networks exist
-    strongly_typed_flag: bool           # set NetworkDefinitionCreationFlag.STRONGLY_TYPED (where it still means something)
+    strongly_typed_flag: bool           # set NetworkDefinitionCreationFlag.STRONGLY_TYPED (10.x needs it; 11.x ignores)
     ahead_of_time: bool                 # builds for a chosen compute capability, no GPU needed
     timing_cache: bool                  # the builder's timing cache does something
     runtime_cache: bool                 # IRuntimeCache: kernels specialised at first run, kept between runs
