@@ -358,6 +358,21 @@ def test_compile_bundle_writes_engines_metadata_and_manifest(tmp_path):
     assert len(calls) == 3 and {c for *_, c in calls} == {bundle / "engines/timing/orin.tensorrt-10-10.3.1.cache"}
 
 
+def test_ahead_of_time_engines_are_verified_once_their_gpu_is_there(tmp_path):
+    from onnx import TensorProto
+
+    bundle = _bundle(tmp_path / "b", {"base": ("fp8", _qdq_graph(tmp_path / "q.onnx", TensorProto.INT8))})
+    calls: list = []
+    unverified = lambda *a, **k: EngineParity("unverified", reason="no CUDA GPU here")  # noqa: E731
+    [ci] = compile_bundle(bundle, R4090, device=CI_RTX, build=_stand_in(calls), verify=unverified)
+    assert ci.gpu_name is None and ci.parity["status"] == "unverified" and calls[0][2] is None  # no timing cache
+    gpu = DeviceInfo.of("NVIDIA GeForce RTX 4070", "8.9", {"tensorrt-rtx": "1.7.1.116"})
+    [there] = compile_bundle(bundle, R4090, device=gpu, build=_stand_in(calls), verify=_verified(0.9991))
+    assert len(calls) == 1 and there.parity["cosine"] == 0.9991 and there.engine_sha256 == ci.engine_sha256
+    assert read_engine_metadata(bundle / "engines/base.fp8.engine").parity["status"] == "verified"
+    assert json.loads((bundle / "manifest.json").read_text())["engines"]["base"]["parity"] == "verified"
+
+
 def test_engine_below_budget_is_refused_and_removed(tmp_path):
     from onnx import TensorProto
 

@@ -1,6 +1,7 @@
 """A bundle's ONNX graphs -> engines with metadata, parity against their graphs, and the manifest's `engines` table."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -47,6 +48,33 @@ def _feeds(root: Path, manifest: Mapping[str, Any], component: str) -> list[dict
     return read_feeds(root / entry["file"])
 
 
+def _checked_parity(engine: Path, graph: Path, recipe: Recipe, precision: str, component: str, device: DeviceInfo,
+                    verify: Callable[..., EngineParity], feeds: list[dict], flavor: str,
+                    dla_core: int | None) -> EngineParity:
+    """The engine against its graph; an engine below the recipe's budget for `precision` is removed and refused."""
+    parity = verify(engine, graph, feeds, compute_capability=recipe.device.cc_str, device=device, flavor=flavor,
+                    dla_core=dla_core)
+    budget = recipe.accuracy.get(precision)
+    if budget is not None:
+        try:
+            check_engine_parity(parity, component, precision, budget.min_cosine)
+        except CompileError:
+            engine.unlink()  # an engine below budget never ships
+            raise
+    return parity
+
+
+def _verified(old: EngineMetadata, engine: Path, graph: Path, recipe: Recipe, device: DeviceInfo,
+              verify: Callable[..., EngineParity], feeds: list[dict]) -> EngineMetadata:
+    parity = _checked_parity(engine, graph, recipe, old.precision, old.component, device, verify, feeds, old.flavor,
+                             old.dla_core)
+    if parity.status != "verified":
+        return old
+    meta = replace(old, parity=parity.to_json())
+    write_engine_metadata(engine, meta)
+    return meta
+
+
 def compile_bundle(bundle_path: str | Path, recipe: Recipe, components: Sequence[str] | None = None, *,
                    device: DeviceInfo | None = None, build: Callable[..., BuildResult] = engine_from_onnx,
                    verify: Callable[..., EngineParity] = engine_parity,
@@ -86,7 +114,10 @@ def compile_bundle(bundle_path: str | Path, recipe: Recipe, components: Sequence
         if engine.is_file() and metadata_path(engine).is_file():
             old = read_engine_metadata(engine)
             if _reusable(old, choice, cc, dev, graph_sha, key):
-                log(f"{comp}: engine up to date ({rel_engine})")
+                if old.parity.get("status") != "verified":  # built ahead of time: verify it once its GPU is here
+                    old = _verified(old, engine, root / rel_graph, recipe, dev, verify, _feeds(root, manifest, comp))
+                log(f"{comp}: engine up to date ({rel_engine}, parity {old.parity.get('status')})")
+                engines[comp] = {**engines.get(comp, {}), "parity": old.parity.get("status")}
                 results.append(old)
                 continue
         settings = builder_settings(recipe, comp, inspect_graph(root / rel_graph, graph_sha), precision,
@@ -97,15 +128,8 @@ def compile_bundle(bundle_path: str | Path, recipe: Recipe, components: Sequence
         log(f"{comp}: building {rel_engine} ({precision}, {choice.flavor} {choice.version}, {mode}{dla}, {target})")
         built = build(root / rel_graph, engine, settings, root / cache_rel if settings.timing_cache else None,
                       log=log)
-        parity = verify(engine, root / rel_graph, _feeds(root, manifest, comp), compute_capability=cc, device=dev,
-                        flavor=choice.flavor, dla_core=settings.dla_core)
-        budget = recipe.accuracy.get(precision)
-        if budget is not None:
-            try:
-                check_engine_parity(parity, comp, precision, budget.min_cosine)
-            except CompileError:
-                engine.unlink()  # an engine below budget never ships
-                raise
+        parity = _checked_parity(engine, root / rel_graph, recipe, precision, comp, dev, verify,
+                                 _feeds(root, manifest, comp), choice.flavor, settings.dla_core)
         log(f"{comp}: {built.engine_bytes / 2**20:.1f} MiB in {built.seconds:.1f} s, "
             f"{built.layers.fp32_share:.0%} of compute layers fp32, parity "
             + (f"cosine {parity.cosine:.6f}" if parity.status == "verified" else f"unverified ({parity.reason})"))

@@ -37,8 +37,8 @@ def engine_parity(engine_path: str | Path, onnx_path: str | Path, feeds: Sequenc
     compute capability is here or there are no feeds."""
     if device.gpu_name is None or device.compute_capability != compute_capability:
         found = "no CUDA GPU" if device.gpu_name is None else f"{device.gpu_name} ({device.compute_capability})"
-        return EngineParity("unverified", reason=f"built for compute capability {compute_capability}; {found} here "
-                            "to run it: verify on the target (`mova-export compile` there)")
+        return EngineParity("unverified", reason=f"{found} here; `mova-export compile` on a GPU of compute "
+                            f"capability {compute_capability} verifies it")
     if not feeds:
         return EngineParity("unverified", reason="no feeds to compare on (bundle calibration/ is empty)")
     from ..quantize import OrtGraph
