@@ -4,8 +4,11 @@ Loaders in the Polygraphy style:
 
 - `qdq_from_onnx(src, dst, precision, calibration)`: an explicit Q/DQ graph for TensorRT. Only weight-bearing
   MatMul/Gemm/Conv nodes are quantized (the layers TensorRT runs in INT8/FP8), on their inputs only: per-tensor
-  symmetric activations, per-output-channel symmetric weights. Outputs stay fp32, so Resize, LayerNormalization,
+  symmetric activations, per-output-channel symmetric weights, Convs only where TensorRT has kernels for them
+  (`conv_quantizable`, ModelOpt's rule). Outputs stay in the base precision, so Resize, LayerNormalization,
   Softmax, decomposed norms (export.FP32_OPS, export.fp16_block_nodes) are fp32 islands with no Q/DQ on their inputs.
+  The base (`QDQ_BASE` per runtime) is fp16 for TensorRT, whose strongly typed builds run everything outside the
+  Q/DQ pairs in the graph's type, and fp32 for ONNX Runtime CPU, whose integer kernels want fp32 scales.
   * INT8, backend "onnxruntime": `quant_pre_process` + `quantize_static` (QDQ, QInt8/QInt8, per-channel,
     ActivationSymmetric, no bias or output quantization).
   * FP8, backend "onnxruntime": onnxruntime's float8 path accepts only its Distribution calibrator (MinMax is refused:
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import shutil
 import tempfile
@@ -40,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import ExportError
-from .export.onnx import FP32_OPS, _too_large, fp16_block_nodes, fp16_from_onnx, save_model
+from .export.onnx import FP32_OPS, _too_large, _toposorted, fp16_block_nodes, fp16_from_onnx, save_model
 from .validate import Parity, ParityReport, Tolerance, parity, worst
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +63,13 @@ DEFAULT_FP32_OPS = tuple(FP32_OPS)
 FP8_MAX = 448.0                      # largest finite float8 E4M3FN value
 FP8_OPSET = 19                       # first opset with float8 QuantizeLinear/DequantizeLinear
 PERCENTILE = 99.999
-PARITY_METHODS = ("ort", "simulated-fp8")
+BASES = ("fp32", "fp16")
+# The float precision around the Q/DQ pairs, per runtime (recipe.runtime). Strongly typed TensorRT (11.x, RTX, FP8
+# builds) runs every op outside the pairs in the graph's own type: an fp32 base leaves ~78% of the compute layers of
+# a tiny CLIP fp32 against 14% on an fp16 base. ONNX Runtime CPU fuses fp32-base Q/DQ into integer kernels: the
+# same tiny CLIP ran 22.5 ms fp32-base INT8 against 32.7 ms fp16-base (p50, 2 threads), so the cpu target keeps fp32.
+QDQ_BASE = {"tensorrt": "fp16", "onnxruntime-cpu": "fp32"}
+FP16_QDQ_OPSET = 19                  # first opset with float16 scales on QuantizeLinear/DequantizeLinear
 
 
 def _quiet(_: str) -> None:
@@ -86,6 +96,7 @@ class QuantResult:
     calibration_samples: int
     parity_method: str                # "ort": the Q/DQ graph runs in ONNX Runtime; "simulated-fp8": simulate_fp8
     seconds: float
+    base: str = "fp32"                # float precision outside the quantized ops (QDQ_BASE)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -143,23 +154,6 @@ def split_feeds(feeds: Sequence[Feed], held_out: float | int = 0.25) -> tuple[li
     return [f for i, f in enumerate(feeds) if i not in picked], [feeds[i] for i in picked]
 
 
-def load_calibration(source: str | Path | Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Feeds from a bundle's calibration/<component>.npz (input name -> arrays stacked on axis 0) or such a mapping."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ExportError(f"calibration file {path} not found; build the bundle first (it writes calibration/)")
-        with np.load(path) as data:
-            stacked = {k: data[k] for k in data.files}
-    else:
-        stacked = {k: np.asarray(v) for k, v in source.items()}
-    counts = {k: v.shape[0] if v.ndim else 0 for k, v in stacked.items()}
-    if not stacked or len(set(counts.values())) != 1 or 0 in counts.values():
-        raise ExportError(f"calibration arrays must share a non-zero leading sample axis, got {counts}")
-    n = next(iter(counts.values()))
-    return [{k: v[i] for k, v in stacked.items()} for i in range(n)]
-
-
 def _check_feeds(feeds: Sequence[Feed], inputs: Sequence[str], what: str, src: Path) -> list[dict[str, np.ndarray]]:
     feeds = list(feeds)
     if not feeds:
@@ -198,18 +192,43 @@ def _name_nodes(model: "onnx.ModelProto") -> None:
         seen.add(node.name)
 
 
+def conv_quantizable(precision: str, weight_dims: Sequence[int], group: int, reads_graph_input: bool) -> bool:
+    """Whether TensorRT has fast INT8/FP8 kernels for a Conv, by ModelOpt's rule (NVIDIA/Model-Optimizer,
+    modelopt/onnx/quantization/graph_utils.py, find_nodes_from_convs_to_exclude): input and output channels >= 16,
+    except INT8 convs with channels % 8 == 0 and a square kernel that read the graph input or have one side >= 16
+    (grouped: output channels % 8 and kernels >= 3); FP8 also needs kernel area <= 32 and both channel counts > 16.
+    So FP8 leaves a ViT's 3-channel 14x14 patch embedding in the float base; INT8 keeps it."""
+    out_ch, in_ch, kernel = weight_dims[0], weight_dims[1], tuple(weight_dims[2:]) or (1,)
+    if out_ch < 16 or in_ch < 16:
+        if precision != "int8":
+            return False
+        if group == 1:
+            return ((out_ch % 8 == 0 or in_ch % 8 == 0) and (reads_graph_input or max(out_ch, in_ch) >= 16)
+                    and len(set(kernel)) == 1)
+        return out_ch % 8 == 0 and all(k >= 3 for k in kernel)
+    if precision == "fp8":
+        return math.prod(kernel) <= 32 and out_ch > 16 and in_ch > 16
+    return True
+
+
 def select_nodes(model: "onnx.ModelProto", *, exclude_nodes: Sequence[str] = (),
                  exclude_op_types: Sequence[str] = DEFAULT_FP32_OPS,
-                 op_types: Sequence[str] = QUANT_OP_TYPES) -> tuple[list[str], list[str]]:
-    """(nodes to quantize, fp32 islands). A node is quantized when its op type is in `op_types` and not in
-    `exclude_op_types`, its input 1 is an fp32 initializer (a weight), and it is neither in `exclude_nodes` nor in a
-    norm scope (export.fp16_block_nodes). Islands: nodes of `exclude_op_types` plus the norm-scope nodes."""
+                 op_types: Sequence[str] = QUANT_OP_TYPES, precision: str = "int8") -> tuple[list[str], list[str]]:
+    """(nodes to quantize, float islands). A node is quantized when its op type is in `op_types` and not in
+    `exclude_op_types`, its input 1 is an fp32 initializer (a weight), it is neither in `exclude_nodes` nor in a
+    norm scope (export.fp16_block_nodes), and a Conv passes `conv_quantizable` for `precision`. Islands: nodes of
+    `exclude_op_types`, the norm-scope nodes and the convs TensorRT has no `precision` kernels for."""
     import onnx
 
     inits = _initializers(model)
+    graph_inputs = set(_graph_input_names(model))
+    unsupported = [n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1
+                   and n.input[1] in inits and not conv_quantizable(
+                       precision, inits[n.input[1]].dims, next((a.i for a in n.attribute if a.name == "group"), 1),
+                       n.input[0] in graph_inputs)]
     norm_nodes = set(fp16_block_nodes(model))
-    blocked = norm_nodes | set(exclude_nodes)
-    islands = [n.name for n in model.graph.node if n.op_type in exclude_op_types or n.name in norm_nodes]
+    blocked = norm_nodes | set(exclude_nodes) | set(unsupported)
+    islands = [n.name for n in model.graph.node if n.op_type in exclude_op_types or n.name in norm_nodes] + unsupported
     chosen = []
     for node in model.graph.node:
         if node.op_type not in op_types or node.op_type in exclude_op_types or node.name in blocked:
@@ -237,8 +256,13 @@ def _opset(model: "onnx.ModelProto") -> int:
 def qdq_from_onnx(src: str | Path, dst: str | Path, precision: str, calibration: Sequence[Feed], *,
                   method: str = "minmax", exclude_nodes: Sequence[str] = (),
                   exclude_op_types: Sequence[str] = DEFAULT_FP32_OPS, op_types: Sequence[str] = QUANT_OP_TYPES,
-                  backend: str = "auto", log: Log = _quiet) -> QuantResult:
+                  backend: str = "auto", base: str = "fp32", log: Log = _quiet) -> QuantResult:
     """Explicit Q/DQ graph at `dst` from the fp32 graph `src`, calibrated on `calibration` (feeds: input -> array).
+
+    `base` is the float precision outside the quantized ops (QDQ_BASE per runtime). Calibration always runs on the
+    fp32 graph (onnxruntime's calibrators and our amax probe read fp32 tensors); with base "fp16" the finished Q/DQ
+    graph is then converted like export.fp16_from_onnx (same fp32 blocks: FP32_OPS and the norm scopes stay fp32
+    between casts) with fp16 scales, at opset 19.
 
     Raises ExportError on a missing graph, empty or mismatched feeds, an unknown precision/method/backend, nothing
     left to quantize, or a result that fails the ONNX checker."""
@@ -252,6 +276,8 @@ def qdq_from_onnx(src: str | Path, dst: str | Path, precision: str, calibration:
         raise ExportError(f"unknown calibration method {method!r}; use one of {list(METHODS)}")
     if backend not in BACKENDS:
         raise ExportError(f"unknown quantization backend {backend!r}; use one of {list(BACKENDS)}")
+    if base not in BASES:
+        raise ExportError(f"unknown Q/DQ base precision {base!r}; use one of {list(BASES)}")
     if not src.is_file():
         raise ExportError(f"fp32 graph {src} not found; export the component first (export.onnx_from_component)")
     if src.resolve() == dst.resolve():
@@ -266,7 +292,7 @@ def qdq_from_onnx(src: str | Path, dst: str | Path, precision: str, calibration:
     try:
         _name_nodes(model)
         chosen, islands = select_nodes(model, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types,
-                                       op_types=op_types)
+                                       op_types=op_types, precision=precision)
         unknown = sorted(set(exclude_nodes) - {n.name for n in model.graph.node})
         if unknown:
             log(f"{src.name}: exclude_nodes not in the graph (ignored): {unknown[:5]}")
@@ -281,6 +307,8 @@ def qdq_from_onnx(src: str | Path, dst: str | Path, precision: str, calibration:
         else:
             out, producer = _fp8_qdq(model, feeds, method, chosen, log), "onnx-qdq"
         del model
+        if base == "fp16":
+            out = _on_fp16_base(out, log)
         try:
             if not _too_large(out):  # a >2 GB graph is checked from its file below
                 onnx.checker.check_model(out, full_check=True)
@@ -300,11 +328,34 @@ def qdq_from_onnx(src: str | Path, dst: str | Path, precision: str, calibration:
     if not method_ran and precision == "int8":
         raise ExportError(f"{dst.name}: ONNX Runtime CPU cannot run the INT8 Q/DQ graph; it is not valid to ship")
     seconds = time.perf_counter() - start
-    log(f"{src.name} -> {dst.name}: {precision} ({producer}, {method}) {len(chosen)} nodes quantized, "
-        f"{len(excluded)} excluded, {num_q} Q / {num_dq} DQ, opset {opset}, parity by {parity_method}, "
+    log(f"{src.name} -> {dst.name}: {precision} on an {base} base ({producer}, {method}) {len(chosen)} nodes "
+        f"quantized, {len(excluded)} excluded, {num_q} Q / {num_dq} DQ, opset {opset}, parity by {parity_method}, "
         f"{seconds:.1f} s")
     return QuantResult(dst, files, precision, producer, method, chosen, excluded, islands, num_q, num_dq, opset,
-                       len(feeds), parity_method, seconds)
+                       len(feeds), parity_method, seconds, base)
+
+
+def _on_fp16_base(model: "onnx.ModelProto", log: Log) -> "onnx.ModelProto":
+    """A Q/DQ graph with fp16 activations and fp16 scales outside the quantized ops (the route NVIDIA's ModelOpt
+    takes for strongly typed TensorRT); FP32_OPS and norm-scope nodes stay fp32 between casts, graph inputs and
+    outputs stay fp32."""
+    from onnx import version_converter
+    from onnxruntime.transformers import float16
+
+    if _opset(model) < FP16_QDQ_OPSET:
+        try:
+            model = version_converter.convert_version(model, FP16_QDQ_OPSET)
+        except Exception as exc:
+            raise ExportError(f"cannot convert the Q/DQ graph to opset {FP16_QDQ_OPSET} for fp16 scales: "
+                              f"{str(exc).splitlines()[0]}; export at opset >= {FP16_QDQ_OPSET}") from None
+    blocked = fp16_block_nodes(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # values clamped to the fp16 range (the -1e6 gate logits)
+        half = float16.convert_float_to_float16(
+            model, keep_io_types=True, disable_shape_infer=_too_large(model),
+            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS), node_block_list=blocked)
+    log(f"fp16 base: {len(blocked)} norm nodes and ops {', '.join(FP32_OPS)} kept in fp32")
+    return _toposorted(half)
 
 
 class _Reader:
@@ -336,8 +387,7 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
     save_model(model, named)
     pre = scratch / "pre.onnx"
     try:  # shape inference only: ORT's graph optimizations would rename nodes (MatMul+Add -> Gemm) and add reshapes
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _silenced():
             quant_pre_process(str(named), str(pre), skip_optimization=True, save_as_external_data=large,
                               all_tensors_to_one_file=True)
     except Exception as exc:  # symbolic shape inference gives up on some graphs; the exported one is shape-inferred
@@ -350,9 +400,7 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
     out = scratch / "int8.onnx"
-    printed = io.StringIO()  # the entropy/percentile calibrators print their progress
-    with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
-        warnings.simplefilter("ignore")
+    with _silenced():
         quantize_static(str(pre), str(out), Reader(feeds), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(op_types), per_channel=True, reduce_range=False,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=chosen,
@@ -360,13 +408,28 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                                        "OpTypesToExcludeOutputQuantization": list(op_types),
                                        "CalibPercentile": PERCENTILE, "CalibTensorRangeSymmetric": True})
-    for line in filter(None, (text.strip() for text in printed.getvalue().splitlines())):
-        log(f"onnxruntime: {line}")
     result = onnx.load(str(out))
     rewired = _fp32_consumers_skip_qdq(result, set(chosen))
     if rewired:
-        log(f"int8: {rewired} input(s) of unquantized nodes read the fp32 tensor again instead of its Q/DQ copy")
+        log(f"int8: {rewired} input(s) of fp32 nodes (norms, softmax, residual adds) that share a tensor with a "
+            "quantized layer now read the tensor itself: onnxruntime had given them its int8-rounded copy")
     return result
+
+
+@contextlib.contextmanager
+def _silenced() -> Any:
+    """onnxruntime's calibrators report progress with print, tqdm (stderr) and the logging module ("Number of
+    histogram bins : 128 ...", "Please consider to run pre-processing before quantization"); none of it says anything
+    our own log line does not, so it is dropped: nothing from the library reaches the console."""
+    previous = logging.root.manager.disable
+    sink = io.StringIO()
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _fp32_consumers_skip_qdq(model: "onnx.ModelProto", chosen: set[str]) -> int:
@@ -427,7 +490,7 @@ def _amax(model: "onnx.ModelProto", names: list[str], feeds: list[dict], method:
         path = Path(tmp) / "probe.onnx"
         save_model(probe, path)
         del probe
-        session = _session(path)
+        session = ort_session(path)
         ranges: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for feed in feeds:
             for n, value in zip(names, session.run(names, feed)):
@@ -661,37 +724,54 @@ def _ranks(model: "onnx.ModelProto") -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------------------
 # accuracy
 
-def _session(path: Path) -> Any:
+def ort_session(path: Path) -> Any:
+    """ONNX Runtime CPU session that runs Q/DQ as written: QuantizeLinear / DequantizeLinear nodes and float math on
+    the dequantized values (`session.disable_quant_qdq`), the semantics TensorRT implements. Without it ORT fuses
+    Q/DQ pairs into integer kernels whose results depend on the CPU (x86 without AVX512-VNNI takes u8s8 paths that
+    can saturate: a held-out cosine of 0.9817 there against 0.9999 on a VNNI machine for the same graph), so the
+    accuracy figures would measure the CPU, not the graph."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class OrtGraph:
+    """A graph in `ort_session`, behind the runners' `infer(feed) -> outputs` interface."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        self.session = ort_session(self.path)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(list(self.output_names), dict(feed))))
 
 
 def _ort_runs(path: Path, feed: dict[str, np.ndarray]) -> bool:
     """True when ONNX Runtime CPU loads the graph and runs one feed with finite outputs."""
     try:
-        outs = _session(path).run(None, feed)
+        outs = ort_session(path).run(None, feed)
     except Exception:  # no CPU kernel for a float8 op, etc.
         return False
     return all(np.isfinite(np.asarray(o, np.float64)).all() for o in outs if np.issubdtype(o.dtype, np.floating))
 
 
 def _runner(graph: Any) -> Any:
-    if hasattr(graph, "infer"):
-        return graph
-    from .runtime.runners import OrtRunner
-
-    return OrtRunner(Path(graph), threads=None)
+    return graph if hasattr(graph, "infer") else OrtGraph(Path(graph))
 
 
 def accuracy_check(fp32: str | Path | Any, candidate: str | Path | Any, held_out: Sequence[Feed],
                    tolerance: Tolerance | None = None, *, component: str = "graph",
                    precision: str = "quantized") -> ParityReport:
     """Parity of `candidate` (a graph path or a runner) against the fp32 graph (path or runner) on each held-out feed:
-    max abs, rel L2 and cosine per output (validate.parity). Returns the report without raising; `report.check()`
-    raises when any output misses `tolerance` (default: no threshold)."""
+    max abs, rel L2 and cosine per output (validate.parity). Graph paths run in `ort_session`: Q/DQ as float math on
+    dequantized values, so the figures are the graph's on any CPU (see ort_session). Returns the report without
+    raising; `report.check()` raises when any output misses `tolerance` (default: no threshold)."""
     ref, cand = _runner(fp32), _runner(candidate)
     if not list(held_out):
         raise ExportError(f"{component}: no held-out feeds to measure {precision} parity on; hold out at least one")
@@ -747,7 +827,7 @@ def node_sensitivity(fp32: str | Path, qdq: str | Path, feeds: Sequence[Feed], n
                                       for t in tensors if t not in present)
             save_model(probe, Path(tmp) / f"{label}.onnx")
             del probe
-            session = _session(Path(tmp) / f"{label}.onnx")
+            session = ort_session(Path(tmp) / f"{label}.onnx")
             outs[label] = [dict(zip(tensors, session.run(tensors, dict(f)))) for f in feeds]
             del session
     for ref, got in zip(outs["ref"], outs["q"]):
@@ -784,7 +864,8 @@ def _io(model: "onnx.ModelProto") -> tuple[list[Any], list[Any]]:
 def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, precision: str,
                          calibration: Sequence[Feed], held_out: Sequence[Feed], budget: Tolerance | float, *,
                          method: str = "minmax", max_excluded: int = 8, max_tries: int = 5,
-                         augment_calibration: bool = False, backend: str = "auto", log: Log = _quiet) -> QuantDecision:
+                         augment_calibration: bool = False, backend: str = "auto", base: str = "fp32",
+                         log: Log = _quiet) -> QuantDecision:
     """Quantize `src` to `precision`, measure on `held_out`, and keep the result only within `budget`.
 
     1. Q/DQ graph of every eligible node (try 1). Within budget -> final = precision.
@@ -793,7 +874,8 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, p
        never every node). The first within budget -> final = "<precision>-partial".
     3. Otherwise the fp16 graph (export.fp16_from_onnx; its figures recorded, budget_met says whether it met it).
     Files: <dst_dir>/<component>.<precision>.onnx, or <component>.fp16.onnx on fallback (the failed Q/DQ graph is
-    removed). `augment_calibration` also calibrates on the held-out feeds (flagged in the decision: the figures are
+    removed). `base`: the float precision around the Q/DQ pairs (QDQ_BASE[recipe.runtime]). `augment_calibration`
+    also calibrates on the held-out feeds (flagged in the decision: the figures are
     then not independent of calibration)."""
     import onnx
 
@@ -807,12 +889,10 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, p
     max_rel_l2 = tol.max_rel_l2 if math.isfinite(tol.max_rel_l2) else None  # strict JSON has no Infinity
     budget_json = {"min_cosine": tol.min_cosine, "max_rel_l2": max_rel_l2}
     calib_json = {"samples": len(calib), "held_out": len(held_out), "held_out_in_calibration": augment_calibration,
-                  "method": method}
-    kwargs = dict(method=method, backend=backend, log=log)
+                  "method": method, "base": base}
+    kwargs = dict(method=method, backend=backend, base=base, log=log)
     result = qdq_from_onnx(src, dst, precision, calib, **kwargs)
-    from .runtime.runners import OrtRunner
-
-    ref = OrtRunner(src)
+    ref = OrtGraph(src)
     history: list[dict[str, Any]] = []
 
     def attempt(res: QuantResult) -> tuple[bool, dict[str, float], str]:

@@ -202,7 +202,8 @@ def _plain(value: Any) -> Any:
 # memory budget) are in no build stage: changing them rebuilds nothing.
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "export": (),
-    "quantize": ("precision.{component}", "accuracy.{precision}", "calibration.method", "calibration.samples"),
+    "quantize": ("precision.{component}", "accuracy.{precision}", "calibration.method", "calibration.samples",
+                 "runtime"),   # the runtime decides the Q/DQ graph's float base (quantize.QDQ_BASE)
     "compile": ("device.name", "device.compute_capability", "tensorrt.version", "tensorrt.fp16", "tensorrt.int8",
                 "tensorrt.fp8", "tensorrt.builder", "tensorrt.dla.core", "tensorrt.dla.gpu_fallback",
                 "precision.{component}", "dla:{component}"),

@@ -16,9 +16,10 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from mova_export.errors import ExportError, MoVAExportError  # noqa: E402
 from mova_export.quantize import (  # noqa: E402
-    FP8_MAX, _modelopt, accuracy_check, load_calibration, node_sensitivity, qdq_from_onnx, quantize_with_budget,
-    select_nodes, simulate_fp8, split_feeds, summary, to_fp8,
+    FP8_MAX, QDQ_BASE, _modelopt, accuracy_check, conv_quantizable, node_sensitivity, ort_session,
+    qdq_from_onnx, quantize_with_budget, select_nodes, simulate_fp8, split_feeds, summary, to_fp8,
 )
+from mova_export.export import read_feeds  # noqa: E402
 from mova_export.validate import Tolerance  # noqa: E402
 
 FP32_ISLANDS = ("Softmax", "LayerNormalization", "Resize")
@@ -144,6 +145,8 @@ def test_int8_graph_is_explicit_qdq_with_fp32_islands(tower, int8):
         zp = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n.input[2]))
         assert not zp.any()
     assert any("4 nodes quantized" in line for line in logs)
+    # the tokens feed fc1 (quantized) and ln0 (fp32): the log says in words what was rewired and why
+    assert any("now read the tensor itself" in line and "int8-rounded copy" in line for line in logs)
 
 
 def test_int8_parity_on_held_out(tower, int8):
@@ -157,12 +160,21 @@ def test_int8_parity_on_held_out(tower, int8):
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
-def test_int8_other_calibrators(tower, tmp_path, method):
+def test_int8_other_calibrators_are_quiet(tower, tmp_path, method, capfd):
     logs: list[str] = []
     result = qdq_from_onnx(tower, tmp_path / "t.onnx", "int8", _tower_feeds(3, 1), method=method, log=logs.append)
     assert result.method == method and result.num_q > 0
-    assert any(line.startswith("onnxruntime: ") for line in logs)  # ORT's progress prints go through `log`
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""   # onnxruntime's "Number of histogram bins ..." prints, tqdm and logging
+    assert not any("histogram" in line.lower() for line in logs)
     assert summary(accuracy_check(tower, result.path, _tower_feeds(2, 99)))["cosine"] > 0.98
+
+
+def test_accuracy_sessions_run_qdq_as_float_math(tower, int8):
+    """ONNX Runtime's fused integer Q/DQ kernels depend on the CPU (VNNI or not); the accuracy sessions run Q/DQ as
+    written instead, so held-out figures are the graph's, not the machine's."""
+    session = ort_session(int8[0].path)
+    assert session.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
 
 
 def test_excluded_nodes_stay_fp32(tower, tmp_path):
@@ -224,24 +236,75 @@ def fp8(tower, tmp_path_factory):
 def test_fp8_graph_is_float8_qdq_at_opset_19(tower, fp8):
     model = onnx.load(str(fp8.path))
     onnx.checker.check_model(model, full_check=True)
-    assert fp8.opset >= 19 and fp8.backend == "onnx-qdq" and len(fp8.quantized_nodes) == 4
+    conv = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    # the 3-channel conv has no FP8 kernel (ModelOpt's rule): it stays in the float base, fc1, skip and fc2 are FP8
+    assert fp8.opset >= 19 and fp8.backend == "onnx-qdq" and len(fp8.quantized_nodes) == 3
+    assert conv not in fp8.quantized_nodes and conv in fp8.fp32_islands
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    assert fp8.num_q == 4 and fp8.num_dq == 8  # inputs of conv, fc1, skip, fc2: 4 activation pairs + 4 weights
+    assert fp8.num_q == 3 and fp8.num_dq == 6  # inputs of fc1, skip, fc2: 3 activation pairs + 3 weights
     for n in qdq:
         assert _elem_type(model, n.input[2]) == onnx.TensorProto.FLOAT8E4M3FN
     weights = [n for n in qdq if any(t.name == n.input[0] for t in model.graph.initializer)]
-    assert len(weights) == 4 and all(_elem_type(model, n.input[0]) == onnx.TensorProto.FLOAT8E4M3FN
+    assert len(weights) == 3 and all(_elem_type(model, n.input[0]) == onnx.TensorProto.FLOAT8E4M3FN
                                      for n in weights)
-    # scales are calibration amax / 448: the graph input's scale reproduces max |x| over the calibration feeds
-    q_x = next(n for n in qdq if n.op_type == "QuantizeLinear" and n.input[0] == "x")
-    s_x = float(onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == q_x.input[1])))
-    assert math.isclose(s_x * FP8_MAX, max(np.abs(f["x"]).max() for f in _tower_feeds(6, 1)), rel_tol=1e-6)
+    # scales are calibration amax / 448: fc2's input scale reproduces max |input| over the calibration feeds
+    fc2 = next(n for n in onnx.load(str(tower)).graph.node if n.name in fp8.quantized_nodes
+               and n.op_type in ("MatMul", "Gemm") and "fc2" in n.name)
+    q = next(n for n in qdq if n.op_type == "QuantizeLinear" and n.input[0] == fc2.input[0])
+    scale = float(onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == q.input[1])))
+    probe = onnx.load(str(tower))
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(fc2.input[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString())
+    amax = max(np.abs(session.run([fc2.input[0]], f)[0]).max() for f in _tower_feeds(6, 1))
+    assert math.isclose(scale * FP8_MAX, amax, rel_tol=1e-5)
     producers = _producers(model)
     for node in model.graph.node:
         if node.op_type in FP32_ISLANDS:
             assert all(producers.get(i) != "DequantizeLinear" for i in node.input)
-    # no fp32 copy of a quantized weight is left behind
-    assert not [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2]
+    # no fp32 copy of a quantized weight is left behind: the only fp32 matrix is the excluded conv's
+    conv_weight = next(n.input[1] for n in model.graph.node if n.op_type == "Conv")
+    assert [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+            and len(t.dims) >= 2] == [conv_weight]
+
+
+def test_conv_rule_follows_modelopt():
+    patch_embedding = (32, 3, 14, 14)   # a ViT's first conv: 3 channels in, a 14x14 kernel
+    assert conv_quantizable("int8", patch_embedding, 1, reads_graph_input=True)
+    assert not conv_quantizable("fp8", patch_embedding, 1, reads_graph_input=True)
+    assert conv_quantizable("int8", (64, 64, 3, 3), 1, False) and conv_quantizable("fp8", (64, 64, 3, 3), 1, False)
+    assert not conv_quantizable("fp8", (64, 64, 7, 7), 1, False)        # kernel area 49 > 32
+    assert not conv_quantizable("fp8", (64, 16, 3, 3), 1, False)        # 16 channels: not > 16 for FP8
+    assert conv_quantizable("int8", (64, 16, 3, 3), 1, False)
+    assert not conv_quantizable("int8", (12, 3, 3, 3), 1, True)         # neither side a multiple of 8
+    assert not conv_quantizable("int8", (8, 3, 3, 5), 1, True)          # non-square kernel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16 base (strongly typed TensorRT)
+
+def _float_inputs_of(model, op_type: str) -> set[int]:
+    """Element types of the float tensors feeding every `op_type` node (after shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return {types[i] for n in model.graph.node if n.op_type == op_type for i in n.input[:1] if i in types}
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_fp16_base_keeps_fp32_islands_and_parity(tower, tmp_path, precision):
+    result = qdq_from_onnx(tower, tmp_path / f"t.{precision}.onnx", precision, _tower_feeds(6, 1), base="fp16")
+    model = onnx.load(str(result.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert result.base == "fp16" and result.opset >= 19 and QDQ_BASE == {"tensorrt": "fp16",
+                                                                          "onnxruntime-cpu": "fp32"}
+    inits = {t.name: t for t in model.graph.initializer}
+    scales = [inits[n.input[1]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert _float_inputs_of(model, "MatMul") == {f16}   # the quantized layers and all between them: fp16
+    for op in FP32_ISLANDS:   # the reference's fp32 ops still read fp32
+        assert _float_inputs_of(model, op) == {f32}, op
+    assert summary(accuracy_check(tower, result.path, _tower_feeds(3, 99)))["cosine"] > 0.99
 
 
 def test_fp8_parity_runs_and_simulation_agrees(tower, fp8, tmp_path):
@@ -269,7 +332,7 @@ def test_reachable_budget_keeps_int8(tower, tmp_path):
     assert decision.budget_met and decision.parity_method == "ort" and decision.measured["cosine"] >= 0.95
     assert decision.path == tmp_path / "tower.int8.onnx" and decision.path.is_file()
     assert decision.calibration == {"samples": 3, "held_out": 1, "held_out_in_calibration": False,
-                                    "method": "minmax"}
+                                    "method": "minmax", "base": "fp32"}
     json.dumps(decision.to_json())
 
 
@@ -327,13 +390,13 @@ def test_split_feeds_is_deterministic():
         split_feeds(feeds[:1], 1)
 
 
-def test_load_calibration_unstacks_bundle_npz(tmp_path):
+def test_read_feeds_unstacks_the_npz(tmp_path):
     path = tmp_path / "c.npz"
     np.savez(path, x=np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 1, 2, 4))  # bundle layout: [N, 1, ...]
-    feeds = load_calibration(path)
+    feeds = read_feeds(path)
     assert len(feeds) == 3 and feeds[1]["x"].shape == (1, 2, 4) and feeds[1]["x"][0, 0, 0] == 8
     with pytest.raises(ExportError, match="not found"):
-        load_calibration(tmp_path / "missing.npz")
+        read_feeds(tmp_path / "missing.npz")
 
 
 def test_bad_inputs_raise_typed_errors(tower, tmp_path):

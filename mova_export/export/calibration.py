@@ -94,9 +94,17 @@ def load_calibration(folder: str | Path | None) -> CalibrationSet:
 
 
 def read_feeds(npz_path: str | Path) -> list[dict[str, np.ndarray]]:
-    """The per-image feeds a bundle's calibration/<component>.npz holds (stacked on axis 0) as a list of dicts."""
-    with np.load(npz_path) as data:
-        arrays = {k: data[k] for k in data.files}
-    count = len(next(iter(arrays.values())))
-    return [{k: v[i] for k, v in arrays.items()} for i in range(count)]
+    """The per-image feeds an npz of input name -> arrays stacked on axis 0 holds (an export unit's calibration
+    feeds, a bundle's checks), as a list of dicts."""
+    from ..errors import ExportError
+
+    path = Path(npz_path)
+    if not path.is_file():
+        raise ExportError(f"feeds file {path} not found; rebuild (the export stage writes the calibration feeds)")
+    with np.load(path) as data:
+        stacked = {k: data[k] for k in data.files}
+    counts = {k: v.shape[0] if v.ndim else 0 for k, v in stacked.items()}
+    if not stacked or len(set(counts.values())) != 1 or 0 in counts.values():
+        raise ExportError(f"{path}: the arrays must share a non-zero leading sample axis, got {counts}")
+    return [{k: v[i] for k, v in stacked.items()} for i in range(next(iter(counts.values())))]
 

@@ -298,17 +298,19 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
 
 
 def _calibration_feeds(form: GraphForm, real: Sequence[Sample], ins: ExportInputs) -> list[Sample]:
-    """One real feed per image for a quantizer: the towers' as sampled, the text encoder's at its smallest bucket,
+    """One real feed per image for a quantizer: the towers' as sampled, the text encoder's at one common bucket,
     the dense adapter's with every expert's real features and a top-K mask."""
     labels = [label for label, _ in ins.images]
     if form.role == "adapter_answer":
         ctx = _adapter_context(ins)
         return [Sample(label, _dense_feed(form, ctx, label, ctx.top_mask(i), False)) for i, label in enumerate(labels)]
-    if form.role == "text":
-        first: dict[str, Sample] = {}
+    if form.role == "text":   # every question at one length, the smallest bucket that holds them all
+        by_image: dict[str, dict[int, Sample]] = {}
         for s in real:
-            first.setdefault(s.label.split("@")[0], s)
-        return list(first.values())
+            image, bucket = s.label.split("@")
+            by_image.setdefault(image, {})[int(bucket)] = s
+        common = max(min(buckets) for buckets in by_image.values())
+        return [buckets[common] for buckets in by_image.values()]
     return list(real)
 
 

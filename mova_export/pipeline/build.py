@@ -285,6 +285,7 @@ def _finish(ctx: BuildContext, root: Path, out_dir: Path, recipe: Any, manifest:
     manifest.memory_plan = plan.to_json()
     compile_info = _compile(ctx, root, recipe, manifest, compile_engines, out_dir)
     manifest.stages = {f"{r.stage}/{r.name}": r.to_json() for r in ctx.records}
+    manifest.stages["compile"] = compile_info
     report = build_report(manifest, recipe.name, ctx.records)
     (root / "report.json").write_text(dump(report))
     (root / "report.md").write_text(render_report_markdown(report))
@@ -296,17 +297,54 @@ def _finish(ctx: BuildContext, root: Path, out_dir: Path, recipe: Any, manifest:
 
 def _compile(ctx: BuildContext, root: Path, recipe: Any, manifest: Manifest, compile_engines: bool,
              out_dir: Path) -> dict[str, Any]:
-    """TensorRT engines where this machine can build them for the target; else what to run on the device."""
-    from ..compile import can_compile_here
+    """TensorRT engines where a flavor here can build them for the target (TensorRT-RTX ahead of time for RTX cards,
+    full TensorRT on the device itself); else the command to run on the device. Engines are units of the work folder
+    too (by graph sha256, the component's recipe fields and the flavor), so a rebuild recompiles only what changed."""
+    from ..bundle import file_table
+    from ..compile import can_compile_here, compile_engines as build_engines, engine_path_for
+    from ..compile.metadata import metadata_path
+    from ..recipe import cache_key
+    from .work import digest, write_unit
 
     if recipe.runtime != "tensorrt":
         return {"status": "skipped", "reason": f"the {recipe.name} target runs ONNX Runtime: no engines"}
     check = can_compile_here(recipe, out_dir)
-    if not (check.ok and compile_engines):
+    if not (check.ok and compile_engines) or check.flavor is None:
         reason = check.reason if not check.ok else "--no-compile"
         ctx.console.line(f"compile: skipped: {reason}")
         return {"status": "skipped", "reason": reason, "on_device": check.command}
-    raise BuildError("compiling engines inside build is being rewired; run `mova-export compile` on the bundle")
+    choice = check.flavor
+    files = file_table(root, skip=("manifest.json", "build.log"))
+    units = {}
+    for name, graph in manifest.graphs.items():
+        precision = manifest.runtime.precision[name]
+        key = digest("compile", files[graph.variants[precision].graph]["sha256"],
+                     cache_key(recipe, "compile", graph.component), choice.flavor, choice.version,
+                     recipe.device.cc_str)
+        unit, reused = ctx.find("compile", name, key)
+        rel = engine_path_for(name, precision)
+        if reused:       # the engine of an earlier build: compile_engines finds it up to date and keeps it
+            for f in (rel, metadata_path(rel).as_posix()):
+                link_or_copy(unit.path / Path(f).name, root / f)
+        units[name] = (unit, reused, rel)
+    start = time.perf_counter()
+    with ctx.console.task(f"compile {len(units)} engines ({choice.flavor} {choice.version})", total=len(units)) as steps:
+        def log(message: str) -> None:
+            ctx.console.line(message)
+            if " MiB in " in message or "engine up to date" in message:
+                steps.advance(message.split(":")[0])
+
+        metas = build_engines(root, manifest, recipe, device=check.device, log=log)
+    for name, (unit, reused, rel) in units.items():
+        if not reused:
+            with unit.produce() as tmp:
+                for f in (rel, metadata_path(rel).as_posix()):
+                    link_or_copy(root / f, tmp / Path(f).name)
+                write_unit(tmp, manifest.engines[name])
+        ctx.record("compile", name, unit.key, reused, start)
+    verified = sum(m.parity.get("status") == "verified" for m in metas)
+    return {"status": "compiled", "flavor": choice.flavor, "version": choice.version, "engines": len(metas),
+            "verified": verified}
 
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, components: Sequence[str] | None = None,

@@ -155,7 +155,7 @@ def quantize_stage(ctx: BuildContext, graph: "GraphEntry", export_dir: Path, exp
     `variant` is what ships: an int8/fp8 graph at the unit's `path`, or the export's fp16/fp32 graph (what the
     recipe asks, or its fallback when the quantized graph misses the accuracy budget)."""
     from ..export import read_feeds
-    from ..quantize import quantize_with_budget, split_feeds
+    from ..quantize import QDQ_BASE, quantize_with_budget, split_feeds
     from ..validate import Tolerance
 
     wanted = recipe.precision_of(graph.component)
@@ -181,7 +181,7 @@ def quantize_stage(ctx: BuildContext, graph: "GraphEntry", export_dir: Path, exp
         with unit.produce() as tmp, ctx.console.task(f"quantize {graph.name} to {wanted}", total=1) as steps:
             result = quantize_with_budget(export_dir / graph.variants["fp32"].graph, tmp / "graphs", graph.name,
                                           wanted, calib, held_out, tol, method=recipe.calibration.method,
-                                          log=ctx.console.line)
+                                          base=QDQ_BASE[recipe.runtime], log=ctx.console.line)
             steps.advance(result.final)
             decision = result.to_json()
             decision["path"] = Path(decision["path"]).relative_to(tmp).as_posix()
