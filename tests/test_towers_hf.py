@@ -406,29 +406,37 @@ def pictures():
     return {"astronaut": data.astronaut(), "coffee": data.coffee()}          # 512x512, 400x600
 
 
+def _rows():
+    from mova_export.components import image_input_table
+
+    return image_input_table()
+
+
+def pixel_values(image, kind, cfg):
+    from mova_export.preprocess import preprocess_input
+
+    return preprocess_input(image, _rows()[kind], cfg)[0]
+
+
 @pytest.fixture(scope="module")
 def coffee_inputs(pictures):
     from mova_export.preprocess import preprocess
 
-    return preprocess(pictures["coffee"], TINY)
+    return preprocess(pictures["coffee"], _rows().values(), TINY)
 
 
 def test_preprocess_shapes_and_dtypes(coffee_inputs):
-    from mova_export.preprocess import INPUT_KINDS
-
     shapes = {"clip672": (1, 3, 672, 672), "dino672": (1, 3, 672, 672), "sam1024": (1, 3, 1024, 1024),
               "pix2struct": (1, 2025, 770), "pix2struct_mask": (1, 2025)}
-    assert set(coffee_inputs) == set(INPUT_KINDS) == set(shapes)
+    assert set(coffee_inputs) == set(shapes)
     for kind, shape in shapes.items():
         a = coffee_inputs[kind]
         assert a.shape == shape and a.dtype == np.float32 and np.isfinite(a).all(), kind
         assert a.flags["C_CONTIGUOUS"]
-    # every input kind a tower consumes is produced, and feeds its declared inputs
-    from mova_export.preprocess import tower_inputs
-
+    # every row a tower declares is produced, and feeds its declared inputs in order
     for name in NAMES:
         spec = get_spec(name)
-        arrays = tower_inputs(coffee_inputs, KIND[name])
+        arrays = [coffee_inputs[out] for row in spec.image_inputs for out in row.outputs]
         assert [a.shape for a in arrays] == [t.shape for t in spec.inputs(FULL)]
 
 
@@ -448,7 +456,9 @@ def test_pad_to_square_keeps_the_aspect_ratio(coffee_inputs):
 
 
 def test_normalisation_means_map_to_zero():
-    from mova_export.preprocess import CLIP_MEAN, IMAGENET_MEAN, pixel_values, pad_color
+    from mova_export.components.clip import CLIP_MEAN
+    from mova_export.components.dinov2 import IMAGENET_MEAN
+    from mova_export.preprocess import pad_color
 
     clip_grey = np.full((300, 200, 3), pad_color(CLIP_MEAN), dtype=np.uint8)
     for kind in ("clip672", "sam1024"):
@@ -462,9 +472,9 @@ def test_normalisation_means_map_to_zero():
 
 
 def test_pix2struct_patches_without_pad_leave_masked_rows(pictures):
-    from mova_export.preprocess import pix2struct_patches
+    from mova_export.preprocess import preprocess_input
 
-    patches, mask = pix2struct_patches(pictures["coffee"], _cfg("tiny", image_aspect_ratio="none"))
+    patches, mask = preprocess_input(pictures["coffee"], _rows()["pix2struct"], _cfg("tiny", image_aspect_ratio="none"))
     rows, cols = int(patches[0, :, 0].max()), int(patches[0, :, 1].max())
     assert rows < cols and rows * cols == mask.sum() <= 2025                # 3:2 layout, padded with zero rows
     assert np.all(patches[0, mask[0] == 0] == 0)
@@ -507,7 +517,7 @@ def test_load_image_errors_name_the_problem(bad, message, tmp_path):
     elif isinstance(bad, str) and bad == "text":
         bad = tmp_path / "notes.png"
         bad.write_text("not a picture")
-    for call in (load_image, lambda x: preprocess(x, TINY)):
+    for call in (load_image, lambda x: preprocess(x, _rows().values(), TINY)):
         with pytest.raises(RuntimeInputError, match=message) as info:
             call(bad)
         assert "\n" not in str(info.value)
