@@ -1,7 +1,7 @@
 """TensorRT compile: a bundle's ONNX graphs -> serialized engines, with one builder for three flavors.
 
-Modules (imports go one way, top to bottom):
-  flavors   the flavor table (tensorrt-10, tensorrt >= 10.12 / 11.x, tensorrt-rtx) and the API facts behind it
+Modules (imports go one way, top to bottom; the flavor table - tensorrt-10, tensorrt >= 10.12 / 11.x, tensorrt-rtx,
+and the API facts behind it - is mova_export.tensorrt_flavors, which the device runtime reads too):
   graph     GraphInfo / inspect_graph: Q/DQ and float types of an ONNX graph (onnx only)
   settings  BuilderSettings (frozen) from recipe + component + graph + flavor; resolution against a module's enums
   host      DeviceInfo / current_device, select_flavor, can_compile_here
@@ -17,7 +17,7 @@ TensorRT; those import the flavor's module lazily.
 from ..errors import CompileError
 from .build import BuildResult, engine_from_onnx, timing_cache_path
 from .engines import ENGINE_DIR, compile_bundle, compile_engines, engine_path_for
-from .flavors import FLAVORS, RTX_COMPUTE_CAPABILITIES, Flavor, import_flavor, installed_flavors
+from ..tensorrt_flavors import FLAVORS, RTX_COMPUTE_CAPABILITIES, Flavor, import_flavor, installed_flavors
 from .graph import GraphInfo, inspect_graph
 from .host import CompileCheck, DeviceInfo, FlavorChoice, can_compile_here, current_device, select_flavor
 from .layers import LayerProfile, layer_profile, profile_onnx

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import CompileError
-from .flavors import has_fp8, import_flavor
+from ..tensorrt_flavors import has_fp8, import_flavor
 from .layers import LayerProfile, layer_profile, parse_onnx
 from .settings import BuilderSettings, resolve_settings
 

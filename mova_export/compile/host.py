@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..recipe import Recipe
-from .flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT, TRT10, installed_flavors
+from ..tensorrt_flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT, TRT10, installed_flavors
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import BundleError
-from .flavors import FLAVORS
+from ..tensorrt_flavors import FLAVORS
 from .host import DeviceInfo
 
 METADATA_SUFFIX = ".json"

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import CompileError, RecipeError
 from ..recipe import Recipe, graph_components
-from .flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT10, has_fp8, sm_name
+from ..tensorrt_flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT10, has_fp8, sm_name
 from .graph import GraphInfo
 
 

@@ -100,7 +100,7 @@ def _cuda_call(cudart: Any, result: Any, what: str) -> Any:
 
 
 class TensorRTRunner:
-    """A serialized TensorRT engine on this machine's GPU, for any flavor (`compile.flavors`: tensorrt-10, tensorrt,
+    """A serialized TensorRT engine on this machine's GPU, for any flavor (`tensorrt_flavors`: tensorrt-10, tensorrt,
     tensorrt-rtx; imported lazily). Device buffers and copies go through cuda-python, not torch, so the device
     runtime needs neither. `dla_core`: the engine's DLA core (engine metadata), set on the runtime before
     deserialising. `runtime_cache` (TensorRT-RTX): the file its kernels, specialised for this GPU at first run, are
@@ -109,7 +109,7 @@ class TensorRTRunner:
 
     def __init__(self, engine_path: str | Path, name: str | None = None, *, flavor: str = "tensorrt",
                  dla_core: int | None = None, runtime_cache: str | Path | None = None):
-        from ..compile.flavors import FLAVORS, import_flavor
+        from ..tensorrt_flavors import FLAVORS, import_flavor
 
         self.path = Path(engine_path)
         if not self.path.is_file():

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Mapping
 
-from ..errors import CompileError
+from .errors import CompileError
 
 RTX = "tensorrt-rtx"
 TRT10 = "tensorrt-10"
