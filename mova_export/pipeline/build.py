@@ -274,11 +274,13 @@ def _finish(ctx: BuildContext, root: Path, out_dir: Path, recipe: Any, manifest:
     ends)."""
     from ..bundle import file_table
     from ..bundle.manifest import BUILD_LOG, MANIFEST
+    from ..recipe import graph_components
     from .memory import plan_from_manifest
     from .report import build_report, dump, render_report_markdown
 
     manifest.files = file_table(root, skip=(MANIFEST, BUILD_LOG))
-    plan = plan_from_manifest(recipe, manifest)
+    absent = [c for c in graph_components() if manifest.graph_of_component(c) is None]
+    plan = plan_from_manifest(recipe, manifest, params={c: ctx.component_bytes(c) // 4 for c in absent})
     ctx.console.line(f"memory plan: {plan.message}" + (f"; {plan.fix}" if plan.fix else ""))
     if plan.verdict == "refuse" and not allow_over_budget:
         raise BuildError(f"{plan.message}; {plan.fix} (or pass --allow-over-budget to write the bundle anyway)")

@@ -170,10 +170,11 @@ def _activations_from_config(cfg: "MoVAConfig") -> dict[str, tuple[int, int]]:
 
 
 def plan_from_manifest(recipe: Recipe, manifest: "Manifest", *, policy: str | None = None,
-                       llm_quant: str | None = None) -> MemoryPlan:
+                       llm_quant: str | None = None, params: Mapping[str, int] | None = None) -> MemoryPlan:
     """Plan from a bundle's manifest: each component's graphs (engines when compiled, else the shipped variant), by
-    real file size; a variant not built yet is scaled from the fp32 graph. The GGUF's real size when the bundle holds
-    one of the quant, else the LLM's parameter count from the config x bits per weight."""
+    real file size; a variant not built yet is scaled from the fp32 graph; a component the bundle does not hold (a
+    --components build) from its parameter count in `params` x the recipe's precision. The GGUF's real size when
+    the bundle holds one of the quant, else the LLM's parameter count from the config x bits per weight."""
     files = manifest.files
 
     def size(rels: Sequence[str]) -> int:
@@ -182,6 +183,11 @@ def plan_from_manifest(recipe: Recipe, manifest: "Manifest", *, policy: str | No
     weights: dict[str, tuple[int, str]] = {}
     for comp in graph_components():
         graphs = [g for g in manifest.graphs.values() if g.component == comp]
+        if not graphs and params and comp in params:
+            want = recipe.precision_of(comp)
+            weights[comp] = (params[comp] * BYTES_PER_PRECISION[want],
+                             f"not in this bundle: {params[comp] / 1e6:,.1f} M params x {want}")
+            continue
         if not graphs:
             raise BundleError(f"bundle manifest has no {comp} graph; the memory plan needs every component: "
                               "rebuild the bundle with all components")
