@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -64,26 +62,20 @@ def rounded(obj: Any, nd: int = 3) -> Any:
 
 
 def gpu_name() -> str | None:
-    """The first NVIDIA GPU (nvidia-smi: no torch needed), or None."""
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out[0].strip() if out else None
+    from ..gpu import nvidia_smi
+
+    values = nvidia_smi(["name"])
+    return values[0] if values else None
 
 
 def gpu_memory_mib() -> dict[str, float] | None:
     """Device-wide used GPU memory (covers ONNX Runtime, TensorRT and llama.cpp), from nvidia-smi."""
-    if not shutil.which("nvidia-smi"):
-        return None
+    from ..gpu import nvidia_smi
+
+    values = nvidia_smi(["memory.used", "memory.total"])
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()
-        used, total = (float(v) for v in out[0].split(","))
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        used, total = (float(v) for v in values or ())
+    except ValueError:
         return None
     return {"device_used_mib": used, "device_total_mib": total}
 

@@ -7,8 +7,6 @@ says what to install where.
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -50,15 +48,10 @@ def _gpu_from_cuda() -> tuple[str, str] | None:
 
 
 def _gpu_from_nvidia_smi() -> tuple[str, str] | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()
-        name, cc = (s.strip() for s in out[0].rsplit(",", 1))
-        return name, cc
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
+    from ..gpu import nvidia_smi
+
+    values = nvidia_smi(["name", "compute_cap"])
+    return (values[0], values[1]) if values else None
 
 
 def current_device() -> DeviceInfo:
