@@ -49,7 +49,7 @@ def expert_components() -> tuple[str, ...]:
 
 def llm_quants() -> tuple[str, ...]:
     """The GGUF types a recipe may ship, largest first."""
-    from .gguf.convert import QTYPES
+    from .gguf.qtypes import QTYPES
 
     return tuple(QTYPES)
 RUNTIMES = ("tensorrt", "onnxruntime-cpu")
@@ -380,8 +380,9 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     precision = _precision(top, runtime, trt, source)
     c = top.sub("calibration", required=False)
     calibration = Calibration() if c is None else Calibration(
-        c.get("method", str, "entropy", choices=CALIBRATION_METHODS), c.get("samples", int, 32, lo=1, hi=100000),
-        c.get("fallback", str, "fp16", choices=FALLBACKS))
+        c.get("method", str, Calibration.method, choices=CALIBRATION_METHODS),
+        c.get("samples", int, Calibration.samples, lo=1, hi=100000),
+        c.get("fallback", str, Calibration.fallback, choices=FALLBACKS))
     if "fp8" in precision.values() and calibration.method == "entropy":
         if c is None:  # the default method cannot calibrate FP8: its scales are amax / 448
             calibration = Calibration(method="minmax")
@@ -403,13 +404,13 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
 
     e = top.sub("experts", required=False)
     experts = ExpertPolicy() if e is None else ExpertPolicy(
-        e.get("policy", str, "resident", choices=EXPERT_POLICIES),
-        e.get("max_loaded", int, 3, lo=1, hi=len(expert_components())))
+        e.get("policy", str, ExpertPolicy.policy, choices=EXPERT_POLICIES),
+        e.get("max_loaded", int, ExpertPolicy.max_loaded, lo=1, hi=len(expert_components())))
     if e is not None:
         e.done()
 
     m = top.sub("memory")
-    memory = MemoryOptions(m.get("budget_mib", int, lo=256), m.get("runtime_overhead_mib", int, 600, lo=0))
+    memory = MemoryOptions(m.get("budget_mib", int, lo=256), m.get("runtime_overhead_mib", int, MemoryOptions.runtime_overhead_mib, lo=0))
     if memory.budget_mib > device.memory_mib:
         m.fail(m.field("budget_mib"), f"is {memory.budget_mib} MiB, more than the device's {device.memory_mib} "
                "MiB (device.memory_mib); lower it")
@@ -443,8 +444,9 @@ def _tensorrt(top: _Reader, runtime: str, device: Device, known: Mapping[str, An
                f"core(s); set it to {known['dla_cores']}")
     b = t.sub("builder", required=False)
     builder = BuilderOptions() if b is None else BuilderOptions(
-        b.get("optimization_level", int, 3, lo=0, hi=5), b.get("workspace_mib", int, 4096, lo=16),
-        b.get("timing_cache", bool, True))
+        b.get("optimization_level", int, BuilderOptions.optimization_level, lo=0, hi=5),
+        b.get("workspace_mib", int, BuilderOptions.workspace_mib, lo=16),
+        b.get("timing_cache", bool, BuilderOptions.timing_cache))
     if b is not None:
         b.done()
     dr = t.sub("dla", required=False)
@@ -458,10 +460,10 @@ def _tensorrt(top: _Reader, runtime: str, device: Device, known: Mapping[str, An
         if comps and not dla_cores:
             dr.fail(dr.field("components"), f"lists {', '.join(comps)} but {device.name} has no DLA "
                     "(tensorrt.dla_cores is 0); empty the list")
-        core = dr.get("core", int, 0, lo=0, hi=1)
+        core = dr.get("core", int, DLAOptions.core, lo=0, hi=1)
         if comps and core >= dla_cores:
             dr.fail(dr.field("core"), f"is {core} but the device has {dla_cores} DLA core(s); use 0..{dla_cores - 1}")
-        dla = DLAOptions(tuple(comps), core, dr.get("gpu_fallback", bool, True))
+        dla = DLAOptions(tuple(comps), core, dr.get("gpu_fallback", bool, DLAOptions.gpu_fallback))
         dr.done()
     opts = TensorRTOptions(version, t.get("fp16", bool), t.get("int8", bool), fp8, dla_cores, builder, dla)
     t.done()

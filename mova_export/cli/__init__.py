@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
+from ..gguf.qtypes import QTYPES
 from .common import console, one_line_errors, parse_components, parse_letters, resolve_image
 from .run import bench, run
 
@@ -127,7 +128,7 @@ def export(checkpoint: Path, out_dir: Path, components: str | None, precisions: 
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=None, help="GGUF file to write.")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
               help="Put the GGUF into this bundle (llm/model.<type>.gguf) and record it in its manifest instead.")
-@click.option("--type", "qtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"]),
+@click.option("--type", "qtype", type=click.Choice(list(QTYPES)),
               default="f16", show_default=True, help="GGUF tensor type; quantized types use llama.cpp's quantizer.")
 @click.option("--threads", type=int, default=None, help="Quantization threads (default: all cores).")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None, help=WORK_DIR_HELP)
@@ -145,7 +146,7 @@ def gguf(checkpoint: Path, out_file: Path | None, bundle_dir: Path | None, qtype
         entry = attach_llm(bundle_dir, checkpoint, qtype, work_dir=work_dir, console=Console())
         click.echo(f"wrote {bundle_dir / entry.gguf} and updated {bundle_dir / 'manifest.json'}")
         return
-    from ..gguf import convert_checkpoint_to_gguf
+    from ..gguf.convert import convert_checkpoint_to_gguf
 
     path = convert_checkpoint_to_gguf(checkpoint, out_file, qtype, threads=threads, console=Console())
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {qtype})")
@@ -167,8 +168,7 @@ def gguf(checkpoint: Path, out_file: Path | None, bundle_dir: Path | None, qtype
               type=click.Choice(["fp32", "fp16", "int8", "fp8"]),
               help="Also ship this graph precision (repeat; for `bench parity` across precisions).")
 @click.option("--also-llm", "also_llm", multiple=True,
-              type=click.Choice(["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"]),
-              help="Also ship the LLM as this GGUF type (repeat).")
+              type=click.Choice(list(QTYPES)), help="Also ship the LLM as this GGUF type (repeat).")
 @click.option("--quiet", is_flag=True, help="No progress output (errors only); the bundle's build.log has it all.")
 @one_line_errors
 def build(target: str, checkpoint: Path, out_dir: Path, calib: Path | None, components: str | None,
@@ -227,7 +227,7 @@ def compile_cmd(bundle: Path, target: str | None, components: str | None) -> Non
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
               help="Plan from this bundle's real file sizes (default: the full-size MoVA-8B parameter counts).")
 @click.option("--policy", type=click.Choice(["resident", "lazy"]), default=None, help="Override the expert policy.")
-@click.option("--llm-quant", default=None, help="Override the LLM quant type (f16, q8_0, q6_k, q5_k_m, q4_k_m).")
+@click.option("--llm-quant", type=click.Choice(list(QTYPES)), default=None, help="Override the LLM quant type.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @one_line_errors
 def plan(target: str, bundle_dir: Path | None, policy: str | None, llm_quant: str | None, as_json: bool) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import BundleError, RecipeError
-from ..gguf.convert import BITS_PER_WEIGHT
+from ..gguf.qtypes import BITS_PER_WEIGHT
 from ..recipe import BYTES_PER_PRECISION, ExpertPolicy, Recipe, expert_components, graph_components, llm_quants
 
 if TYPE_CHECKING:  # pragma: no cover

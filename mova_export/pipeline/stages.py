@@ -202,7 +202,7 @@ def quantize_stage(ctx: BuildContext, graph: "GraphEntry", export_dir: Path, exp
 # ---- gguf ------------------------------------------------------------------------------------------------------------
 def gguf_stage(ctx: BuildContext, qtype: str) -> tuple[Path, dict[str, Any]]:
     """The LLM as GGUF of one quant type: (file, {qtype, n_embd, n_vocab, convert_s})."""
-    from ..gguf import convert_checkpoint_to_gguf, estimate_gguf_bytes
+    from ..gguf.convert import convert_checkpoint_to_gguf, estimate_gguf_bytes
 
     start = time.perf_counter()
     key = digest("gguf", STAGE_VERSIONS["gguf"], ctx.fingerprint, qtype)
