@@ -39,7 +39,8 @@ All of the above was checked against upstream builder.py as published (TempleX98
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from functools import partial
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ from torch import nn
 from ..config import EXPERT_LETTERS, NUM_EXPERTS
 from ..errors import ComponentError
 from . import ComponentSpec, TensorSpec, component_names, register
-from .codetr import Rope, SwiGLU
+from .codetr import Rope, SwiGLU, rotate_half
 
 NAME = "adapter"
 EXPERT_INPUTS = tuple(f"expert_{letter}" for letter in EXPERT_LETTERS)
@@ -71,13 +72,31 @@ def text_width(cfg) -> int:
 
 
 # ---- attention and block ---------------------------------------------------------------------------------------
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+           scale: float) -> torch.Tensor:
+    """q, k, v [B, N, C] -> softmax((rope(q) * scale) rope(k)^T) v with heads merged, [B, N, C]. The RoPE tables
+    broadcast against [B, heads, N, head_dim]: [N, head_dim] for one attention, [K, 1, N, head_dim] for K slots."""
+    n, c = q.shape[-2:]
+    d = c // heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:                       # [B, n, c] -> [B, heads, n, d]
+        return t.reshape(-1, n, heads, d).transpose(1, 2)
+
+    def rope(t: torch.Tensor) -> torch.Tensor:
+        return t * cos + rotate_half(t, n, d).reshape(t.shape) * sin
+
+    q, k, v = rope(split(q)), rope(split(k)), split(v)
+    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(-1, n, c)
+
+
 class Attention(nn.Module):
     """builder.py `Attention` (subln, no qkv bias): 2-D RoPE on q and k, softmax((q * d^-0.5) k^T) v, sub-LN, proj."""
 
     def __init__(self, dim: int, value_dim: int, num_heads: int, grid: int, theta: float, eps: float,
                  persistent: bool):
         super().__init__()
-        self.num_heads, self.dim, self.tokens = num_heads, dim, grid * grid
+        self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim ** -0.5
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -91,18 +110,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """x [B, N, C] queries, value [B, N, C_j] keys/values (both on the grid) -> [B, N, C]."""
-        n, c, heads = self.tokens, self.dim, self.num_heads
-        d = c // heads
-
-        def split(t: torch.Tensor) -> torch.Tensor:                   # [B, n, c] -> [B * heads, n, d]
-            return t.reshape(-1, n, heads, d).permute(0, 2, 1, 3).reshape(-1, n, d)
-
-        q = self.rope(split(self.q_proj(x)))
-        k = self.rope(split(self.k_proj(value)))
-        v = split(self.v_proj(value))
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        x = (attn @ v).reshape(-1, heads, n, d).transpose(1, 2).reshape(-1, n, c)
+        x = attend(self.q_proj(x), self.k_proj(value), self.v_proj(value), self.rope.freqs_cos, self.rope.freqs_sin,
+                   self.num_heads, self.scale)
         return self.proj(self.inner_attn_ln(x))
+
+
+ExpertTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (x [1, N, C], gate w [1, 7]) -> [1, N, C]
 
 
 class AdapterBlock(nn.Module):
@@ -135,19 +148,28 @@ class AdapterBlock(nn.Module):
         w = w * torch.zeros_like(w).scatter(-1, top, 1.0)               # one_hot(top).sum(1)
         return (w / w.sum(-1, keepdim=True)).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, values: Sequence[torch.Tensor | None], text: torch.Tensor,
-                weight_mask: torch.Tensor, binary: torch.Tensor, record: list | None = None) -> torch.Tensor:
-        """values[j] None = expert j skipped (upstream's B == 1 inference): a zero tensor takes its place."""
-        w = self.gate_weights(x, text, weight_mask)
-        if record is not None:
-            record.append(w)
+    def dense_experts(self, x: torch.Tensor, w: torch.Tensor,
+                      values: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """sum_j w_j * cross_attn[j](norm1[j](x), norm2[j](value_j)); values[j] None = expert j skipped (upstream's
+        B == 1 inference): a zero tensor takes its place (stack + sum, as upstream)."""
         ys = [torch.zeros_like(x) if value is None else attn(norm1(x), norm2(value))
               for value, attn, norm1, norm2 in zip(values, self.cross_attn, self.norm1, self.norm2)]
-        mixed = (torch.stack(ys, dim=1) * w[:, :, None, None]).sum(dim=1)
-        x = x + mixed * binary[:, None, None]
+        return (torch.stack(ys, dim=1) * w[:, :, None, None]).sum(dim=1)
+
+    def transformer(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's pre-norm self-attention and SwiGLU."""
         h = self.norm3(x)
         x = x + self.self_attn(h, h)
         return x + self.mlp(self.norm4(x))
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, weight_mask: torch.Tensor, binary: torch.Tensor,
+                expert_term: ExpertTerm, record: list | None = None) -> torch.Tensor:
+        """expert_term computes the gated sum of the experts' cross-attentions (the dense or the slot form)."""
+        w = self.gate_weights(x, text, weight_mask)
+        if record is not None:
+            record.append(w)
+        x = x + expert_term(x, w) * binary[:, None, None]
+        return self.transformer(x)
 
 
 # ---- downsample: timm 0.9 RegStage(depth=1) with LayerNormAct2d ------------------------------------------------
@@ -246,14 +268,21 @@ class MoVAdapter(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
     # shared pieces ---------------------------------------------------------------------------------------------
-    def _run(self, base: torch.Tensor, values: Sequence[torch.Tensor | None], text: torch.Tensor,
-             routing_mask: torch.Tensor, record: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        r = routing_mask.float()
-        weight_mask = (1 - r) * ROUTING_MASK_FILL
-        binary = (r.mean(-1) > 0).to(base.dtype)                        # torch.where(mean > 0, 1, 0)
+    def run(self, base: torch.Tensor, text: torch.Tensor | None, routing_mask: torch.Tensor | None,
+            expert_terms: Sequence[ExpertTerm] | None,
+            record: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter with one expert term per block (dense or slot form), or none at all: with no expert routed
+        binary = 0 removes the term exactly, so the routing form needs neither the gate nor the text."""
         x = base + self.pos_embed
-        for blk in self.blocks:
-            x = blk(x, values, text, weight_mask, binary, record)
+        if expert_terms is None:
+            for blk in self.blocks:
+                x = blk.transformer(x)
+        else:
+            r = routing_mask.float()
+            weight_mask = (1 - r) * ROUTING_MASK_FILL
+            binary = (r.mean(-1) > 0).to(base.dtype)                    # torch.where(mean > 0, 1, 0)
+            for blk, term in zip(self.blocks, expert_terms):
+                x = blk(x, text, weight_mask, binary, term, record)
         x = (x + base) / 2
         x = x.transpose(1, 2).reshape(-1, self.dim, self.grid, self.grid)
         x = self.downsample(x)
@@ -268,25 +297,30 @@ class MoVAdapter(nn.Module):
         x = image_tokens.reshape(-1, r, k, r, k, h).mean(dim=(2, 4))
         return x.reshape(-1, r * r, h)
 
+    def _dense_terms(self, values: Sequence[torch.Tensor | None]) -> list[ExpertTerm]:
+        return [partial(blk.dense_experts, values=values) for blk in self.blocks]
+
     # the two entry points --------------------------------------------------------------------------------------
     def forward(self, base: torch.Tensor, expert_A: torch.Tensor, expert_B: torch.Tensor, expert_C: torch.Tensor,
                 expert_D: torch.Tensor, expert_E: torch.Tensor, expert_F: torch.Tensor, expert_G: torch.Tensor,
                 text_features: torch.Tensor, routing_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Static dense path: all cross-attentions run, unrouted experts (any features, e.g. zeros) get weight 0."""
         values = [expert_A, expert_B, expert_C, expert_D, expert_E, expert_F, expert_G]
-        return self._run(base, values, text_features, routing_mask)
+        return self.run(base, text_features, routing_mask, self._dense_terms(values))
 
     def forward_reference(self, base: torch.Tensor, experts: Sequence[torch.Tensor | None] | None,
                           text_features: torch.Tensor,
                           routing_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Upstream's B == 1 inference: cross-attention of unrouted experts skipped (their features may be None)."""
-        return self._run(base, self._routed(base, experts, routing_mask), text_features, routing_mask)
+        values = self._routed(base, experts, routing_mask)
+        return self.run(base, text_features, routing_mask, self._dense_terms(values))
 
     def gate_weights(self, base: torch.Tensor, experts: Sequence[torch.Tensor | None] | None,
                      text_features: torch.Tensor, routing_mask: torch.Tensor) -> torch.Tensor:
         """Per-block gate weights [num_blocks, B, 7] of the reference forward (equal to the dense forward's)."""
         record: list[torch.Tensor] = []
-        self._run(base, self._routed(base, experts, routing_mask), text_features, routing_mask, record)
+        values = self._routed(base, experts, routing_mask)
+        self.run(base, text_features, routing_mask, self._dense_terms(values), record)
         return torch.stack(record)
 
     def _routed(self, base: torch.Tensor, experts: Sequence[torch.Tensor | None] | None,
