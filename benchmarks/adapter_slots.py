@@ -13,7 +13,9 @@ modules run in PyTorch eager. One run measures, for K = 0 (no expert) and K = 3 
              the routed cross-attentions at their own widths, one graph per mask (the floor no static graph beats;
              at K = 0 it is the independent graph with no cross-attention at all)
 plus the 3-slot graph fed the empty mask (what the routing form saves) and, with --k7, the 7-slot graph on a
-four-expert mask. Parity: every output against eager forward_reference for the same mask.
+four-expert mask. Parity: every output against eager forward_reference for the same mask. The timed runs go round
+robin over all measurements of a backend (one run of each in turn), so load from other processes on a shared
+machine falls on every form alike.
 Writes adapter_slots.json (samples, p50/p95, ratios, parity, machine), adapter_slots.md and adapter_slots.png.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tempfile
 import time
 from importlib import metadata
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -49,7 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for adapter_slots.{json,md,png}")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per measurement (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per measurement (at least one: its output "
+                    "gives the parity figures)")
     ap.add_argument("--blocks", type=int, default=3, help="adapter blocks (MoVA-8B: 3)")
     ap.add_argument("--grid", type=int, default=48, help="token grid side, a multiple of 4 (MoVA-8B: 48)")
     ap.add_argument("--mask", default="ACG", help="the K = 3 mask as letters (default ACG)")
@@ -126,15 +130,27 @@ class MaskedReference(nn.Module):
         return (dense["base"], *(dense[EXPERT_INPUTS[j]] for j in self.routed), dense["text_features"])
 
 
-def timed(fn: Callable[[], Any], runs: int, warmup: int) -> tuple[list[float], Any]:
-    for _ in range(warmup):
-        out = fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        out = fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples, out
+def round_robin(runners: list[tuple[dict[str, Any], Callable[[], Any]]], runs: int, warmup: int,
+                truth: dict[int, Any], masks: dict[int, tuple[int, ...]], log: Callable[[str], None]) -> list[dict]:
+    """Time every runner `runs` times, one run of each in turn (after `warmup` runs each), so that load from other
+    processes on a shared machine falls on every form alike; parity from each runner's warm-up output."""
+    rows = []
+    for info, run in runners:
+        for _ in range(max(1, warmup)):
+            out = run()
+        rows.append(dict(info, mask=mask_label(masks[info["K"]]), samples=[], parity=parity(out, truth[info["K"]])))
+        log(f"{info['backend']} {info['graph']} K={info['K']}: warm, max abs vs reference "
+            f"{rows[-1]['parity']['max_abs']:.2g}")
+    for r in range(runs):
+        for row, (_, run) in zip(rows, runners):
+            start = time.perf_counter()
+            run()
+            row["samples"].append((time.perf_counter() - start) * 1e3)
+        log(f"round {r + 1}/{runs}: " + ", ".join(f"{row['graph']} K={row['K']} {row['samples'][-1]:.0f} ms"
+                                                  for row in rows))
+    for row in rows:
+        row["ms"] = stats(row["samples"])
+    return rows
 
 
 def parity(got: Sequence[Any], want: Sequence[torch.Tensor]) -> dict[str, float]:
@@ -192,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log("ground truth: eager forward_reference for " + ", ".join(mask_label(m) for m in masks.values()))
 
     references = {k: MaskedReference(adapter, masks[k]) for k in (0, 3)}
-    # (name, graph spec, module, [(K, feed)]): what is exported, and what each graph is fed
+    # (kind, graph spec, module, [(K, feed)]): what is exported, and what each graph is fed
     graphs = [
         ("dense", SPEC, adapter, [(0, dense_feed(EMPTY)), (3, dense_feed(three))]),
         ("slots", routing_spec(), RoutingAdapter(adapter), [(0, {"base": base})]),
@@ -205,18 +221,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     if not args.no_eager:
+        runners = []
         for kind, spec, module, runs in graphs:
             names = [t.name for t in spec.inputs(cfg)]
             for k, feed in runs:
-                with torch.inference_mode():
-                    samples, out = timed(lambda: module(*(feed[n] for n in names)), args.runs, args.warmup)
-                rows.append(dict(backend="torch", kind=kind, graph=spec.name, K=k, mask=mask_label(masks[k]),
-                                 ms=stats(samples), samples=samples, parity=parity(out, truth[k])))
-                log(f"torch {spec.name} K={k}: p50 {rows[-1]['ms']['p50']:.0f} ms")
+                positional = tuple(feed[n] for n in names)
+                runners.append((dict(backend="torch", kind=kind, graph=spec.name, K=k), partial(module, *positional)))
+        with torch.inference_mode():
+            rows += round_robin(runners, args.runs, args.warmup, truth, masks, log)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    exports = {}
+    exports, runners, sessions = {}, [], []
     with tempfile.TemporaryDirectory(prefix="adapter_slots.") as tmp:
         for kind, spec, module, runs in graphs:
             path = Path(tmp) / f"{spec.name}.onnx"
@@ -226,17 +242,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                   "mib": sum(f.stat().st_size for f in files) / 2**20}
             log(f"exported {spec.name}: {exports[spec.name]['mib']:.0f} MiB in {exports[spec.name]['seconds']:.0f} s")
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            sessions.append(session)
+            for f in files:                                # the session holds the weights; the disk copy can go
+                f.unlink()
             names = [i.name for i in session.get_inputs()]
             for k, feed in runs:
                 np_feed = {n: feed[n].numpy() for n in names}
-                samples, out = timed(lambda: session.run(None, np_feed), args.runs, args.warmup)
-                rows.append(dict(backend="onnxruntime", kind=kind, graph=spec.name, K=k, mask=mask_label(masks[k]),
-                                 ms=stats(samples), samples=samples, parity=parity(out, truth[k])))
-                log(f"onnxruntime {spec.name} K={k}: p50 {rows[-1]['ms']['p50']:.0f} ms, "
-                    f"max abs vs reference {rows[-1]['parity']['max_abs']:.2g}")
-            del session
-            for f in files:
-                f.unlink()
+                runners.append((dict(backend="onnxruntime", kind=kind, graph=spec.name, K=k),
+                                partial(session.run, None, np_feed)))
+        rows += round_robin(runners, args.runs, args.warmup, truth, masks, log)
+    del sessions
 
     result = {"config": {"blocks": args.blocks, "grid": args.grid, "tokens": cfg.grid_tokens,
                          "dim": cfg.mm_hidden_size, "heads": int(cfg.arch("adapter")["num_heads"]),
@@ -282,7 +297,8 @@ def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [f"# MoV-Adapter: dense vs slots ({c['blocks']} blocks, N = {c['tokens']}, C = {c['dim']}, "
              f"{c['heads']} heads, LLM {c['llm_hidden']}, {c['threads']} threads, random weights)", "",
-             f"p50 ms over {c['runs']} runs (after {c['warmup']} warm-up). K = 3 mask: {c['mask_k3']}. "
+             f"p50 ms over {c['runs']} runs per measurement, round robin (after {c['warmup']} warm-up). "
+             f"Load average at the end {result['machine']['load_avg'][0]:.1f}. K = 3 mask: {c['mask_k3']}. "
              "slots = routing form at K = 0, 3-slot graph at K = 3; reference = upstream's skipping path traced "
              "with the mask as a constant (one graph per mask: the floor; at K = 0 the graph with no "
              "cross-attention).", "",

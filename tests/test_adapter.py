@@ -392,6 +392,8 @@ def test_form_specs_declare_static_inputs_and_the_dense_outputs():
     assert [t.name for t in spec3.inputs(FULL)] == list(SLOT_ARGS)
     assert [(t.name, t.shape) for t in routing.inputs(FULL)] == [("base", (1, 2304, 1024))]
     assert spec3.outputs(FULL) == routing.outputs(FULL) == SPEC.outputs(FULL)
+    assert isinstance(routing.build(SMALL_GRID), RoutingAdapter)
+    assert isinstance(spec3.build(SMALL_GRID), SlotAdapter) and spec3.build(SMALL_GRID).num_slots == 3
     with pytest.raises(ComponentError, match="unknown component 'adapter_slots3'"):
         get_spec("adapter_slots3")                                   # forms are not registered: keys stay with adapter
 
