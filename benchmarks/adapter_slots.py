@@ -2,6 +2,7 @@
 
     python benchmarks/adapter_slots.py --out bench-results/adapter_slots            # full size, 3 runs
     python benchmarks/adapter_slots.py --out /tmp/adapter_small --blocks 1 --grid 24 --runs 2
+    (PYTHONPATH=. in a checkout whose mova_export is not the installed one, e.g. a git worktree)
 
 The adapter alone with random weights (C 1024, a grid x grid token grid (48: N = 2304), 16 heads, --blocks blocks,
 expert_channels (1536, 512, 256, 1536, 768, 768, 256), LLM hidden 4096). Each graph is exported the way a bundle

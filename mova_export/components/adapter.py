@@ -50,7 +50,9 @@ the MLP and the routing pool; only the per-block expert term differs):
   C_j] as before; the adapter graph owns all of its weights (stacked) and just receives up to K feature tensors.
   Static shapes, Gather on constants, no If/Loop/NonZero, so ONNX Runtime and TensorRT take it as it is. The price
   of padding is confined to the K/V projections of narrow experts (a 256-channel expert pays Cmax / C_j = 6x for
-  its k_proj/v_proj, nothing else), plus the stacked K/V weights: 7 x Cmax instead of sum(C_j) rows per block.
+  its k_proj/v_proj; norm2 and the slot_features feed scale with Cmax too, both negligible), plus the stacked K/V
+  weights: 7 x Cmax instead of sum(C_j) rows per block (benchmarks/adapter_slots.py measures all forms). The slot
+  projections multiply by Gather outputs, not initializers: onnxruntime's quantize_static leaves such MatMuls fp32.
 
 Numerics choices: every LayerNorm is nn.LayerNorm's default eps 1e-5 (upstream passes no eps: arch `norm_eps`); the
 downsample norms are timm's LayerNormAct2d (eps 1e-5, arch `downsample_eps`), not builder.py's unused
