@@ -1,10 +1,17 @@
 """The MoV-Adapter component: shapes, the gate (routing, top-k, renormalisation), the dense export path against the
 skipping reference for all 64 masks, the K=0 `binary` behaviour, the checkpoint key layout and full-scale size,
-numerics of the attention / RegStage against written-out upstream formulas, and a static ONNX export."""
+numerics of the attention / RegStage against written-out upstream formulas, and a static ONNX export.
+Then the routing form (no expert branch) and the static top-K slot forms (K = 3 and 7) against the same reference,
+the slot contract (mova_export/slots.py) and their static ONNX exports."""
 from __future__ import annotations
 
+import copy
 import math
+import subprocess
+import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +21,22 @@ from torch import nn
 
 from mova_export import components
 from mova_export.components import get_spec
+from mova_export.components.adapter import (RoutingAdapter, SlotAdapter, StackedLayerNorm, routing_spec,
+                                            slot_spec)
 from mova_export.config import FULL_LLM, MoVAConfig
-from mova_export.export import DYNAMIC_OPS, mask_label, onnx_from_component, routing_masks
-from mova_export.prompts import parse_routing
+from mova_export.errors import ComponentError, RuntimeInputError
+from mova_export.components import expert_letters
+from mova_export.export import DYNAMIC_OPS, onnx_from_component, routing_masks
+from mova_export.prompts import mask_label as _mask_label, parse_routing as _parse_routing
+from mova_export.slots import SLOT_INPUTS, fill_slots, num_slots_for
+
+
+def mask_label(mask) -> str:
+    return _mask_label(mask, expert_letters())
+
+
+def parse_routing(response: str) -> list[int]:
+    return _parse_routing(response, expert_letters())
 from helpers import randomize
 
 SPEC = get_spec("adapter")
@@ -161,8 +181,6 @@ def test_dense_equals_reference_on_the_real_48_grid(tiny):
 
 
 def test_reference_rejects_a_routed_expert_without_features(small):
-    from mova_export.errors import ComponentError
-
     feed = _feed(SMALL_GRID, 0)
     with pytest.raises(ComponentError, match="expert\\(s\\) B are routed"):
         small.forward_reference(feed["base"], [feed["expert_A"], None] + [None] * 5, feed["text_features"],
@@ -344,3 +362,257 @@ def test_onnx_export_is_static_and_matches_torch(tiny, tmp_path):
             figures.append((cosine, float(np.abs(w - g).max())))
     print(f"onnx export + 2 ORT runs in {time.perf_counter() - start:.1f} s: worst cosine "
           f"{min(c for c, _ in figures):.8f}, max abs {max(d for _, d in figures):.3g}; ops {sorted(ops)}")
+
+
+# ---- routing form and static top-K slot forms --------------------------------------------------------------------
+SLOT_ARGS = ("base", *SLOT_INPUTS[:3], "text_features", "routing_mask")   # SlotAdapter.forward's order
+EMPTY = (0,) * 7
+
+
+@pytest.fixture(scope="module")
+def slots3(small):
+    return SlotAdapter(small, 3).eval()
+
+
+@pytest.fixture(scope="module")
+def slots7(small):
+    return SlotAdapter(small, 7).eval()
+
+
+def _slots(feed: dict[str, torch.Tensor], mask, num_slots: int) -> dict[str, torch.Tensor]:
+    """The slot form's feed, filled by the runtime helper from the dense feed's expert features."""
+    experts = {j: feed[f"expert_{c}"].numpy() for j, c in enumerate("ABCDEFG")}
+    filled = fill_slots(mask, experts, num_slots, SMALL_GRID.expert_channels, SMALL_GRID.grid_tokens)
+    return {"base": feed["base"], "text_features": feed["text_features"],
+            **{name: torch.from_numpy(value) for name, value in filled.items()}}
+
+
+def _slot_args(slots: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(slots[name] for name in SLOT_ARGS)
+
+
+def test_form_specs_declare_static_inputs_and_the_dense_outputs():
+    spec3, routing = slot_spec(3), routing_spec()
+    assert (spec3.name, slot_spec(7).name, routing.name) == ("adapter_slots3", "adapter_slots7", "adapter_routing")
+    assert [(t.name, t.shape, t.dtype) for t in spec3.inputs(FULL)] == [
+        ("base", (1, 2304, 1024), "float32"), ("slot_features", (3, 2304, 1536), "float32"),
+        ("slot_expert", (3,), "int64"), ("slot_valid", (3,), "float32"), ("text_features", (1, 1024), "float32"),
+        ("routing_mask", (1, 7), "float32")]
+    assert [t.name for t in spec3.inputs(FULL)] == list(SLOT_ARGS)
+    assert [(t.name, t.shape) for t in routing.inputs(FULL)] == [("base", (1, 2304, 1024))]
+    assert spec3.outputs(FULL) == routing.outputs(FULL) == SPEC.outputs(FULL)
+    assert isinstance(routing.build(SMALL_GRID), RoutingAdapter)
+    assert isinstance(spec3.build(SMALL_GRID), SlotAdapter) and spec3.build(SMALL_GRID).num_slots == 3
+    with pytest.raises(ComponentError, match="unknown component 'adapter_slots3'"):
+        get_spec("adapter_slots3")                                   # forms are not registered: keys stay with adapter
+
+
+def test_fill_slots_builds_the_documented_contract():
+    channels, tokens = SMALL_GRID.expert_channels, SMALL_GRID.grid_tokens
+    rng = np.random.default_rng(0)
+    feats = {j: rng.standard_normal((1, tokens, c)).astype(np.float32) for j, c in enumerate(channels)}
+    b_and_g = (0, 1, 0, 0, 0, 0, 1)
+    out = fill_slots(b_and_g, feats, 3, channels, tokens)
+    assert list(out) == list(SLOT_INPUTS)
+    features = out["slot_features"]
+    assert features.shape == (3, tokens, 48) and features.dtype == np.float32
+    assert out["slot_expert"].dtype == np.int64 and out["slot_expert"].tolist() == [1, 6, 0]
+    assert out["slot_valid"].dtype == np.float32 and out["slot_valid"].tolist() == [1, 1, 0]
+    assert out["routing_mask"].dtype == np.float32 and out["routing_mask"].tolist() == [list(b_and_g)]
+    np.testing.assert_array_equal(features[0, :, :32], feats[1][0])
+    np.testing.assert_array_equal(features[1, :, :16], feats[6][0])
+    assert not features[0, :, 32:].any() and not features[1, :, 16:].any() and not features[2].any()
+    two_d = fill_slots(b_and_g, {1: feats[1][0], 6: feats[6][0]}, 3, channels, tokens)  # [N, C_j] works too
+    np.testing.assert_array_equal(two_d["slot_features"], features)
+    empty = fill_slots(EMPTY, {}, 3, channels, tokens)
+    assert not empty["slot_valid"].any() and not empty["slot_features"].any()
+    assert [num_slots_for(m, 3) for m in (EMPTY, b_and_g, ABC, parse_routing("A B C D"), (1,) * 7)] == [0, 3, 3, 7, 7]
+
+    with pytest.raises(RuntimeInputError, match="4 experts routed but the slot graph has 3 slots"):
+        fill_slots((1, 1, 1, 1, 0, 0, 0), feats, 3, channels, tokens)
+    with pytest.raises(RuntimeInputError, match="expert G is routed but has no features"):
+        fill_slots(b_and_g, {1: feats[1]}, 3, channels, tokens)
+    with pytest.raises(RuntimeInputError, match=r"expert B features have shape \[1, 256, 16\], the slot needs "
+                                                r"\[1, 256, 32\]"):
+        fill_slots(b_and_g, {1: feats[6], 6: feats[6]}, 3, channels, tokens)
+    for bad in ((0, 2, 0, 0, 0, 0, 0), (1, 0, 1)):
+        with pytest.raises(RuntimeInputError, match="is not a multi-hot of 7"):
+            fill_slots(bad, feats, 3, channels, tokens)
+
+
+def test_slot_helpers_import_without_torch():
+    code = "import sys, mova_export.slots; print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.stdout.strip() == "False"
+
+
+def test_routing_form_equals_the_reference_with_no_expert(small, slots3):
+    feed = _feed(SMALL_GRID, 31, EMPTY, zero_unrouted=False)
+    empty = torch.zeros(1, 7)
+    with torch.inference_mode():
+        got = RoutingAdapter(small)(feed["base"])
+        ref = small.forward_reference(feed["base"], [None] * 7, feed["text_features"], empty)
+        assert all(torch.equal(g, r) for g, r in zip(got, ref))
+        # the text cannot matter with binary = 0: the routing pass needs no BERT feature
+        other = small.forward_reference(feed["base"], None, torch.randn(feed["text_features"].shape), empty)
+        assert all(torch.equal(g, o) for g, o in zip(got, other))
+        # the same answer from the dense graph (real features everywhere) and from a slot graph with no valid slot
+        assert _max_diff(got, small(*_args(SMALL_GRID, feed))) <= 1e-6
+        assert _max_diff(got, slots3(*_slot_args(_slots(feed, EMPTY, 3)))) <= 1e-6
+
+
+def test_slot_form_k3_equals_skipping_reference_for_all_64_masks(small, slots3):
+    worst = 0.0
+    with torch.inference_mode():
+        for i, mask in enumerate(routing_masks(7, 3)):
+            feed = _feed(SMALL_GRID, 100 + i, mask, zero_unrouted=False)
+            d = _max_diff(_reference(small, feed, mask), slots3(*_slot_args(_slots(feed, mask, 3))))
+            assert d <= 1e-5, (mask_label(mask), d)
+            worst = max(worst, d)
+    print(f"64 masks: max |slots(K=3) - reference| = {worst:.3g}")
+
+
+def test_slot_form_k7_equals_reference_when_more_than_three_experts_are_routed(small, slots3, slots7):
+    masks = (tuple(parse_routing("A B C D")), (0, 0, 1, 1, 1, 0, 1), (1, 0, 1, 1, 1, 1, 0), (0, 1, 1, 1, 1, 1, 1),
+             (1,) * 7)
+    worst, winners = 0.0, {}
+    with torch.inference_mode():
+        for i, mask in enumerate(masks):
+            feed = _feed(SMALL_GRID, 300 + i, mask, zero_unrouted=False)
+            ref = _reference(small, feed, mask)
+            d = _max_diff(ref, slots7(*_slot_args(_slots(feed, mask, 7))))
+            assert d <= 1e-5, (mask_label(mask), d)
+            worst = max(worst, d)
+            w = _gates(small, feed, mask)[:, 0]
+            assert ((w != 0).sum(-1) == 3).all()                      # top-3 per block of the routed experts
+            winners[mask] = [tuple(int(j) for j in torch.nonzero(wb).flatten()) for wb in w]
+        # each block picks its own three: three slots holding block 0's winners miss another block's expert
+        mask = max(winners, key=lambda m: len(set().union(*winners[m])))
+        assert len(set().union(*winners[mask])) > 3, winners
+        feed = _feed(SMALL_GRID, 300 + masks.index(mask), mask, zero_unrouted=False)
+        first = [int(j in winners[mask][0]) for j in range(7)]
+        three = _slots(feed, first, 3)
+        three["routing_mask"] = torch.tensor([mask], dtype=torch.float32)
+        assert _max_diff(_reference(small, feed, mask), slots3(*_slot_args(three))) > 1e-3
+        assert _max_diff(_reference(small, feed, ABC), slots7(*_slot_args(_slots(feed, ABC, 7)))) <= 1e-5
+    print(f"K=7 slots, 4..7 experts: max |slots - reference| = {worst:.3g}; per-block winners {winners}")
+
+
+def test_unused_slots_and_padded_channels_cannot_leak(slots3):
+    gen = torch.Generator().manual_seed(41)
+    widths = torch.tensor(SMALL_GRID.expert_channels)
+    with torch.inference_mode():
+        for i, mask in enumerate((EMPTY, (0, 0, 1, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0, 1))):
+            slots = _slots(_feed(SMALL_GRID, 40 + i, mask, zero_unrouted=False), mask, 3)
+            clean = slots3(*_slot_args(slots))
+            garbage = 100 * torch.randn(slots["slot_features"].shape, generator=gen)
+            unused = slots["slot_valid"] == 0
+            assert int(unused.sum()) == 3 - sum(mask)
+            dirty = dict(slots, slot_features=torch.where(unused[:, None, None], garbage, slots["slot_features"]),
+                         slot_expert=torch.where(unused, torch.randint(0, 7, (3,), generator=gen),
+                                                 slots["slot_expert"]))
+            assert all(torch.equal(c, d) for c, d in zip(clean, slots3(*_slot_args(dirty))))
+            # beyond the contract (zeros): norm2 and the zero K/V rows ignore a real slot's padded channels too
+            padding = torch.arange(48)[None, None, :] >= widths[slots["slot_expert"]][:, None, None]
+            assert bool(padding[~unused].any()) == any(SMALL_GRID.expert_channels[j] < 48
+                                                       for j, on in enumerate(mask) if on)
+            dirty = dict(slots, slot_features=torch.where(padding, garbage, slots["slot_features"]))
+            assert all(torch.equal(c, d) for c, d in zip(clean, slots3(*_slot_args(dirty))))
+
+
+def test_slot_form_gate_weights_match_the_dense_gate(small, slots3, slots7):
+    with torch.inference_mode():
+        for form, mask in ((slots3, ABC), (slots3, (0, 0, 0, 0, 1, 0, 0)), (slots7, (1, 1, 0, 1, 0, 1, 1))):
+            feed = _feed(SMALL_GRID, 51, mask, zero_unrouted=False)
+            want = _gates(small, feed, mask)
+            got = form.gate_weights(*_slot_args(_slots(feed, mask, form.num_slots)))
+            assert got.shape == want.shape == (3, 1, 7)
+            assert torch.equal(got != 0, want != 0), (mask_label(mask), got, want)
+            assert float((got - want).abs().max()) <= 1e-6
+
+
+def test_stacked_layernorm_normalises_each_expert_over_its_own_channels(small):
+    norms = small.blocks[0].norm2
+    stacked = StackedLayerNorm(norms, 48)
+    x = 3 * torch.randn(7, 64, 48, generator=torch.Generator().manual_seed(61)) + 1
+    with torch.inference_mode():
+        out = stacked(x, torch.arange(7))
+        for j, c in enumerate(SMALL_GRID.expert_channels):
+            assert float((out[j, :, :c] - norms[j](x[j, :, :c])).abs().max()) <= 1e-5
+            assert not out[j, :, c:].any()
+
+
+def test_slot_constants_are_the_loaded_adapters_own_weights(small):
+    adapter = copy.deepcopy(small)
+    gen = torch.Generator().manual_seed(71)
+    with torch.no_grad():                                # a checkpoint carries one RoPE pair per cross-attention
+        for blk in adapter.blocks:
+            for attn in blk.cross_attn:
+                attn.rope.freqs_cos.add_(0.1 * torch.randn(attn.rope.freqs_cos.shape, generator=gen))
+                attn.rope.freqs_sin.add_(0.1 * torch.randn(attn.rope.freqs_sin.shape, generator=gen))
+    slots = SlotAdapter(adapter, 3).eval()
+    assert slots.adapter is adapter                      # gate, self-attention, MLP, downsample: the same modules
+    blk, stacked = adapter.blocks[1], slots.cross_attn[1]
+    assert stacked.norm2.padded and not stacked.norm1.padded and not stacked.inner_attn_ln.padded
+    for j, c in enumerate(SMALL_GRID.expert_channels):
+        attn = blk.cross_attn[j]
+        for name in ("k_proj", "v_proj"):
+            weight = getattr(stacked, name).weight[j]
+            assert torch.equal(weight[:c], getattr(attn, name).weight.t()) and not weight[c:].any()
+        assert torch.equal(stacked.q_proj.weight[j], attn.q_proj.weight.t())
+        assert torch.equal(stacked.proj.weight[j], attn.proj.weight.t())
+        assert torch.equal(stacked.proj.bias[j], attn.proj.bias)
+        assert torch.equal(stacked.norm2.weight[j, :c], blk.norm2[j].weight) and not stacked.norm2.weight[j, c:].any()
+        assert torch.equal(stacked.norm2.bias[j, :c], blk.norm2[j].bias) and not stacked.norm2.bias[j, c:].any()
+        assert torch.equal(stacked.norm1.bias[j], blk.norm1[j].bias)
+        assert torch.equal(stacked.inner_attn_ln.weight[j], attn.inner_attn_ln.weight)
+        assert torch.equal(stacked.rope_cos[j], attn.rope.freqs_cos) and torch.equal(stacked.rope_sin[j],
+                                                                                     attn.rope.freqs_sin)
+    mask = (0, 1, 1, 0, 0, 0, 1)
+    feed = _feed(SMALL_GRID, 72, mask, zero_unrouted=False)
+    with torch.inference_mode():
+        ref = _reference(adapter, feed, mask)
+        assert _max_diff(ref, slots(*_slot_args(_slots(feed, mask, 3)))) <= 1e-5
+        assert _max_diff(ref, _reference(small, feed, mask)) > 1e-3   # the per-expert tables do matter
+
+
+def test_slot_adapter_rejects_a_bad_slot_count(small):
+    for bad in (0, 8):
+        with pytest.raises(ComponentError, match=f"num_slots={bad}; a slot graph has 1 to 7 slots"):
+            SlotAdapter(small, bad)
+
+
+@pytest.mark.parametrize("num_slots", [0, 3, 7])
+def test_routing_and_slot_forms_export_static_and_match_onnxruntime(small, num_slots, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    spec = routing_spec() if num_slots == 0 else slot_spec(num_slots)
+    module = (RoutingAdapter(small) if num_slots == 0 else SlotAdapter(small, num_slots)).eval()
+    path = tmp_path / f"{spec.name}.onnx"
+    onnx_from_component(spec, module, SMALL_GRID, path)              # checks the declared inputs and outputs
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert not set(ops) & (DYNAMIC_OPS | {"If", "Loop", "NonZero"}), ops
+    # per block: the self-attention, plus the gate and ONE cross-attention batched over the K slots (dense: 7)
+    blocks = SMALL_GRID.num_projector_layers
+    assert ops["Softmax"] == blocks * (1 if num_slots == 0 else 3), ops
+    assert ("TopK" in ops) == (num_slots > 0)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [t.name for t in spec.inputs(SMALL_GRID)]
+    assert [i.name for i in session.get_inputs()] == names
+    masks = {0: [EMPTY], 3: [ABC, (0, 0, 0, 0, 0, 1, 0)], 7: [(1, 0, 1, 1, 0, 1, 1), ABC]}[num_slots]
+    worst = 0.0
+    for i, mask in enumerate(masks):
+        feed = _feed(SMALL_GRID, 81 + i, mask, zero_unrouted=False)
+        inputs = {"base": feed["base"]} if num_slots == 0 else _slots(feed, mask, num_slots)
+        if num_slots:                                              # garbage in the unused slots
+            unused = inputs["slot_valid"] == 0
+            inputs["slot_features"][unused] = 50 * torch.randn(int(unused.sum()), *inputs["slot_features"].shape[1:])
+        with torch.inference_mode():
+            want = module(*(inputs[n] for n in names))
+        got = session.run(["image_tokens", "routing_tokens"], {n: inputs[n].numpy() for n in names})
+        d = max(float(np.abs(w.numpy() - g).max()) for w, g in zip(want, got))
+        assert d <= 1e-5, (mask_label(mask), d)
+        worst = max(worst, d)
+    print(f"{spec.name}: ops {dict(ops)}; max |ORT - torch| = {worst:.3g}")

@@ -16,7 +16,7 @@ from mova_export.compile import (FLAVORS, RTX_COMPUTE_CAPABILITIES, BuildResult,
                                  can_compile_here, check_engine_metadata, compile_bundle, current_device,
                                  engine_from_onnx, engine_parity, inspect_graph, installed_flavors, profile_onnx,
                                  read_engine_metadata, resolve_settings)
-from mova_export.compile.flavors import import_flavor, tensorrt_flavor
+from mova_export.tensorrt_flavors import import_flavor, tensorrt_flavor
 from mova_export.errors import BundleError, CompileError, RecipeError
 from mova_export.recipe import load_recipe
 
