@@ -3,7 +3,7 @@
 The adapter ships in three static forms (see components/adapter.py for the graphs and why):
 * the routing form `adapter_routing`: (base) -> image_tokens, routing_tokens; used when no expert is routed
   (the routing pass, and the answer pass of a "none" answer, which it equals);
-* the slot forms `adapter_slots{K}`, K = topk_experts (3) and K = 7:
+* the slot form `adapter_slots{K}`, K = topk_experts (3), for 1..K routed experts (more: the dense `adapter`):
   (base, slot_features, slot_expert, slot_valid, text_features, routing_mask) -> image_tokens, routing_tokens.
 
 `num_slots_for(mask, topk)` picks the form; `fill_slots(...)` builds the four mask-derived inputs:
@@ -44,7 +44,8 @@ def routed_experts(mask: Sequence[float] | np.ndarray, num_experts: int) -> list
 
 def num_slots_for(mask: Sequence[float] | np.ndarray, topk: int) -> int:
     """Which adapter form serves a mask: 0 = the routing form, topk = the usual slot graph, all experts (7) = more
-    than topk routed (each block's gate keeps its own top-k of them, so every routed expert needs a slot)."""
+    than topk routed (each block's gate keeps its own top-k of them, so every routed expert needs a branch: a bundle
+    serves that mask with its dense `adapter` graph, cheaper than seven slots)."""
     size = np.asarray(mask).size
     count = len(routed_experts(mask, size))
     if count == 0:

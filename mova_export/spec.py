@@ -2,11 +2,12 @@
 
 TensorSpec: a graph input/output (name, shape, numpy dtype name); a dimension may be a string, the name of an
 axis that takes one of a few static sizes (the text encoder's length buckets).
+GraphForm: one graph a component exports as (most components have one; the adapter three).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -24,3 +25,19 @@ class TensorSpec:
 
     def describe(self) -> str:
         return f"{self.name}{list(self.shape)}:{self.dtype}"
+
+
+@dataclass(frozen=True)
+class GraphForm:
+    """One exported graph of a component: its name in the bundle, its role in the two passes (tower, text,
+    adapter_routing, adapter_answer, adapter_fallback), its declared I/O, how the component's loaded module becomes
+    the traced module (`wrap`), how a feed's reference outputs are computed (`reference(module, feed)`, default:
+    the wrapped module itself), the static sizes of symbolic dimensions (`axes`) and a label (`form`)."""
+    name: str
+    role: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    wrap: Callable[[Any], Any] | None = None
+    reference: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
+    axes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    form: str | None = None

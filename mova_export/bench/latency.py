@@ -21,7 +21,7 @@ from .common import (Log, barh, bundle_info, gpu_memory_mib, load_images, machin
                      rounded, stats, write_figure)
 
 # The stages both sides measure the same way (experts: the sum of the routed towers).
-COMPARED = ("preprocess", "base", "text_encoder", "adapter_routing", "llm_routing", "experts", "adapter_answer",
+COMPARED = ("preprocess", "base", "adapter_routing", "llm_routing", "experts", "text_encoder", "adapter_answer",
             "llm_answer", "total")
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import ComponentError
-from ..spec import TensorSpec
+from ..spec import GraphForm, TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -70,6 +70,8 @@ class ComponentSpec:
     unused_keys: tuple[str, ...] = ()        # fnmatch patterns (relative) real checkpoints carry but MoVA never uses
     expert: ExpertInfo | None = None
     out_channels: Callable[[Mapping[str, Any]], int] | None = None  # towers: C of [1, grid, C] from the arch
+    # the graphs it exports as, when not the one graph of its own I/O (the adapter's routing, slot and dense forms)
+    forms: Callable[["MoVAConfig"], tuple[GraphForm, ...]] | None = None
     description: str = ""
 
     def __post_init__(self) -> None:

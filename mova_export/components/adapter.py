@@ -71,12 +71,14 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ComponentError
 from ..slots import SLOT_INPUTS, fill_slots
+from ..spec import GraphForm
 from . import ComponentSpec, MemoryFigures, TensorSpec, component_names, expert_letters, num_experts, register
 from .codetr import Rope, SwiGLU, rotate_half
 
@@ -534,6 +536,55 @@ def _build(cfg) -> nn.Module:
     return MoVAdapter(cfg, cfg.arch(NAME)).eval()
 
 
+def _reference(module: "MoVAdapter", base: Any, experts: Sequence[Any], text: Any, mask: Any) -> dict[str, Any]:
+    """Upstream's skipping B == 1 inference (forward_reference) on numpy inputs; unrouted experts None."""
+    def tensor(a: Any) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    with torch.inference_mode():
+        image, routing = module.forward_reference(tensor(base), [None if e is None else tensor(e) for e in experts],
+                                                  tensor(text), tensor(mask))
+    return {"image_tokens": image.float().numpy(), "routing_tokens": routing.float().numpy()}
+
+
+def _dense_reference(module: "MoVAdapter", feed: Mapping[str, Any]) -> dict[str, Any]:
+    mask = np.asarray(feed["routing_mask"], np.float32)
+    experts = [feed[f"expert_{letter}"] if on else None for letter, on in zip(expert_letters(), mask[0])]
+    return _reference(module, feed["base"], experts, feed["text_features"], mask)
+
+
+def _slot_reference(module: "MoVAdapter", feed: Mapping[str, Any]) -> dict[str, Any]:
+    """The slots hold the routed experts' features (channels past C_j are padding): back to one per expert."""
+    channels = [int(n.normalized_shape[0]) for n in module.blocks[0].norm2]
+    experts: list[Any] = [None] * len(channels)
+    for k, (j, valid) in enumerate(zip(feed["slot_expert"], feed["slot_valid"])):
+        if valid:
+            experts[int(j)] = feed["slot_features"][k][None, :, :channels[int(j)]]
+    return _reference(module, feed["base"], experts, feed["text_features"], feed["routing_mask"])
+
+
+def _routing_reference(module: "MoVAdapter", feed: Mapping[str, Any]) -> dict[str, Any]:
+    """No expert routed: the text feature has no effect (no gate runs), zeros stand in for it."""
+    count = len(module.blocks[0].norm2)
+    return _reference(module, feed["base"], [None] * count, np.zeros((1, module.blocks[0].gate[0].in_features
+                                                                       - module.dim), np.float32),
+                      np.zeros((1, count), np.float32))
+
+
+def _forms(cfg) -> tuple[GraphForm, ...]:
+    """The three graphs the adapter ships: the routing pass (no expert input at all), the answer pass with
+    topk_experts static slots, and the dense seven-branch graph for the rare mask with more than topk experts
+    (each block's gate keeps its own top-k of them; the dense graph is exact for any mask, and cheaper than a slot
+    per expert: every slot pays its K/V projections at the widest expert's width)."""
+    k = min(int(cfg.topk_experts), num_experts())
+    outputs = _outputs(cfg)
+    return (GraphForm(ROUTING_FORM, "adapter_routing", routing_inputs(cfg), outputs, wrap=RoutingAdapter,
+                      reference=_routing_reference),
+            GraphForm(slot_form(k), "adapter_answer", slot_inputs(cfg, k), outputs,
+                      wrap=lambda module: SlotAdapter(module, k), reference=_slot_reference, form="slots"),
+            GraphForm(NAME, "adapter_fallback", _inputs(cfg), outputs, reference=_dense_reference, form="dense"))
+
+
 SPEC = register(ComponentSpec(
     name=NAME,
     kind="adapter",
@@ -545,6 +596,7 @@ SPEC = register(ComponentSpec(
     outputs=_outputs,
     sample_inputs=_sample,
     exclude_prefixes=("text_encoder.",),
+    forms=_forms,
     description="MoV-Adapter: 3 blocks of gated per-expert cross-attention (2-D RoPE) + self-attention + SwiGLU, "
                 "RegStage / 2x2 avg-pool / RegStage, MLP to the LLM width; routing tokens = 2x2 mean (144)",
 ))

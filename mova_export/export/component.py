@@ -21,6 +21,7 @@ from ..bundle.manifest import GraphEntry, Variant
 from ..errors import ExportError
 from ..progress import NULL, Console, Steps
 from ..prompts import mask_label
+from ..spec import GraphForm
 from .onnx import example_args, fp16_from_onnx, graph_files, onnx_from_module
 from .samples import AdapterContext, Sample, as_numpy, random_samples, spot_check, sweep_masks, text_feeds, \
     validate_graph
@@ -36,28 +37,16 @@ EXPORT_PRECISIONS = ("fp32", "fp16")   # fp16 is every recipe's fallback, so one
 FEATURES = "features.npz"
 
 
-@dataclass(frozen=True)
-class GraphForm:
-    """One exported graph of a component: its name in the bundle, its role in the two passes, its declared I/O and
-    how the component module becomes the module that is traced."""
-    name: str
-    role: str                                   # tower | text | adapter_routing | adapter_answer
-    inputs: tuple["TensorSpec", ...]
-    outputs: tuple["TensorSpec", ...]
-    wrap: Callable[["torch.nn.Module"], "torch.nn.Module"] = lambda module: module
-    axes: Mapping[str, Sequence[int]] = field(default_factory=dict)
-    form: str | None = None
-
-
 def graph_forms(spec: Any, cfg: Any, facts: "ModelFacts") -> list[GraphForm]:
-    """The graphs a component exports as."""
+    """The graphs a component exports as: the forms its spec declares (the adapter), else its own I/O as one
+    graph (a tower; the text encoder with its length buckets)."""
+    if spec.forms is not None:
+        return list(spec.forms(cfg))
     inputs, outputs = tuple(spec.inputs(cfg)), tuple(spec.outputs(cfg))
     if spec.kind == "tower":
         return [GraphForm(spec.name, "tower", inputs, outputs)]
     if spec.kind == "text":
-        return [GraphForm(spec.name, "text", inputs, outputs, axes={"text_length": list(facts.text_buckets)})]
-    if spec.kind == "adapter":
-        return [GraphForm(spec.name, "adapter_answer", inputs, outputs, form="dense")]
+        return [GraphForm(spec.name, "text", inputs, outputs, axes={"text_length": tuple(facts.text_buckets)})]
     raise ExportError(f"component {spec.name} ({spec.kind}) is not exported to ONNX")
 
 
@@ -120,68 +109,71 @@ def _adapter_context(ins: ExportInputs) -> AdapterContext:
     if missing:
         raise ExportError(f"the adapter's parity samples need the features of {', '.join(missing)}; export those "
                           "components first (the build does it in order)")
+    channels = [next(iter(ins.upstream[e.component].values())).shape[-1] for e in facts.experts]
     return AdapterContext(ins.upstream[facts.base.component], [ins.upstream[e.component] for e in facts.experts],
-                          ins.upstream[text], facts.letters, facts.topk_experts, ins.full_sweep)
+                          ins.upstream[text], facts.letters, facts.topk_experts, ins.full_sweep, channels)
 
 
-def _dense_feed(form: GraphForm, ctx: AdapterContext, label: str, mask: Sequence[int],
-                zero_unrouted: bool) -> dict[str, np.ndarray]:
-    """The dense adapter's feed (base, expert features A.., text, mask) of one image."""
-    count = len(ctx.letters)
-    out = {form.inputs[0].name: as_numpy(ctx.base[label], form.inputs[0].dtype)}
-    for j, t in enumerate(form.inputs[1:1 + count]):
+def _adapter_feed(form: GraphForm, ctx: AdapterContext, label: str, mask: Sequence[int],
+                  zero_unrouted: bool = True) -> dict[str, np.ndarray]:
+    """One image's feed of an adapter form: the routing form's base alone; the slot form's base, slots (fill_slots),
+    text and mask; the dense form's base, every expert's features (zeros for unrouted ones, or their real features
+    to show they cannot leak), text and mask."""
+    from ..slots import fill_slots
+
+    specs = {t.name: t for t in form.inputs}
+    out = {"base": as_numpy(ctx.base[label], specs["base"].dtype)}
+    if form.role == "adapter_routing":
+        return out
+    out["text_features"] = as_numpy(ctx.text[label], specs["text_features"].dtype)
+    if form.role == "adapter_answer":
+        features = {j: ctx.experts[j][label] for j, on in enumerate(mask) if on}
+        slots = fill_slots(mask, features, specs["slot_expert"].shape[0], ctx.channels, specs["base"].shape[1])
+        return {**out, **slots}
+    for j, letter in enumerate(ctx.letters):
+        t = specs[f"expert_{letter}"]
         out[t.name] = (np.zeros(t.shape, t.dtype) if zero_unrouted and not mask[j]
                        else as_numpy(ctx.experts[j][label], t.dtype))
-    text, mask_spec = form.inputs[-2], form.inputs[-1]
-    out[text.name] = as_numpy(ctx.text[label], text.dtype)
-    out[mask_spec.name] = np.asarray([mask], dtype=mask_spec.dtype)
+    out["routing_mask"] = np.asarray([mask], dtype=specs["routing_mask"].dtype)
     return out
 
 
-def _dense_adapter_samples(form: GraphForm, ctx: AdapterContext, labels: Sequence[str]) -> list[Sample]:
-    """Image 0: every sweep mask, unrouted experts fed as zeros (as the runtime does); the trace example comes first
-    (a full top-K mask). Other images: a top-K mask and the empty mask with every expert's real features in place,
-    which shows that unrouted features cannot leak into the output."""
-    masks = sweep_masks(ctx.letters, ctx.topk, ctx.full_sweep)
+def _adapter_samples(form: GraphForm, ctx: AdapterContext, labels: Sequence[str]) -> list[Sample]:
+    """The masks each form serves, on image 0 every one of them (the first a full top-K mask, the trace example),
+    on the other images one (and, for the dense graph, with every expert's real features in place).
+    routing: the empty mask; slots: every sweep mask with 1..topk experts; dense: masks with more than topk."""
+    if form.role == "adapter_routing":
+        return [Sample(f"{label}/none", _adapter_feed(form, ctx, label, (0,) * len(ctx.letters))) for label in labels]
+    many = form.role == "adapter_fallback"
+    masks = ctx.wide_masks() if many else [m for m in sweep_masks(ctx.letters, ctx.topk, ctx.full_sweep) if any(m)]
     samples = []
     for i, label in enumerate(labels):
-        top = ctx.top_mask(i)
-        if i == 0:
-            chosen = [top] + [m for m in masks if m != top]
-            samples += [Sample(f"{label}/{mask_label(m, ctx.letters)}", _dense_feed(form, ctx, label, m, True))
-                        for m in chosen]
-        else:
-            samples += [Sample(f"{label}/{mask_label(m, ctx.letters)}+unrouted", _dense_feed(form, ctx, label, m, False))
-                        for m in (top, masks[0])]
+        first = ctx.wide_masks()[i % len(ctx.wide_masks())] if many else ctx.top_mask(i)
+        chosen = [first] + [m for m in masks if m != first] if i == 0 else [first]
+        samples += [Sample(f"{label}/{mask_label(m, ctx.letters)}", _adapter_feed(form, ctx, label, m)) for m in chosen]
+        if many and i > 0:
+            samples.append(Sample(f"{label}/{mask_label(first, ctx.letters)}+unrouted",
+                                  _adapter_feed(form, ctx, label, first, zero_unrouted=False)))
     return samples
 
 
-def _adapter_reference(module: Any, form: GraphForm, feed: Mapping[str, np.ndarray], count: int
-                       ) -> dict[str, np.ndarray]:
-    """The skipping reference: upstream's B == 1 inference gets None for unrouted experts."""
-    import torch
-
-    names = [t.name for t in form.inputs]
-    tensors = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names]
-    base, experts, text, mask = tensors[0], tensors[1:1 + count], tensors[-2], tensors[-1]
-    routed = [e if m else None for e, m in zip(experts, mask[0].tolist())]
-    with torch.inference_mode():
-        out = module.forward_reference(base, routed, text, mask)
-    return {t.name: as_numpy(o.float()) for t, o in zip(form.outputs, out)}
+def _wrapped(form: GraphForm, module: Any) -> Any:
+    return module if form.wrap is None else form.wrap(module)
 
 
-def _references(module: Any, form: GraphForm, samples: Sequence[Sample], count: int, steps: Steps,
+def _references(module: Any, form: GraphForm, samples: Sequence[Sample], steps: Steps,
                 own: Mapping[str, np.ndarray] | None) -> None:
-    """Each sample's reference outputs. A real image's tower / text feature is the component's features unit output
-    (computed once, with the text unpadded as upstream runs it), so it is not recomputed here."""
+    """Each sample's reference outputs: the form's own reference (the adapter's: upstream's skipping forward), else
+    the module. A real image's tower / text feature is the component's features unit output (computed once, with
+    the text unpadded as upstream runs it), so it is not recomputed here."""
     from ..reference.runners import TorchRunner
 
-    runner = TorchRunner(form.wrap(module), [t.name for t in form.inputs], [t.name for t in form.outputs],
+    runner = TorchRunner(_wrapped(form, module), [t.name for t in form.inputs], [t.name for t in form.outputs],
                          name=form.name)
     for s in samples:
         image = s.label.split("@")[0]
-        if form.role == "adapter_answer":
-            s.reference = _adapter_reference(module, form, s.feed, count)
+        if form.reference is not None:
+            s.reference = form.reference(module, s.feed)
         elif own is not None and image in own and len(form.outputs) == 1:
             s.reference = {form.outputs[0].name: own[image]}
         else:
@@ -237,7 +229,6 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
     spec = get_spec(name)
     cfg = checkpoint.config
     forms = graph_forms(spec, cfg, ins.facts)
-    count = len(ins.facts.experts)
     labels = [label for label, _ in ins.images]
     result = ExportedComponent(name, [], {})
     with console.task(f"export {name}", total=2) as steps:
@@ -249,17 +240,20 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
             elif form.role == "text":
                 real = _text_samples(form, ins)
             else:
-                real = _dense_adapter_samples(form, _adapter_context(ins), labels)
-            samples = real + random_samples(spec, cfg, form.inputs, ins.random_samples)
+                real = _adapter_samples(form, _adapter_context(ins), labels)
+            # seeded random feeds: the spec's own for a form of its I/O (the adapter's random features are
+            # routed through its slot and routing forms by the samples above)
+            samples = real + (random_samples(spec, cfg, form.inputs, ins.random_samples)
+                              if tuple(form.inputs) == tuple(spec.inputs(cfg)) else [])
             checked16 = spot_check(samples)
             # references, trace + slim + check, fp32 parity, fp16 conversion, fp16 parity, calibration feeds
             steps.grow(len(samples) * 2 + 3 + 1 + len(checked16) + 1)
-            _references(module, form, samples, count, steps, ins.upstream.get(name))
+            _references(module, form, samples, steps, ins.upstream.get(name))
             entry = GraphEntry(form.name, name, form.role, list(form.inputs), list(form.outputs),
                                axes={k: list(v) for k, v in form.axes.items()}, form=form.form)
             paths = {"fp32": unit_dir / "graphs" / f"{form.name}.fp32.onnx"}
             t0 = time.perf_counter()
-            onnx_from_module(form.wrap(module), paths["fp32"], form.inputs, form.outputs,
+            onnx_from_module(_wrapped(form, module), paths["fp32"], form.inputs, form.outputs,
                              example_args(form.inputs, samples[0].feed, form.name), name=form.name,
                              simplify=simplify, step=lambda what: steps.advance(what), log=console.line)
             build_s = {"fp32": time.perf_counter() - t0}
@@ -301,9 +295,11 @@ def _calibration_feeds(form: GraphForm, real: Sequence[Sample], ins: ExportInput
     """One real feed per image for a quantizer: the towers' as sampled, the text encoder's at one common bucket,
     the dense adapter's with every expert's real features and a top-K mask."""
     labels = [label for label, _ in ins.images]
-    if form.role == "adapter_answer":
+    if form.role.startswith("adapter"):   # the masks this form serves, with every expert's real features
         ctx = _adapter_context(ins)
-        return [Sample(label, _dense_feed(form, ctx, label, ctx.top_mask(i), False)) for i, label in enumerate(labels)]
+        masks = ctx.wide_masks() if form.role == "adapter_fallback" else [ctx.top_mask(i) for i in range(len(labels))]
+        return [Sample(label, _adapter_feed(form, ctx, label, masks[i % len(masks)], zero_unrouted=False))
+                for i, label in enumerate(labels)]
     if form.role == "text":   # every question at one length, the smallest bucket that holds them all
         by_image: dict[str, dict[int, Sample]] = {}
         for s in real:

@@ -111,12 +111,21 @@ class AdapterContext:
     letters: Sequence[str]
     topk: int
     full_sweep: bool
+    channels: Sequence[int]             # C_j of every expert's features
 
     def top_mask(self, shift: int) -> tuple[int, ...]:
         """A full top-K mask (the first K experts), rotated per image."""
         n = len(self.letters)
         top = [1 if j < min(self.topk, n) else 0 for j in range(n)]
         return tuple(top[(j - shift) % n] for j in range(n))
+
+    def wide_masks(self) -> list[tuple[int, ...]]:
+        """Masks with more than topk experts (the answer "A B C D" parses to four), for the dense fallback graph:
+        topk + 1 consecutive experts from every start, and all of them."""
+        n = len(self.letters)
+        k = min(self.topk + 1, n)
+        masks = [tuple(1 if (j - start) % n < k else 0 for j in range(n)) for start in range(n)]
+        return list(dict.fromkeys(masks + [(1,) * n]))
 
 
 def question_label(image: str, question: str) -> str:

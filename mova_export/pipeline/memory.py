@@ -9,6 +9,8 @@ Inputs are plain tables, so the planner needs neither weights nor torch:
   * vision activations: the largest graph's biggest intermediate, tokens x width x ACTIVATION_FACTOR x 4 bytes,
     counted once (graphs run one after another).
 
+The adapter counts its resident graphs (routing and top-K slots); its dense fallback graph runs only for a routing
+answer naming more than K experts and is dropped after that request (noted, not counted).
 Expert policy: `resident` loads all seven experts; `lazy` loads base + text encoder + adapter + LLM and at most
 `min(experts.max_loaded, 3)` experts, planned as the largest ones (the router may pick any K <= 3).
 Verdict: fits (peak <= 90 % of memory.budget_mib), warn (within the last 10 %), refuse (over); a refusal comes with
@@ -37,6 +39,7 @@ MAX_ROUTED = 3                 # the router activates K <= 3 experts per questio
 ACTIVATION_FACTOR = 8          # live intermediates of a transformer block (MLP 4x plus residual, q/k/v) per token
 LLAMA_UBATCH = 512             # llama.cpp default micro-batch
 KV_BYTES = 2                   # f16 KV cache
+FALLBACK_ROLE = "adapter_fallback"   # the dense adapter graph, for the rare mask with more than K experts
 
 
 
@@ -196,14 +199,19 @@ def plan_from_manifest(recipe: Recipe, manifest: "Manifest", *, policy: str | No
             engine = manifest.engines.get(g.name, {}).get("engine")
             want = manifest.runtime.precision.get(g.name, recipe.precision_of(comp))
             if engine in files:
-                total += size([engine])
-                where.append(f"engine {engine}")
+                nbytes, what = size([engine]), f"engine {engine}"
             elif want in g.variants:
-                total += size(g.variants[want].files)
-                where.append(f"graph {g.variants[want].graph}")
+                nbytes, what = size(g.variants[want].files), f"graph {g.variants[want].graph}"
             elif "fp32" in g.variants:
-                total += size(g.variants["fp32"].files) * BYTES_PER_PRECISION[want] // 4
-                where.append(f"{g.variants['fp32'].graph} scaled to {want} (not built yet)")
+                nbytes = size(g.variants["fp32"].files) * BYTES_PER_PRECISION[want] // 4
+                what = f"{g.variants['fp32'].graph} scaled to {want} (not built yet)"
+            else:
+                continue
+            if g.role == FALLBACK_ROLE:   # loaded for one request, then dropped (runtime/vision.py)
+                where.append(f"not resident: {what} ({nbytes / MIB:,.0f} MiB, only while > K experts are routed)")
+                continue
+            total += nbytes
+            where.append(what)
         weights[comp] = (total, ", ".join(where))
     config = manifest.config
     if "hidden_size" not in config:

@@ -92,8 +92,10 @@ class ReferenceVision:
             torch.from_numpy(base), features, torch.from_numpy(text), torch.tensor([list(mask)], dtype=torch.float32))
         return _numpy(out[0]), _numpy(out[1])
 
-    def adapter_routing(self, base: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._adapter(base, text, [0] * len(self.facts.experts), {})
+    def adapter_routing(self, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """No expert routed: the text feature has no effect (no gate runs), zeros stand in for it."""
+        width = self.module(self.names["adapter"]).blocks[0].gate[0].in_features - int(self.cfg.mm_hidden_size)
+        return self._adapter(base, np.zeros((1, width), np.float32), [0] * len(self.facts.experts), {})
 
     def adapter_answer(self, base: np.ndarray, text: np.ndarray, mask: Sequence[int],
                        experts: dict[int, np.ndarray]) -> np.ndarray:

@@ -1,9 +1,11 @@
 """MoVA's two passes, written once. The PyTorch reference and the device runtime differ only in the runners given.
 
-Per request (mova/eval/model_vqa_loader.py): preprocess the base encoder's input -> base once -> text feature once
--> adapter with no expert -> routing tokens -> LLM routing generation (<= 16 tokens, its own KV state) -> letters
-parsed as upstream does -> only the routed experts (their inputs preprocessed then) -> adapter with the routing mask
-(skipped when nothing is routed: it would repeat the routing pass's K=0 tokens exactly) -> LLM answer, streamed.
+Per request (mova/eval/model_vqa_loader.py): preprocess the base encoder's input -> base once -> adapter with no
+expert -> routing tokens -> LLM routing generation (<= 16 tokens, its own KV state) -> letters parsed as upstream
+does -> only the routed experts (their inputs preprocessed then) and the question's text feature -> adapter with the
+routing mask (skipped when nothing is routed: it would repeat the routing pass's K=0 tokens exactly) -> LLM answer,
+streamed. The text feature only feeds the adapter's gates, which only run when an expert is routed (binary = 0
+removes the whole expert term otherwise), so a request that routes none never runs BERT.
 
 Pure Python + numpy: the device runtime imports it without torch.
 """
@@ -19,7 +21,7 @@ from ..facts import ModelFacts, TowerFacts
 from ..prompts import chat_prompt
 
 # Stages in the order a request meets them (the per-expert stages are expert_<letter>).
-STAGES = ("preprocess", "base", "text_encoder", "adapter_routing", "llm_routing", "experts", "adapter_answer",
+STAGES = ("preprocess", "base", "adapter_routing", "llm_routing", "experts", "text_encoder", "adapter_answer",
           "llm_prefill", "time_to_first_token", "llm_decode", "total")
 
 
@@ -35,7 +37,7 @@ class VisionRunners(Protocol):
     def text(self, question: str) -> np.ndarray:
         """[1, Ct] text feature of the question (tokenization included)."""
 
-    def adapter_routing(self, base: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def adapter_routing(self, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(image tokens with no expert, routing tokens)."""
 
     def expert(self, component: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -112,8 +114,7 @@ def two_passes(facts: ModelFacts, vision: VisionRunners, llm: LanguageModel, req
 
     question = request.question
     base = clock.run("base", lambda: vision.base(arrays(facts.base)))
-    text = clock.run("text_encoder", lambda: vision.text(question))
-    image_tokens, routing_tokens = clock.run("adapter_routing", lambda: vision.adapter_routing(base, text))
+    image_tokens, routing_tokens = clock.run("adapter_routing", lambda: vision.adapter_routing(base))
     routing_in = llm.encode_prompt(chat_prompt(question, routing_prompt=facts.routing_prompt,
                                                use_im_start_end=facts.mm_use_im_start_end))
     routing_ids = clock.run("llm_routing", lambda: [t for t, _ in llm.generate(routing_in, routing_tokens[0],
@@ -122,11 +123,13 @@ def two_passes(facts: ModelFacts, vision: VisionRunners, llm: LanguageModel, req
     mask = list(request.mask) if request.mask is not None else facts.parse_routing(routing_text)
 
     experts: dict[int, np.ndarray] = {}
+    text = None
     if any(mask):
         for index, (tower, on) in enumerate(zip(facts.experts, mask)):
             if on:
                 feed = arrays(tower)
                 experts[index] = clock.run(f"expert_{tower.letter}", lambda: vision.expert(tower.component, feed))
+        text = clock.run("text_encoder", lambda: vision.text(question))
         image_tokens = clock.run("adapter_answer", lambda: vision.adapter_answer(base, text, mask, experts))
 
     answer_in = llm.encode_prompt(chat_prompt(question, use_im_start_end=facts.mm_use_im_start_end))
@@ -154,7 +157,9 @@ def two_passes(facts: ModelFacts, vision: VisionRunners, llm: LanguageModel, req
     decode_s = timings["llm_decode"] / 1e3
     tensors: dict[str, np.ndarray] = {}
     if request.keep_tensors:
-        tensors = {"base": base, "text_features": text, "routing_tokens": routing_tokens, "image_tokens": image_tokens}
+        tensors = {"base": base, "routing_tokens": routing_tokens, "image_tokens": image_tokens}
+        if text is not None:
+            tensors["text_features"] = text
         tensors.update({f"expert_{facts.experts[i].letter}": f for i, f in experts.items()})
     return Answer(text=llm.detokenize(ids).strip(), experts=facts.routed(mask), routing_text=routing_text,
                   routing_mask=mask, token_ids=ids, routing_ids=routing_ids, timings_ms=timings,

@@ -8,9 +8,13 @@ Per graph: a precision (the manifest's runtime defaults, overridable) and a back
                Runtime (recorded in `fallbacks`)
   auto         tensorrt where the manifest says so, engines exist and a TensorRT flavor imports; else onnxruntime
 
+The adapter runs as three graphs (components/adapter.py): the routing form (base only) for the routing pass, the
+top-K slot form for an answer pass routing 1..K experts (slots.fill_slots builds its inputs), and the dense
+seven-branch graph only for the rare routing answer naming more than K experts (created on first use).
+
 Expert policy: "resident" creates every expert's runner at load; "lazy" creates one the first time it is routed and
-keeps at most `max_resident_experts` (least recently used unloaded first). The base, text encoder and adapter graphs
-are always resident. Not thread-safe by itself: MoVARuntime serialises calls. No torch, no transformers.
+keeps at most `max_resident_experts` (least recently used unloaded first). The base, text encoder, routing and slot
+graphs are always resident. Not thread-safe by itself: MoVARuntime serialises calls. No torch, no transformers.
 """
 from __future__ import annotations
 
@@ -69,8 +73,11 @@ class BundleVision:
         self.expert_policy = expert_policy
         self.base_graph = self._required(m.graph_of_component(self.facts.base.component), "base encoder")
         self.text_graph = self._required(m.graph_of_role("text"), "text encoder")
-        self.answer_graph = self._required(m.graph_of_role("adapter_answer"), "adapter")
-        self.routing_graph = m.graph_of_role("adapter_routing")       # None: the answer graph with no expert
+        self.routing_graph = self._required(m.graph_of_role("adapter_routing"), "adapter routing")
+        self.answer_graph = self._required(m.graph_of_role("adapter_answer"), "adapter answer (slots)")
+        self.fallback_graph = m.graph_of_role("adapter_fallback")      # dense: more than num_slots experts routed
+        self.num_slots = int(self._input(self.answer_graph, "slot_expert").shape[0])
+        self.expert_channels = [int(c) for c in m.config["expert_channels"]]   # C_j of each expert's features
         self.expert_graphs = {e.component: m.graph_of_component(e.component) for e in self.facts.experts}
         self.experts = [c for c, g in self.expert_graphs.items() if g is not None]   # routing order
         cap = len(self.experts) if expert_policy == "resident" else (
@@ -89,6 +96,13 @@ class BundleVision:
         self._expert_lru: OrderedDict[str, None] = OrderedDict()
         self._tokenizer = BertTextTokenizer.from_folder(bundle.tokenizer_dir("text"), error=BundleError)
         self._zeros: dict[str, np.ndarray] = {}   # reused zero feeds of unrouted experts (dense adapter)
+
+    @staticmethod
+    def _input(graph: GraphEntry, name: str) -> Any:
+        found = next((t for t in graph.inputs if t.name == name), None)
+        if found is None:
+            raise BundleError(f"graph {graph.name} has no input {name!r}; the bundle predates this runtime, rebuild it")
+        return found
 
     def _required(self, graph: GraphEntry | None, what: str) -> GraphEntry:
         if graph is None:
@@ -146,9 +160,7 @@ class BundleVision:
 
     def load(self) -> None:
         """Create the always-resident runners, and every expert's when the policy is resident."""
-        names = [self.base_graph.name, self.text_graph.name, self.answer_graph.name]
-        if self.routing_graph is not None:
-            names.append(self.routing_graph.name)
+        names = [self.base_graph.name, self.text_graph.name, self.routing_graph.name, self.answer_graph.name]
         if self.expert_policy == "resident":
             names += [self.expert_graphs[c].name for c in self.experts]
         for name in names:
@@ -198,27 +210,43 @@ class BundleVision:
                                     f"({', '.join(self.experts)}) or rebuild it with every component")
         return self._run(graph, arrays)[0]
 
-    def adapter_routing(self, base: np.ndarray, text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.routing_graph is not None:
-            image_tokens, routing_tokens = self._run(self.routing_graph, [base, text])
-            return image_tokens, routing_tokens
-        image_tokens, routing_tokens = self._dense(base, text, [0] * len(self.facts.experts), {})
+    def adapter_routing(self, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        image_tokens, routing_tokens = self._run(self.routing_graph, [base])
         return image_tokens, routing_tokens
 
     def adapter_answer(self, base: np.ndarray, text: np.ndarray, mask: Sequence[int],
                        experts: dict[int, np.ndarray]) -> np.ndarray:
-        return self._dense(base, text, mask, experts)[0]
+        """Image tokens for a routing mask: the routing graph's for no expert, the slot graph for 1..num_slots,
+        the dense graph beyond (each block's gate keeps its own top-k of the routed experts)."""
+        from ..slots import fill_slots, routed_experts
+
+        routed = routed_experts(mask, len(self.facts.experts))
+        if not routed:
+            return self.adapter_routing(base)[0]
+        if len(routed) <= self.num_slots:
+            slots = fill_slots(mask, experts, self.num_slots, self.expert_channels, int(base.shape[1]))
+            arrays = [base if t.name == "base" else text if t.name == "text_features" else slots[t.name]
+                      for t in self.answer_graph.inputs]
+            return self._run(self.answer_graph, arrays)[0]
+        if self.fallback_graph is None:
+            raise RuntimeInputError(f"{len(routed)} experts routed but this bundle's adapter has {self.num_slots} "
+                                    "slots and no dense graph; rebuild it with every adapter graph")
+        try:
+            return self._dense(base, text, mask, experts)[0]
+        finally:   # rare (the router names > K experts): not kept resident, the memory plan does not count it
+            self._runners.pop(self.fallback_graph.name, None)
 
     def _dense(self, base: np.ndarray, text: np.ndarray, mask: Sequence[int], experts: dict[int, np.ndarray]
                ) -> list[np.ndarray]:
         """The dense adapter graph: (base, expert features A.., text, mask); unrouted experts get zeros."""
-        inputs = self.answer_graph.inputs
+        assert self.fallback_graph is not None
+        inputs = self.fallback_graph.inputs
         count = len(self.facts.experts)
         arrays: list[np.ndarray] = [base]
         for index, spec in enumerate(inputs[1:1 + count]):
             arrays.append(experts[index] if mask[index] else self._zeros_for(spec))
         arrays += [text, np.asarray([mask], dtype=inputs[-1].dtype)]
-        return self._run(self.answer_graph, arrays)
+        return self._run(self.fallback_graph, arrays)
 
     def _zeros_for(self, spec: Any) -> np.ndarray:
         if spec.name not in self._zeros:
