@@ -102,6 +102,13 @@ def bundle_info(path: Path) -> dict[str, Any]:
             "source_checkpoint": m.source_checkpoint.get("path")}
 
 
+def run_title(info: Mapping[str, Any], runtime: Mapping[str, Any]) -> str:
+    """The title of what a runtime actually ran (overrides of precision and LLM included)."""
+    precisions = sorted({g["precision"] for g in runtime["graphs"].values()})
+    return (f"{info['target'] or 'export'} bundle ({'/'.join(precisions)} graphs, LLM {runtime['llm']['qtype']}, "
+            f"{runtime['device']}, {info['scale']} scale)")
+
+
 def reference_pipeline(bundle_path: Path, log: Log) -> Any:
     """The PyTorch reference on the bundle's source checkpoint, or None (with a log line) when it is not here or
     torch is not installed (a device-only install)."""

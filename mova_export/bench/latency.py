@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import RuntimeInputError
 from ..runtime.two_pass import STAGES
 from .common import (Log, barh, bundle_info, gpu_memory_mib, load_images, machine, quiet, reference_pipeline,
-                     rounded, stats, write_figure)
+                     rounded, run_title, stats, write_figure)
 
 # The stages both sides measure the same way (experts: the sum of the routed towers).
 COMPARED = ("preprocess", "base", "adapter_routing", "llm_routing", "experts", "text_encoder", "adapter_answer",
@@ -74,16 +74,21 @@ def latency_benchmark(bundle: str | Path, *, runs: int = 5, warmup: int = 1, ima
             log(f"run {i + 1}/{runs} {label}: experts {','.join(ans.experts) or 'none'}, "
                 f"{ans.timings_ms['total']:.0f} ms")
         result["runtime"] = rt.describe()
+        result["bundle"]["title"] = run_title(result["bundle"], result["runtime"])
         result["stages"] = {k: stats(v) for k, v in per_stage.items()}
         result["decode_tokens_per_s"] = stats(tps)
         result["requests"] = requests
         if towers:
             result["towers"] = _tower_latency(rt.vision, rt.facts, frames[0][1], runs)
+        adapter_feeds = _adapter_feeds(rt.vision, rt.facts, frames[0][1], frames[0][2])
+        result["adapter"] = {"bundle": _adapter_latency(rt.vision, adapter_feeds, runs, bundle_side=True)}
         result["memory"] = {"peak_rss_mib_before_load": rss_before, "peak_rss_mib_runtime": peak_rss_mib(),
                             "gpu": gpu_memory_mib()}
     if reference:
         result["reference"] = _reference_latency(bundle, frames, runs, warmup, max_new_tokens,
-                                                 [r["experts"] for r in requests], towers, log)
+                                                 [r["experts"] for r in requests], towers, log, adapter_feeds)
+        if result["reference"]:
+            result["adapter"]["reference"] = result["reference"].pop("adapter")
         result["memory"]["peak_rss_mib_after_reference"] = peak_rss_mib()
         if result["reference"]:
             result["comparison"] = comparison(result["stages"], result["reference"]["stages"])
@@ -109,8 +114,50 @@ def _tower_latency(vision: Any, facts: Any, rgb: np.ndarray, runs: int) -> dict[
     return out
 
 
+def _adapter_feeds(vision: Any, facts: Any, rgb: np.ndarray, question: str) -> dict[str, Any]:
+    """One image's adapter inputs from the bundle's graphs: base, text feature and the first topk experts' features
+    (the mask a full answer pass routes)."""
+    base = vision.base([a for kind in facts.base.image_inputs for a in vision.preprocess(rgb, kind)])
+    k = min(facts.topk_experts, len(facts.experts))
+    mask = [1 if j < k else 0 for j in range(len(facts.experts))]
+    experts = {j: vision.expert(t.component, [a for kind in t.image_inputs for a in vision.preprocess(rgb, kind)])
+               for j, t in enumerate(facts.experts) if mask[j]}
+    return {"base": base, "text": vision.text(question), "mask": mask, "experts": experts,
+            "routed": facts.routed(mask)}
+
+
+def _timed(fn: Any, runs: int) -> dict[str, float]:
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return stats(times)
+
+
+def _adapter_latency(vision: Any, feeds: Mapping[str, Any], runs: int, bundle_side: bool) -> dict[str, Any]:
+    """The adapter on its own, same inputs on both sides. Bundle: the routing graph (K = 0), the top-K slot graph
+    and, for comparison, the dense seven-branch graph at K = 0 and K = topk (what a dense-only bundle would run).
+    Reference: upstream's skipping forward at K = 0 and K = topk."""
+    base, text, mask, experts = feeds["base"], feeds["text"], feeds["mask"], feeds["experts"]
+    none = [0] * len(mask)
+    if not bundle_side:
+        return {"k0": _timed(lambda: vision.adapter_routing(base), runs),
+                "topk": _timed(lambda: vision.adapter_answer(base, text, mask, experts), runs)}
+    out = {"k0_routing": _timed(lambda: vision.adapter_routing(base), runs),
+           "topk_slots": _timed(lambda: vision.adapter_answer(base, text, mask, experts, form="slots"), runs),
+           "experts": feeds["routed"]}
+    if vision.fallback_graph is not None:
+        out["k0_dense"] = _timed(lambda: vision.adapter_answer(base, text, none, {}, form="dense"), runs)
+        out["topk_dense"] = _timed(lambda: vision.adapter_answer(base, text, mask, experts, form="dense"), runs)
+        vision.unload_adapter_fallback()
+    return out
+
+
 def _reference_latency(bundle: Path, frames: list, runs: int, warmup: int, max_new_tokens: int,
-                       routed: list[list[str]], towers: bool, log: Log) -> dict[str, Any] | None:
+                       routed: list[list[str]], towers: bool, log: Log,
+                       adapter_feeds: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     ref = reference_pipeline(bundle, log)
     if ref is None:
         return None
@@ -131,6 +178,8 @@ def _reference_latency(bundle: Path, frames: list, runs: int, warmup: int, max_n
         out["towers"] = _tower_latency(ref.vision, ref.facts, frames[0][1], runs)
         for tower in ref.facts.experts:
             ref.release(tower.component)     # bounded memory: one expert module at a time
+    if adapter_feeds is not None:
+        out["adapter"] = _adapter_latency(ref.vision, adapter_feeds, runs, bundle_side=False)
     return out
 
 
@@ -180,6 +229,7 @@ def latency_markdown(result: Mapping[str, Any]) -> str:
             r = rt_t.get(name, {})
             lines.append(f"| {name} | {a['p50']:.2f} | {a['p95']:.2f} | "
                          + (f"{r['p50']:.2f} | {r['p50'] / a['p50']:.2f}x |" if r.get("n") and a["p50"] else "| |"))
+    lines += adapter_markdown(result.get("adapter") or {})
     mem = result.get("memory", {})
     lines += ["", f"peak host RSS: {mem.get('peak_rss_mib_runtime', 0):.0f} MiB with the runtime loaded"
               + (f", {mem['peak_rss_mib_after_reference']:.0f} MiB after the reference"
@@ -187,6 +237,30 @@ def latency_markdown(result: Mapping[str, Any]) -> str:
     if mem.get("gpu"):
         lines.append(f"GPU memory used (device-wide): {mem['gpu']['device_used_mib']:.0f} MiB")
     return "\n".join(lines) + "\n"
+
+
+def adapter_markdown(adapter: Mapping[str, Any]) -> list[str]:
+    """The adapter forms table: K = 0 and K = topk, routing / slot graphs vs the dense graph and the reference."""
+    b, r = adapter.get("bundle") or {}, adapter.get("reference") or {}
+    if not b:
+        return []
+
+    def cell(entry: Mapping[str, Any] | None) -> str:
+        return f"{entry['p50']:.2f}" if entry and entry.get("n") else ""
+
+    def ratio(slow: Mapping[str, Any] | None, fast: Mapping[str, Any] | None) -> str:
+        ok = slow and fast and slow.get("n") and fast.get("n") and fast["p50"] > 0
+        return f"{slow['p50'] / fast['p50']:.2f}x" if ok else ""
+
+    experts = ",".join(b.get("experts", []))
+    lines = ["", f"Adapter alone, same inputs (p50 ms; K = {len(b.get('experts', []))}: {experts}):", "",
+             "| pass | bundle graph | bundle | dense graph | dense / bundle | reference | reference / bundle |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for label, graph, ours, dense, ref in (("routing, K = 0", "adapter_routing", "k0_routing", "k0_dense", "k0"),
+                                           ("answer, K = topk", "adapter_slots", "topk_slots", "topk_dense", "topk")):
+        lines.append(f"| {label} | {graph} | {cell(b.get(ours))} | {cell(b.get(dense))} | "
+                     f"{ratio(b.get(dense), b.get(ours))} | {cell(r.get(ref))} | {ratio(r.get(ref), b.get(ours))} |")
+    return lines
 
 
 def write_latency_report(result: dict[str, Any], out_dir: Path) -> dict[str, str]:

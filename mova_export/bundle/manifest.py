@@ -92,7 +92,8 @@ class GraphEntry:
     def variant(self, precision: str, bundle: Path | str = "bundle") -> Variant:
         if precision not in self.variants:
             raise BundleError(f"bundle {bundle} has no {precision} variant of {self.name}; it has "
-                              f"{', '.join(self.variants) or 'none'} (rebuild with that precision in the recipe)")
+                              f"{', '.join(self.variants) or 'none'} (pick one of those, or rebuild with "
+                              f"`--also-precision {precision}`)")
         return self.variants[precision]
 
 

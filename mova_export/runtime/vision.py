@@ -33,6 +33,7 @@ from ..text import BertTextTokenizer, text_inputs
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 EXPERT_POLICIES = ("resident", "lazy")
 DEVICES = ("cpu", "cuda")
+ADAPTER_FORMS = ("auto", "slots", "dense")
 
 
 def resolve_precisions(bundle: Bundle, override: str | Mapping[str, str] | None) -> dict[str, str]:
@@ -174,6 +175,12 @@ class BundleVision:
         self._expert_lru.pop(component, None)
         gc.collect()
 
+    def unload_adapter_fallback(self) -> None:
+        """Drop the dense adapter graph's runner (created by a mask with more than num_slots experts)."""
+        if self.fallback_graph is not None:
+            self._runners.pop(self.fallback_graph.name, None)
+            gc.collect()
+
     def close(self) -> None:
         self._runners.clear()
         self._expert_lru.clear()
@@ -215,15 +222,19 @@ class BundleVision:
         return image_tokens, routing_tokens
 
     def adapter_answer(self, base: np.ndarray, text: np.ndarray, mask: Sequence[int],
-                       experts: dict[int, np.ndarray]) -> np.ndarray:
-        """Image tokens for a routing mask: the routing graph's for no expert, the slot graph for 1..num_slots,
-        the dense graph beyond (each block's gate keeps its own top-k of the routed experts)."""
+                       experts: dict[int, np.ndarray], form: str = "auto") -> np.ndarray:
+        """Image tokens for a routing mask. form "auto": the routing graph's for no expert, the slot graph for
+        1..num_slots, the dense graph beyond (each block's gate keeps its own top-k of the routed experts; that
+        graph is dropped again after the request). "slots" / "dense" force one graph (benchmarks; dense stays
+        loaded)."""
         from ..slots import fill_slots, routed_experts
 
+        if form not in ADAPTER_FORMS:
+            raise RuntimeInputError(f"unknown adapter form {form!r}; use one of {', '.join(ADAPTER_FORMS)}")
         routed = routed_experts(mask, len(self.facts.experts))
-        if not routed:
+        if form == "auto" and not routed:
             return self.adapter_routing(base)[0]
-        if len(routed) <= self.num_slots:
+        if form == "slots" or (form == "auto" and len(routed) <= self.num_slots):
             slots = fill_slots(mask, experts, self.num_slots, self.expert_channels, int(base.shape[1]))
             arrays = [base if t.name == "base" else text if t.name == "text_features" else slots[t.name]
                       for t in self.answer_graph.inputs]
@@ -231,10 +242,12 @@ class BundleVision:
         if self.fallback_graph is None:
             raise RuntimeInputError(f"{len(routed)} experts routed but this bundle's adapter has {self.num_slots} "
                                     "slots and no dense graph; rebuild it with every adapter graph")
+        if form == "dense":
+            return self._dense(base, text, mask, experts)[0]
         try:
             return self._dense(base, text, mask, experts)[0]
         finally:   # rare (the router names > K experts): not kept resident, the memory plan does not count it
-            self._runners.pop(self.fallback_graph.name, None)
+            self.unload_adapter_fallback()
 
     def _dense(self, base: np.ndarray, text: np.ndarray, mask: Sequence[int], experts: dict[int, np.ndarray]
                ) -> list[np.ndarray]:
