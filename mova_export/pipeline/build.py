@@ -277,12 +277,18 @@ def _finish(ctx: BuildContext, root: Path, out_dir: Path, recipe: Any, manifest:
     from .memory import plan_from_manifest
     from .report import build_report, dump, render_report_markdown
 
+    from ..recipe import graph_components
+
     manifest.files = file_table(root, skip=(MANIFEST, BUILD_LOG))
-    plan = plan_from_manifest(recipe, manifest)
-    ctx.console.line(f"memory plan: {plan.message}" + (f"; {plan.fix}" if plan.fix else ""))
-    if plan.verdict == "refuse" and not allow_over_budget:
-        raise BuildError(f"{plan.message}; {plan.fix} (or pass --allow-over-budget to write the bundle anyway)")
-    manifest.memory_plan = plan.to_json()
+    missing = [c for c in graph_components() if manifest.graph_of_component(c) is None]
+    if missing:   # a --components subset is not a MoVA the device can run: there is no peak to predict
+        ctx.console.line(f"memory plan: skipped (the bundle lacks {', '.join(missing)}: a --components subset)")
+    else:
+        plan = plan_from_manifest(recipe, manifest)
+        ctx.console.line(f"memory plan: {plan.message}" + (f"; {plan.fix}" if plan.fix else ""))
+        if plan.verdict == "refuse" and not allow_over_budget:
+            raise BuildError(f"{plan.message}; {plan.fix} (or pass --allow-over-budget to write the bundle anyway)")
+        manifest.memory_plan = plan.to_json()
     compile_info = _compile(ctx, root, recipe, manifest, compile_engines, out_dir)
     manifest.stages = {f"{r.stage}/{r.name}": r.to_json() for r in ctx.records}
     manifest.stages["compile"] = compile_info
