@@ -125,8 +125,11 @@ def test_second_build_into_another_folder_reuses_every_unit(tiny_checkpoint, cal
 
 
 def test_changing_one_components_precision_requantizes_only_it(tiny_checkpoint, calib_dir, work_dir, rtx4090_build,
-                                                               tmp_path):
+                                                               tmp_path, monkeypatch):
     recipe = _recipe_copy(tmp_path, "rtx-4090", "  text_encoder: fp16", "  text_encoder: int8")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)   # onnxruntime's shape inference once dumped its files here (the text encoder's int8)
     work = tmp_path / "work"   # a hard-linked copy without any text_encoder quantization (cpu's and Orin's)
     shutil.copytree(work_dir, work, copy_function=os.link, ignore=lambda folder, names: (
         ["text_encoder"] if Path(folder).name == "quantize" else []))
@@ -141,6 +144,7 @@ def test_changing_one_components_precision_requantizes_only_it(tiny_checkpoint, 
         "int8", "fp16")
     assert {n: m.runtime.precision[n] for n in TOWERS} == {n: rtx4090_build.manifest.runtime.precision[n]
                                                            for n in TOWERS}
+    assert list(cwd.iterdir()) == []
 
 
 def test_no_reuse_recomputes(tiny_checkpoint, calib_dir, work_dir, cpu_build, tmp_path):
