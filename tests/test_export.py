@@ -122,7 +122,7 @@ def test_toy_export_fp32_fp16_and_external_data(tmp_path, monkeypatch):
     monkeypatch.setattr(ex.onnx, "PROTO_LIMIT", 1000)
     big = ex.onnx_from_component(spec, module, None, tmp_path / "big.onnx")
     assert [p.name for p in big] == ["big.onnx", "big.onnx.data"] and ex.graph_files(big[0]) == big
-    assert (tmp_path / "big.onnx.data").stat().st_mode & 0o044 == 0o044   # readable by others, like the graph
+    assert (tmp_path / "big.onnx.data").stat().st_mode & 0o777 == (tmp_path / "big.onnx").stat().st_mode & 0o777
     ex.validate_graph(OrtRunner(big[0]), [sample], "toy", "fp32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "toy.fp16.onnx",
                                                          "toy.fp32.onnx"]  # no scratch left behind
