@@ -33,6 +33,7 @@ import contextlib
 import io
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -383,11 +384,11 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     large = _too_large(model)
-    named = scratch / "named.onnx"
+    named = scratch.absolute() / "named.onnx"
     save_model(model, named)
-    pre = scratch / "pre.onnx"
+    pre = scratch.absolute() / "pre.onnx"
     try:  # shape inference only: ORT's graph optimizations would rename nodes (MatMul+Add -> Gemm) and add reshapes
-        with _silenced():
+        with _silenced(), _working_dir(scratch):
             quant_pre_process(str(named), str(pre), skip_optimization=True, save_as_external_data=large,
                               all_tensors_to_one_file=True)
     except Exception as exc:  # symbolic shape inference gives up on some graphs; the exported one is shape-inferred
@@ -414,6 +415,18 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
         log(f"int8: {rewired} input(s) of fp32 nodes (norms, softmax, residual adds) that share a tensor with a "
             "quantized layer now read the tensor itself: onnxruntime had given them its int8-rounded copy")
     return result
+
+
+@contextlib.contextmanager
+def _working_dir(folder: Path) -> Any:
+    """Run inside `folder`: onnxruntime's symbolic shape inference, when it gives up (the text encoder's symbolic
+    length), dumps sym_shape_infer_temp.onnx and a <uuid>.data file into the working directory before raising."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @contextlib.contextmanager

@@ -25,3 +25,20 @@ def randomize(module: nn.Module, seed: int, *, keep_scale: Callable[[str], bool]
             else:
                 p.copy_(0.3 * noise)
     return module
+
+
+# ---- one-line errors -------------------------------------------------------------------------------------------------
+def one_line(info) -> str:
+    """The message of a pytest.raises ExceptionInfo, asserted to be one line (what the CLI prints after `error:`)."""
+    message = str(info.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+def cli_error(result, exit_code: int = 2) -> str:
+    """The one `error: ...` line a click CliRunner result ended with (exit code 2, no traceback); returns it."""
+    assert result.exit_code == exit_code, (result.exit_code, result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]

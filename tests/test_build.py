@@ -1,11 +1,13 @@
 """`mova-export build` end to end on the tiny synthetic MoVA: INT8 (cpu, Orin) and FP8 (RTX 4090) Q/DQ bundles that
-run in ONNX Runtime, the parity report, the accuracy-budget fallback, stage reuse, and the CLI's one-line errors.
+run in ONNX Runtime, the report, the accuracy-budget fallback, the memory plan's refusal, unit reuse across output
+folders and recipes, and the CLI's one-line errors.
 
-One export (3 real images from a --calib folder) serves every target: later builds start from a copy of the first
-bundle, so their export stage is reused (which is itself under test)."""
+Every build here shares the session's work folder (conftest.py): the export-only bundle computed every features and
+export unit, so each build only quantizes what its recipe asks (and reuses what another build quantized)."""
 from __future__ import annotations
 
-import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,169 +17,294 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from conftest import CALIB
+from helpers import cli_error, one_line
+from mova_export.bundle import load_bundle
 from mova_export.cli import main
-from mova_export.errors import MoVAExportError, RecipeError
-from mova_export.pipeline import build
+from mova_export.errors import BuildError, MoVAExportError, RecipeError
+from mova_export.export import read_feeds
+from mova_export.pipeline import WorkFolder, build
 from mova_export.runtime.runners import OrtRunner
 
-CALIB = {"astronaut": "What is the person wearing?", "coffee": "What is in the cup?",
-         "chelsea": "What animal is this?"}
-
-
-@pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory):
-    from PIL import Image
-
-    from mova_export.samples import sample_images
-
-    folder = tmp_path_factory.mktemp("calib")
-    images = sample_images()
-    lines = []
-    for name, question in CALIB.items():
-        Image.fromarray(images[name]).save(folder / f"{name}.png")
-        lines.append(f"{name}.png\t{question}")
-    (folder / "questions.txt").write_text("\n".join(lines) + "\n")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from mova_export.synth import write_synthetic_checkpoint
-
-    return write_synthetic_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", scale="tiny", progress=False)
-
-
-@pytest.fixture(scope="module")
-def cpu_bundle(checkpoint, calib_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("builds") / "cpu"
-    result = build(checkpoint, "cpu", out, calib=calib_dir, progress=False)
-    return out, result
-
-
-def _build_from_copy(cpu_bundle, checkpoint, calib_dir, tmp_path, target):
-    out = tmp_path / Path(str(target)).stem
-    shutil.copytree(cpu_bundle[0], out)
-    return out, build(checkpoint, target, out, calib=calib_dir, progress=False)
-
-
-def _manifest(path: Path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
+RECIPES = Path(__file__).parents[1] / "recipes"
+TOWERS = ["base", *(f"expert_{c}" for c in "ABCDEFG")]
+GRAPHS = [*TOWERS, "text_encoder", "adapter"]
 
 
 def _op_count(path: Path, op: str) -> int:
     return sum(n.op_type == op for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def _calib_feed(bundle: Path, manifest: dict, name: str) -> dict:
-    data = np.load(bundle / manifest["calibration"][name]["file"])
-    return {k: data[k][0] for k in data.files}
+def _export_unit(work_dir: Path, manifest, name: str) -> Path:
+    return WorkFolder(work_dir).unit("export", name, manifest.stages[f"export/{name}"]["key"]).path
 
 
-def test_cpu_bundle_has_int8_graphs_that_run_in_onnxruntime(cpu_bundle):
-    out, result = cpu_bundle
-    m = _manifest(out)
-    assert m["target"]["recipe"] == "cpu" and m["runtime"]["vision_backend"] == "onnxruntime"
-    assert m["calibration"]["base"]["samples"] == sorted(CALIB)  # the folder's images in name order
-    for name in ["base", *(f"expert_{c}" for c in "ABCDEFG"), "text_encoder"]:
-        decision = m["quantize"][name]
+def _statuses(records) -> dict[str, str]:
+    return {f"{r.stage}/{r.name}": r.status for r in records}
+
+
+def _recipe_copy(tmp_path: Path, name: str, old: str, new: str) -> Path:
+    """recipes/<name>.yaml copied to tmp_path with exactly one line changed."""
+    lines = (RECIPES / f"{name}.yaml").read_text().splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if line.startswith(old)]
+    assert len(hits) == 1, (name, old)
+    lines[hits[0]] = new + "\n"
+    path = tmp_path / f"{name}-changed.yaml"
+    path.write_text("".join(lines))
+    return path
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+# ---- cpu: INT8 vision graphs in ONNX Runtime -------------------------------------------------------------------------
+
+def test_cpu_bundle_has_int8_graphs_that_run_in_onnxruntime(cpu_build, work_dir):
+    out, m = cpu_build.bundle, cpu_build.manifest
+    assert m.target["recipe"] == "cpu" and m.runtime.vision_backend == "onnxruntime"
+    assert m.export["calibration"]["images"] == sorted(CALIB)  # the folder's images in name order
+    for name in [*TOWERS, "text_encoder"]:
+        decision = m.quantize[name]
         assert decision["requested"] == "int8" and decision["final"] in ("int8", "int8-partial"), name
         assert decision["measured"]["cosine"] >= decision["budget"]["min_cosine"] == 0.995, name
-        graph = out / m["graphs"][name]["variants"]["int8"]["graph"]
+        assert m.runtime.precision[name] == "int8" and list(m.graphs[name].variants) == ["int8"], name
+        graph = out / m.graphs[name].variants["int8"].graph
         assert _op_count(graph, "QuantizeLinear") > 0 and _op_count(graph, "DequantizeLinear") > 0, name
-        assert m["runtime"]["precision"][name] == "int8"
-        # it runs, and stays close to the fp32 graph on a real calibration feed
-        feed = _calib_feed(out, m, name)
-        fp32 = OrtRunner(out / m["graphs"][name]["variants"]["fp32"]["graph"]).infer(feed)
+        # it runs, and stays close to the export's fp32 graph on a real calibration feed from the work folder
+        unit = _export_unit(work_dir, m, name)
+        feed = read_feeds(unit / "calibration" / f"{name}.npz")[0]
+        fp32 = OrtRunner(unit / "graphs" / f"{name}.fp32.onnx").infer(feed)
         int8 = OrtRunner(graph).infer(feed)
         for key, ref in fp32.items():
-            cos = float(np.dot(ref.ravel(), int8[key].ravel()) / np.linalg.norm(ref) / np.linalg.norm(int8[key]))
-            assert cos > 0.99, (name, key, cos)
-    assert m["runtime"]["precision"]["adapter"] == "fp32" and "adapter" not in [
-        n for n, d in m["quantize"].items() if d["final"] != d["requested"]]
-    assert m["llm"]["qtype"] == "q4_k_m" and (out / m["llm"]["gguf"]).is_file()
-    assert m["memory_plan"]["verdict"] == "fits"
-    assert m["stages"]["compile"]["status"] == "skipped"
-    # the report, in both forms, with one row per component
-    report = json.loads((out / "report.json").read_text())
-    assert [r["component"] for r in report["components"]] == m["components"]
-    assert all(r["fp32_vs_torch_min_cosine"] >= 0.99999 for r in report["components"])
+            assert _cosine(ref, int8[key]) > 0.99, (name, key)
+    assert m.runtime.precision["adapter"] == "fp32" and m.quantize["adapter"]["final"] == "fp32"
+    assert m.llm.qtype == "q4_k_m" and (out / m.llm.gguf).is_file() and list(m.llms) == ["q4_k_m"]
+    assert m.memory_plan["verdict"] == "fits"
+    assert m.stages["compile"]["status"] == "skipped" and not m.engines and not m.checks
+    # one unit per stage and component, computed or reused; the features / export ones were the export-only run's
+    records = _statuses(cpu_build.records)
+    assert {k.split("/")[0] for k in records} == {"features", "export", "quantize", "gguf"}
+    assert {f"quantize/{n}" for n in [*TOWERS, "text_encoder"]} | {"gguf/q4_k_m"} <= set(records)
+    assert all(records[f"export/{n}"] == "reused" for n in GRAPHS)
+
+
+def test_report_json_and_markdown(cpu_build):
+    out, m = cpu_build.bundle, cpu_build.manifest
+    report = cpu_build.report
+    assert load_bundle(out).manifest.report == {"json": "report.json", "markdown": "report.md"}
+    assert (out / "report.json").read_text().strip() and report["target"] == "cpu"
+    assert [r["graph"] for r in report["components"]] == list(m.graphs) == GRAPHS
+    for row in report["components"]:
+        assert row["fp32_vs_torch_min_cosine"] >= 0.99999, row
+        assert row["shipped"] == m.runtime.precision[row["graph"]] and row["bytes"] > 0
+        if row["shipped"] == "int8":
+            assert row["shipped_vs_reference_cosine"] >= row["budget_min_cosine"] == 0.995
+    assert report["llm"]["qtype"] == "q4_k_m" and report["memory_plan"]["verdict"] == "fits"
+    assert {(s["stage"], s["name"]) for s in report["stages"]} == {(r.stage, r.name) for r in cpu_build.records}
+    assert report["source_checkpoint"] == m.source_checkpoint["digest"]
     md = (out / "report.md").read_text()
-    assert "| expert_C | int8 |" in md and "Memory plan" in md
-    assert [s.name for s in result.stages] == ["export", "quantize", "gguf", "plan", "compile"]
-    assert not any(s.reused for s in result.stages)
+    assert re.search(r"^\| expert_C \| int8 \| int8(-partial)? \| ", md, re.M), md
+    assert "| adapter | fp32 | fp32 |" in md and "Memory plan" in md and "**fits**" in md
+    assert "`llm/model.q4_k_m.gguf` (q4_k_m)" in md and "| export | base | reused |" in md
 
 
-def test_unchanged_rebuild_reuses_every_stage(cpu_bundle, checkpoint, calib_dir, tmp_path):
-    out, result = _build_from_copy(cpu_bundle, checkpoint, calib_dir, tmp_path, "cpu")
-    stages = {s.name: s for s in result.stages}
-    assert stages["export"].reused and stages["quantize"].reused and stages["gguf"].reused
-    assert _manifest(out)["files"] == _manifest(cpu_bundle[0])["files"] | {
-        k: v for k, v in _manifest(out)["files"].items() if k.startswith("report")}
+# ---- reuse -----------------------------------------------------------------------------------------------------------
+
+def test_second_build_into_another_folder_reuses_every_unit(tiny_checkpoint, calib_dir, work_dir, cpu_build, tmp_path):
+    again = build(tiny_checkpoint, "cpu", tmp_path / "again", calib=calib_dir, work_dir=work_dir, quiet=True)
+    statuses = _statuses(again.records)
+    assert statuses.keys() == _statuses(cpu_build.records).keys()
+    assert set(statuses.values()) == {"reused"}, statuses
+    assert [r.key for r in again.records] == [r.key for r in cpu_build.records]
+    first, second = cpu_build.manifest.files, again.manifest.files
+    assert {k: v for k, v in second.items() if not k.startswith("report")} == \
+        {k: v for k, v in first.items() if not k.startswith("report")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
 
 
-def test_orin_bundle_reuses_the_export_and_says_how_to_compile(cpu_bundle, checkpoint, calib_dir, tmp_path):
-    out, result = _build_from_copy(cpu_bundle, checkpoint, calib_dir, tmp_path, "jetson-orin")
-    stages = {s.name: s for s in result.stages}
-    assert stages["export"].reused and not stages["gguf"].reused  # q8_0 on the Orin vs q4_k_m on cpu
-    m = _manifest(out)
-    assert m["target"]["recipe"] == "jetson-orin-agx-64gb" and m["target"]["compute_capability"] == "8.7"
-    assert m["runtime"]["precision"]["base"] == "int8" and m["llm"]["qtype"] == "q8_0"
-    assert not any(p.suffix == ".gguf" and "q4_k_m" in p.name for p in (out / "llm").iterdir())
-    assert stages["compile"].detail["status"] == "skipped"
-    assert "mova-export compile" in stages["compile"].detail["on_device"]
+def test_changing_one_components_precision_requantizes_only_it(tiny_checkpoint, calib_dir, work_dir, rtx4090_build,
+                                                               tmp_path, monkeypatch):
+    recipe = _recipe_copy(tmp_path, "rtx-4090", "  text_encoder: fp16", "  text_encoder: int8")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)   # onnxruntime's shape inference once dumped its files here (the text encoder's int8)
+    work = tmp_path / "work"   # a hard-linked copy without any text_encoder quantization (cpu's and Orin's)
+    shutil.copytree(work_dir, work, copy_function=os.link, ignore=lambda folder, names: (
+        ["text_encoder"] if Path(folder).name == "quantize" else []))
+    result = build(tiny_checkpoint, recipe, tmp_path / "out", calib=calib_dir, work_dir=work, quiet=True,
+                   compile_engines=False)
+    statuses = _statuses(result.records)
+    assert statuses.pop("quantize/text_encoder") == "computed"
+    assert set(statuses.values()) == {"reused"}, statuses
+    assert "quantize/text_encoder" not in _statuses(rtx4090_build.records)   # fp16 there: nothing was quantized
+    m = result.manifest
+    assert m.quantize["text_encoder"]["requested"] == "int8" and m.runtime.precision["text_encoder"] in (
+        "int8", "fp16")
+    assert {n: m.runtime.precision[n] for n in TOWERS} == {n: rtx4090_build.manifest.runtime.precision[n]
+                                                           for n in TOWERS}
+    assert list(cwd.iterdir()) == []
 
 
-def test_rtx4090_bundle_has_valid_fp8_graphs(cpu_bundle, checkpoint, calib_dir, tmp_path):
-    out, _ = _build_from_copy(cpu_bundle, checkpoint, calib_dir, tmp_path, "rtx-4090")
-    m = _manifest(out)
-    for name in ["base", *(f"expert_{c}" for c in "ABCDEFG")]:
-        decision = m["quantize"][name]
+def test_no_reuse_recomputes(tiny_checkpoint, calib_dir, work_dir, cpu_build, tmp_path):
+    work = tmp_path / "work"     # hard-linked copy of the session's units: recomputing here leaves those alone
+    shutil.copytree(work_dir, work, copy_function=os.link)
+    args = ["build", "--target", "cpu", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "out"),
+            "--calib", str(calib_dir), "--work-dir", str(work), "--components", "text_encoder", "--quiet"]
+    reused = CliRunner().invoke(main, args)
+    assert reused.exit_code == 0, reused.output
+    again = load_bundle(tmp_path / "out").manifest.stages
+    units = {k: v for k, v in again.items() if "/" in k}
+    assert set(units) == {"features/text_encoder", "export/text_encoder", "quantize/text_encoder", "gguf/q4_k_m"}
+    assert {v["status"] for v in units.values()} == {"reused"}
+    fresh = CliRunner().invoke(main, [*args, "--no-reuse"])
+    assert fresh.exit_code == 0, fresh.output
+    stages = load_bundle(tmp_path / "out").manifest.stages
+    assert {k: v["status"] for k, v in stages.items() if "/" in k} == dict.fromkeys(units, "computed")
+    assert all(stages[k]["key"] == units[k]["key"] for k in units)   # same inputs, same keys: replaced in place
+    assert cpu_build.manifest.stages["quantize/text_encoder"]["key"] == units["quantize/text_encoder"]["key"]
+
+
+# ---- TensorRT targets ------------------------------------------------------------------------------------------------
+
+def test_orin_bundle_reuses_the_export_and_says_how_to_compile(orin_build, cpu_build):
+    out, m = orin_build.bundle, orin_build.manifest
+    statuses = _statuses(orin_build.records)
+    assert all(statuses[f"export/{n}"] == "reused" for n in GRAPHS)
+    assert "gguf/q8_0" in statuses and "gguf/q4_k_m" not in statuses   # q8_0 on the Orin vs q4_k_m on cpu
+    assert orin_build.manifest.stages["quantize/base"]["key"] != cpu_build.manifest.stages["quantize/base"]["key"]
+    assert m.target["recipe"] == "jetson-orin-agx-64gb" and m.target["compute_capability"] == "8.7"
+    assert m.runtime.precision["base"] == "int8" and m.runtime.precision["adapter"] == "fp16"
+    assert m.llm.qtype == "q8_0" and [p.name for p in (out / "llm").iterdir()] == ["model.q8_0.gguf"]
+    assert m.runtime.vision_backend == "tensorrt"
+    # held-out real-image feeds for engine parity on the device, one per graph, in the file table
+    assert set(m.checks) == set(m.graphs)
+    for name, rel in m.checks.items():
+        assert rel == f"checks/{name}.npz" and rel in m.files
+        with np.load(out / rel) as feed:
+            assert sorted(feed.files) == sorted(t.name for t in m.graphs[name].inputs)
+    compile_info = m.stages["compile"]
+    assert compile_info["status"] == "skipped" and orin_build.compile == compile_info
+    assert "mova-export compile" in compile_info["on_device"] and "jetson-orin-agx-64gb" in compile_info["on_device"]
+
+
+def test_rtx4090_bundle_has_valid_fp8_graphs(rtx4090_build):
+    out, m = rtx4090_build.bundle, rtx4090_build.manifest
+    fp8_graphs = 0
+    for name in TOWERS:
+        decision = m.quantize[name]
         assert decision["requested"] == "fp8", name
         if decision["final"] == "fp16":
-            continue  # a component may fall back; the decision says so, the test below covers the mechanism
-        graph = out / m["graphs"][name]["variants"]["fp8"]["graph"]
+            assert m.runtime.precision[name] == "fp16"
+            continue  # a component may fall back; the decision says so, the budget test covers the mechanism
+        graph = out / m.graphs[name].variants["fp8"].graph
         model = onnx.load(str(graph))
         onnx.checker.check_model(model, full_check=True)
-        fp8 = {onnx.TensorProto.FLOAT8E4M3FN}
-        assert any(t.data_type in fp8 for t in model.graph.initializer), name
+        assert any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer), name
         assert decision["measured"]["cosine"] >= 0.995 and decision["parity_method"] in ("ort", "simulated-fp8")
-    assert m["runtime"]["precision"]["adapter"] == "fp16" and "int8" not in m["graphs"]["base"]["variants"]
+        fp8_graphs += 1
+    assert fp8_graphs > 0
+    assert m.runtime.precision["adapter"] == "fp16" and m.runtime.precision["text_encoder"] == "fp16"
+    assert "int8" not in m.graphs["base"].variants and set(m.checks) == set(m.graphs)
 
 
-def test_impossible_budget_falls_back_to_fp16_and_is_recorded(cpu_bundle, checkpoint, calib_dir, tmp_path):
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "cpu.yaml").read_text())
+# ---- budget fallback and memory plan -----------------------------------------------------------------------------
+
+def test_impossible_budget_falls_back_and_is_recorded(tiny_checkpoint, calib_dir, work_dir, tmp_path):
+    recipe = yaml.safe_load((RECIPES / "cpu.yaml").read_text())
     recipe["name"] = "cpu-strict"
     recipe["precision"] = {k: "fp32" for k in recipe["precision"]} | {"text_encoder": "int8"}
-    recipe["accuracy"]["int8"] = {"min_cosine": 0.99999999}
+    recipe["accuracy"]["int8"] = {"min_cosine": 1.0, "max_rel_l2": 1e-9}   # the tiny BERT's int8 reaches 0.99999999
+    recipe["calibration"]["fallback"] = "fp16"
     path = tmp_path / "cpu-strict.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    out, _ = _build_from_copy(cpu_bundle, checkpoint, calib_dir, tmp_path, path)
-    m = _manifest(out)
-    decision = m["quantize"]["text_encoder"]
+    result = build(tiny_checkpoint, path, tmp_path / "strict", calib=calib_dir, work_dir=work_dir, quiet=True)
+    m = result.manifest
+    decision = m.quantize["text_encoder"]
     assert decision["requested"] == "int8" and decision["final"] == "fp16" and decision["tries"] >= 2
-    assert m["runtime"]["precision"]["text_encoder"] == "fp16"
-    assert "int8" not in m["graphs"]["text_encoder"]["variants"]
-    assert "int8" not in m["graphs"]["base"]["variants"]  # fp32 in this recipe: the copied int8 graph is dropped
-    report = (out / "report.md").read_text()
-    assert "| text_encoder | int8 | fp16 |" in report
+    assert decision["measured"]["rel_l2"] > 1e-9 and not decision["budget_met"]   # fp16 misses it too: recorded
+    assert [h["excluded"] for h in decision["history"]][-1] is None and decision["history"][-1]["fallback"] == "fp16"
+    assert m.runtime.precision["text_encoder"] == "fp16" and list(m.graphs["text_encoder"].variants) == ["fp16"]
+    assert list(m.graphs["base"].variants) == ["fp32"]  # fp32 in this recipe: no int8 graph shipped
+    assert "| text_encoder | int8 | fp16 |" in (result.bundle / "report.md").read_text()
+    # no fallback allowed: the same (reused) decision refuses the build, in one line, with nothing written
+    recipe["calibration"]["fallback"] = "none"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(BuildError, match=r"text_encoder: int8 misses the recipe's accuracy budget .* "
+                                         r"calibration.fallback is none") as info:
+        build(tiny_checkpoint, path, tmp_path / "none", calib=calib_dir, work_dir=work_dir, quiet=True)
+    one_line(info)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-strict.yaml", "strict"]
 
 
-def test_bad_inputs_are_one_line_errors_and_leave_nothing(checkpoint, tmp_path):
+def test_memory_plan_refuses_unless_allowed(tiny_checkpoint, calib_dir, work_dir, orin_build, cpu_build, tmp_path):
+    """The tiny checkpoint fits the real Orin Nano (its full-size refusal is test_memory's); here the Nano recipe
+    with one line changed, a budget below its own runtime overhead, makes the tiny bundle not fit."""
+    recipe = _recipe_copy(tmp_path, "jetson-orin-nano-8gb", "memory:", "memory: {budget_mib: 600, "
+                                                                       "runtime_overhead_mib: 700}")
+    out = tmp_path / "nano"
+    with pytest.raises(BuildError, match=r"jetson-orin-nano-8gb.*GiB.*--allow-over-budget") as info:
+        build(tiny_checkpoint, recipe, out, calib=calib_dir, work_dir=work_dir, quiet=True)
+    one_line(info)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [recipe.name]   # no bundle, no temp folder
+    result = CliRunner().invoke(main, ["build", "--target", str(recipe), "--checkpoint", str(tiny_checkpoint),
+                                       "--out", str(out), "--calib", str(calib_dir), "--work-dir", str(work_dir),
+                                       "--allow-over-budget", "--quiet"])
+    assert result.exit_code == 0, result.output
+    m = load_bundle(out).manifest
+    assert m.memory_plan["verdict"] == "refuse" and m.memory_plan["fix"]
+    assert m.runtime.expert_policy == "lazy" and m.runtime.max_loaded_experts == 3
+    assert {v["status"] for k, v in m.stages.items() if "/" in k} == {"reused"}   # Orin's int8, cpu's q4_k_m
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------
+
+def test_cli_build_shows_every_component_with_progress(tiny_checkpoint, calib_dir, work_dir, cpu_build, tmp_path):
+    """Console and build.log: a line per unit with the component's name, and the steps of what is computed (here
+    the base encoder's features and export, removed from a hard-linked copy of the session's work folder)."""
+    work = tmp_path / "work"
+    shutil.copytree(work_dir, work, copy_function=os.link)
+    for stage in ("features", "export"):
+        shutil.rmtree(work / stage / "base")
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["build", "--target", "cpu", "--checkpoint", str(tiny_checkpoint), "--out",
+                                       str(out), "--calib", str(calib_dir), "--work-dir", str(work)])
+    assert result.exit_code == 0, result.output
+    log = (out / "build.log").read_text()
+    for text in (result.stderr, log):
+        for name in GRAPHS[1:]:
+            assert f"export {name}: reused from the work folder" in text, name
+        assert re.search(r"features base: \d+/\d+ astronaut", text)
+        assert re.search(r"^ *[\d.]+s export base: \d+/\d+ reference astronaut", text, re.M)
+        assert re.search(r"^ *[\d.]+s export base: \d+/\d+ fp16 graph", text, re.M)
+        assert re.search(r"^ *[\d.]+s export base: done in [\d.]+ s", text, re.M)
+        assert "base [fp32] " in text and "quantize base: reused from the work folder" in text
+        assert "memory plan:" in text and "unit(s) reused from the work folder, 2 computed" in text
+    statuses = {k: v["status"] for k, v in load_bundle(out).manifest.stages.items() if "/" in k}
+    assert {k for k, v in statuses.items() if v == "computed"} == {"features/base", "export/base"}
+    assert "cpu: per-graph parity" in result.stdout and "expert_G" in result.stdout
+    assert "units reused from the work folder: " in result.stdout
+
+
+def test_bad_inputs_are_one_line_errors_and_leave_nothing(tiny_checkpoint, tmp_path):
     runner = CliRunner()
     out = tmp_path / "never"
+    work = tmp_path / "work"
+    base = ["--out", str(out), "--work-dir", str(work)]
     cases = [
-        (["build", "--target", "jetson-xavier", "--checkpoint", str(checkpoint), "--out", str(out)],
-         "jetson-xavier"),
-        (["build", "--target", "cpu", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)], "does not exist"),
-        (["build", "--target", "cpu", "--checkpoint", str(checkpoint), "--out", str(out), "--calib",
+        (["build", "--target", "jetson-xavier", "--checkpoint", str(tiny_checkpoint), *base], "jetson-xavier"),
+        (["build", "--target", "cpu", "--checkpoint", str(tmp_path / "nope"), *base], "does not exist"),
+        (["build", "--target", "cpu", "--checkpoint", str(tiny_checkpoint), *base, "--calib",
           str(tmp_path / "nocalib")], "calibration folder"),
+        (["build", "--target", "cpu", "--checkpoint", str(tiny_checkpoint), *base, "--components", "base,llm"],
+         "'llm' is not exported to ONNX"),
+        (["export", str(tmp_path / "nope"), *base], "does not exist"),
     ]
     for args, needle in cases:
-        res = runner.invoke(main, args)
-        assert res.exit_code == 2, (args, res.output)
-        lines = [line for line in res.output.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and needle in lines[0], res.output
-    assert not out.exists() and not list(tmp_path.glob(".never*"))
-    with pytest.raises(RecipeError):
-        build(checkpoint, tmp_path / "missing.yaml", out, progress=False)
-    assert issubclass(RecipeError, MoVAExportError)
+        assert needle in cli_error(runner.invoke(main, args)), args
+    assert list(tmp_path.iterdir()) == []   # no bundle, no temp folder, not even the work folder
+    with pytest.raises(RecipeError, match="recipe file .*missing.yaml does not exist") as info:
+        build(tiny_checkpoint, tmp_path / "missing.yaml", out, work_dir=work, quiet=True)
+    one_line(info)
+    assert issubclass(RecipeError, MoVAExportError) and list(tmp_path.iterdir()) == []

@@ -1,57 +1,38 @@
 """ONNX export: parity figures, static graphs checked against their declaration, fp16 with fp32 islands, external
-data, and the tiny synthetic bundle (every graph within threshold on real images, the 64-mask adapter parity)."""
+data, and the tiny synthetic export (every graph within threshold on real images, the 64-mask adapter parity)."""
 from __future__ import annotations
 
-import functools
-import json
-import time
-from pathlib import Path
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from mova_export import export as ex
-from mova_export.components import ComponentSpec, TensorSpec
+from mova_export.bundle import load_bundle
+from mova_export.components import ComponentSpec, MemoryFigures
 from mova_export.errors import ExportError
+from mova_export.pipeline import WorkFolder
+from mova_export.prompts import mask_label
 from mova_export.reference.runners import TorchRunner
 from mova_export.runtime.runners import OrtRunner
+from mova_export.spec import TensorSpec
 from mova_export.validate import TOLERANCES, compare, parity
 
-# ---------------------------------------------------------------------------------------------------------------
-# the tiny synthetic bundle, exported once per test session (shared with test_bundle.py)
-
-TIMINGS: dict[str, float] = {}
-
-
-@functools.lru_cache(maxsize=None)
-def _tiny(root: str) -> tuple[Path, Path]:
-    from mova_export.bundle import export_bundle
-    from mova_export.synth import write_synthetic_checkpoint
-
-    root_path = Path(root)
-    start = time.perf_counter()
-    checkpoint = write_synthetic_checkpoint(root_path / "checkpoint", scale="tiny")
-    TIMINGS["synth_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    bundle = export_bundle(checkpoint, root_path / "bundle", precisions=("fp32", "fp16"), progress=False)
-    TIMINGS["export_s"] = time.perf_counter() - start
-    return Path(checkpoint), Path(bundle)
-
-
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(checkpoint, bundle) of the tiny synthetic MoVA: fp32 + fp16 graphs of every ONNX component."""
-    return _tiny(str(tmp_path_factory.getbasetemp() / "tiny-mova"))
+LETTERS = tuple("ABCDEFG")
+GRAPHS = ["base", *(f"expert_{c}" for c in LETTERS), "text_encoder", "adapter"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_bundle(tmp_path_factory)
+def manifest(export_only):
+    return load_bundle(export_only).manifest
 
 
-@pytest.fixture(scope="module")
-def manifest(tiny):
-    return json.loads((tiny[1] / "manifest.json").read_text())
+def export_unit(work_dir, manifest, name):
+    """The finished export unit of a component (its graphs, calibration/<graph>.npz) in the session work folder."""
+    unit = WorkFolder(work_dir).unit("export", name, manifest.stages[f"export/{name}"]["key"])
+    assert unit.done, unit.path
+    return unit.path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,7 +66,10 @@ def test_compare_collects_every_failing_output():
 def test_routing_masks_are_the_64_with_at_most_three_experts():
     masks = ex.routing_masks(7, 3)
     assert len(masks) == 64 == len(set(masks)) and max(map(sum, masks)) == 3 and masks[0] == (0,) * 7
-    assert ex.mask_label((1, 0, 0, 1, 0, 0, 1)) == "ADG" and ex.mask_label((0,) * 7) == "none"
+    assert mask_label((1, 0, 0, 1, 0, 0, 1), LETTERS) == "ADG" and mask_label((0,) * 7, LETTERS) == "none"
+    assert ex.sweep_masks(LETTERS, 3, full=True) == masks
+    reduced = ex.sweep_masks(LETTERS, 3, full=False)   # full scale: none, the 7 singles and the stated subset
+    assert len(reduced) == 1 + 7 + len(ex.samples.REDUCED_SWEEP) and set(reduced) < set(masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,33 +92,37 @@ class _Toy(torch.nn.Module):
 
 def _toy_spec(out_shape=(1, 9, 16)) -> ComponentSpec:
     return ComponentSpec(
-        "toy", "toy.", {}, build=lambda cfg: _Toy(),
+        "toy", "tower", "toy.", {}, build=lambda cfg: _Toy(),
         inputs=lambda cfg: (TensorSpec("x", (1, 8, 16)), TensorSpec("mask", (1, 7))),
         outputs=lambda cfg: (TensorSpec("grid", out_shape), TensorSpec("pooled", (1, 16))),
+        memory=MemoryFigures(params=16 * 16 + 3 * 16, activation=(8, 16)),
         sample_inputs=lambda cfg, seed: {"x": torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(seed)),
                                          "mask": torch.ones(1, 7)})
 
 
 def test_toy_export_fp32_fp16_and_external_data(tmp_path, monkeypatch):
+    import onnx
+
     spec, module = _toy_spec(), _Toy().eval()
     feed = {k: v.numpy() for k, v in spec.sample_inputs(None, 1).items()}
     reference = TorchRunner(module, ["x", "mask"], ["grid", "pooled"]).infer(feed)
     files = ex.onnx_from_component(spec, module, None, tmp_path / "toy.fp32.onnx")
     assert files == [tmp_path / "toy.fp32.onnx"]
+    assert onnx.load(str(files[0])).opset_import[0].version >= ex.OPSET >= 18
     sample = ex.Sample("s", feed, reference)
     fp32 = ex.validate_graph(OrtRunner(files[0]), [sample], "toy", "fp32").per_output()
     assert min(f.cosine for f in fp32.values()) >= 0.99999
     half = ex.fp16_from_onnx(files[0], tmp_path / "toy.fp16.onnx", spec.inputs(None), spec.outputs(None), "toy")
-    import onnx
-
     graph = onnx.load(str(half[0]))
     types = {n.op_type for n in graph.graph.node}
     assert "Cast" in types and graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
     ex.validate_graph(OrtRunner(half[0]), [sample], "toy", "fp16")
     # a graph past the protobuf limit keeps its weights in one external file (the limit shrunk to exercise it)
-    monkeypatch.setattr(ex, "PROTO_LIMIT", 1000)
+    monkeypatch.setattr(ex.onnx, "PROTO_LIMIT", 1000)
     big = ex.onnx_from_component(spec, module, None, tmp_path / "big.onnx")
-    assert [p.name for p in big] == ["big.onnx", "big.onnx.data"]
+    assert [p.name for p in big] == ["big.onnx", "big.onnx.data"] and ex.graph_files(big[0]) == big
+    assert (tmp_path / "big.onnx.data").stat().st_mode & 0o777 == (tmp_path / "big.onnx").stat().st_mode & 0o777
     ex.validate_graph(OrtRunner(big[0]), [sample], "toy", "fp32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "toy.fp16.onnx",
                                                          "toy.fp32.onnx"]  # no scratch left behind
@@ -143,57 +131,64 @@ def test_toy_export_fp32_fp16_and_external_data(tmp_path, monkeypatch):
 def test_graph_not_matching_its_declaration_is_refused(tmp_path):
     spec = _toy_spec(out_shape=(1, 10, 16))
     with pytest.raises(ExportError, match=r"toy: exported graph does not match its declaration: outputs are "
-                                          r"\[grid\[1, 9, 16\]:float32"):
+                                          r"\[grid\[1, 9, 16\]:float32.*the spec declares \[grid\[1, 10, 16\]") \
+            as info:
         ex.onnx_from_component(spec, _Toy().eval(), None, tmp_path / "toy.onnx")
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the tiny synthetic bundle
+# the tiny synthetic export
 
-def test_every_graph_within_threshold_on_real_images(tiny, manifest):
+def test_every_graph_within_threshold_on_real_images(tiny_checkpoint, export_only, manifest, work_dir):
     from mova_export.checkpoint import Checkpoint
-
-    checkpoint, bundle = tiny
-    expected = ["base", *(f"expert_{c}" for c in "ABCDEFG"), "text_encoder", "adapter"]
-    assert manifest["components"] == expected and manifest["precisions"] == ["fp32", "fp16"]
-    for name in expected:
-        for precision, variant in manifest["graphs"][name]["variants"].items():
-            tol = TOLERANCES[precision]
-            assert variant["parity"]["num_samples"] >= 4, (name, precision)
-            for out, fig in variant["parity"]["worst"].items():
-                assert fig["cosine"] >= tol.min_cosine and fig["rel_l2"] <= tol.max_rel_l2, (name, precision, out)
-    # independently of the export's own check: the fp32 graphs against the torch modules on the real-image feeds
-    ckpt = Checkpoint.open(checkpoint)
-    cfg = ckpt.config
     from mova_export.components import get_spec
 
-    for name in expected:
+    from conftest import CALIB
+
+    assert list(manifest.graphs) == GRAPHS
+    assert manifest.export["calibration"]["images"] == sorted(CALIB)   # the folder's images in name order
+    for name, graph in manifest.graphs.items():
+        assert set(graph.variants) == {"fp32", "fp16"}, name
+        for precision, variant in graph.variants.items():
+            tol = TOLERANCES[precision]
+            assert variant.parity["num_samples"] >= 4, (name, precision)
+            for out, fig in variant.parity["worst"].items():
+                assert fig["cosine"] >= tol.min_cosine and fig["rel_l2"] <= tol.max_rel_l2, (name, precision, out)
+            assert graph.proven[precision] == variant.min_cosine() >= tol.min_cosine
+    # independently of the export's own check: the fp32 graphs against the torch modules, on the real-image feeds
+    # the export unit keeps for calibration
+    ckpt = Checkpoint.open(tiny_checkpoint)
+    cfg = ckpt.config
+    for name in GRAPHS:
         if name == "adapter":
             continue  # checked against the skipping reference below
         spec = get_spec(name)
-        calib = np.load(bundle / manifest["calibration"][name]["file"])
+        feeds = ex.read_feeds(export_unit(work_dir, manifest, name) / "calibration" / f"{name}.npz")
+        assert len(feeds) == len(CALIB), name
         torch_runner = TorchRunner(ckpt.build(name), [t.name for t in spec.inputs(cfg)],
                                    [t.name for t in spec.outputs(cfg)])
-        ort_runner = OrtRunner(bundle / manifest["graphs"][name]["variants"]["fp32"]["graph"])
-        for i in range(calib[spec.inputs(cfg)[0].name].shape[0]):
-            feed = {k: calib[k][i] for k in calib.files}
+        ort_runner = OrtRunner(export_only / manifest.graphs[name].variants["fp32"].graph)
+        for i, feed in enumerate(feeds):
             compare(torch_runner.infer(feed), ort_runner.infer(feed), component=name, sample=str(i))
 
 
-def test_adapter_graph_matches_skipping_reference_for_all_64_masks(tiny, manifest):
+def test_adapter_graph_matches_skipping_reference_for_all_64_masks(tiny_checkpoint, export_only, manifest, work_dir):
     from mova_export.checkpoint import Checkpoint
 
-    checkpoint, bundle = tiny
-    samples = manifest["graphs"]["adapter"]["variants"]["fp32"]["parity"]["samples"]
-    first = manifest["export"]["parity_samples"]["images"][0]
+    graph = manifest.graphs["adapter"]
+    samples = graph.variants["fp32"].parity["samples"]
+    first = manifest.export["calibration"]["images"][0]
     assert len([s for s in samples if s.startswith(first + "/")]) == 64
-    # and again here, from the calibration features, with unrouted experts fed as zeros to the graph
-    ckpt = Checkpoint.open(checkpoint)
-    adapter = ckpt.build("adapter")
-    calib = np.load(bundle / manifest["calibration"]["adapter"]["file"])
-    names = [t["name"] for t in manifest["graphs"]["adapter"]["inputs"]]
-    runner = OrtRunner(bundle / manifest["graphs"]["adapter"]["variants"]["fp32"]["graph"])
-    feats = {n: calib[n][0] for n in names}  # the calibration feeds carry every expert's real features
+    # and again here, independently, on another image: the export swept every mask on the first image only (two on
+    # the others); the calibration feeds carry every expert's real features, unrouted experts are fed as zeros
+    adapter = Checkpoint.open(tiny_checkpoint).build("adapter")
+    feeds = ex.read_feeds(export_unit(work_dir, manifest, "adapter") / "calibration" / "adapter.npz")
+    second = manifest.export["calibration"]["images"][1]
+    assert len([s for s in samples if s.startswith(second + "/")]) == 2
+    names = [t.name for t in graph.inputs]
+    runner = OrtRunner(export_only / graph.variants["fp32"].graph)
+    feats = feeds[1]
     experts = names[1:8]
     checked = 0
     for mask in ex.routing_masks(7, 3):
@@ -207,25 +202,33 @@ def test_adapter_graph_matches_skipping_reference_for_all_64_masks(tiny, manifes
                 torch.from_numpy(feats[names[-2]]), torch.tensor([mask], dtype=torch.float32))
         out = runner.infer(feed)
         compare({"image_tokens": ref[0].numpy(), "routing_tokens": ref[1].numpy()}, out, component="adapter",
-                sample=ex.mask_label(mask))
+                sample=mask_label(mask, LETTERS))
         checked += 1
     assert checked == 64
 
 
-def test_fp16_variants_within_their_threshold(manifest):
+def test_fp16_variants_within_their_threshold_and_smaller(manifest):
     tol = TOLERANCES["fp16"]
-    for name, graph in manifest["graphs"].items():
-        fig = graph["variants"]["fp16"]["parity"]["worst"]
+    for name, graph in manifest.graphs.items():
+        fig = graph.variants["fp16"].parity["worst"]
         assert min(f["cosine"] for f in fig.values()) >= tol.min_cosine, name
-        assert graph["variants"]["fp16"]["bytes"] < graph["variants"]["fp32"]["bytes"], name
+        assert max(f["rel_l2"] for f in fig.values()) <= tol.max_rel_l2, name
+        assert graph.variants["fp16"].bytes < graph.variants["fp32"].bytes, name
 
 
-def test_failed_parity_leaves_no_bundle(tiny, tmp_path, monkeypatch):
+def test_failed_parity_leaves_no_bundle(tiny_checkpoint, calib_dir, work_dir, export_only, tmp_path, monkeypatch):
     from mova_export import validate
-    from mova_export.bundle import export_bundle
+    from mova_export.pipeline import export_bundle
 
+    # a fresh work folder (the session's has the base unit finished, which would be reused, not re-checked), seeded
+    # with the session's features units so only the export itself runs
+    work = tmp_path / "work"
+    shutil.copytree(work_dir / "features", work / "features")
     monkeypatch.setitem(validate.TOLERANCES, "fp32", validate.Tolerance(min_cosine=1.5, max_rel_l2=0.0))
     out = tmp_path / "bundle"
-    with pytest.raises(ExportError, match=r"parity failed .* base \[fp32\] output '\w+' on sample 'astronaut'.*no bundle was written"):
-        export_bundle(tiny[0], out, components=["base"], progress=False)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(ExportError, match=r"parity failed .* base \[fp32\] output '\w+' on sample 'astronaut'.*"
+                                          r"no bundle was written") as info:
+        export_bundle(tiny_checkpoint, out, components=["base"], calib=calib_dir, work_dir=work, quiet=True)
+    assert "\n" not in str(info.value)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["work"]
+    assert not [p for p in (work / "export").rglob("*") if p.is_file()]   # nor a half-written export unit

