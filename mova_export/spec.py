@@ -32,7 +32,8 @@ class GraphForm:
     """One exported graph of a component: its name in the bundle, its role in the two passes (tower, text,
     adapter_routing, adapter_answer, adapter_fallback), its declared I/O, how the component's loaded module becomes
     the traced module (`wrap`), how a feed's reference outputs are computed (`reference(module, feed)`, default:
-    the wrapped module itself), the static sizes of symbolic dimensions (`axes`) and a label (`form`)."""
+    the wrapped module itself), the static sizes of symbolic dimensions (`axes`), a label (`form`) and seeded random
+    feeds (`sample_inputs`, default: the component's own when the I/O is its own)."""
     name: str
     role: str
     inputs: tuple[TensorSpec, ...]
@@ -41,3 +42,4 @@ class GraphForm:
     reference: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
     axes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     form: str | None = None
+    sample_inputs: Callable[[Any, int], Mapping[str, Any]] | None = None   # seeded random feed (cfg, seed)

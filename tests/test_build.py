@@ -28,7 +28,8 @@ from mova_export.runtime.runners import OrtRunner
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 TOWERS = ["base", *(f"expert_{c}" for c in "ABCDEFG")]
-GRAPHS = [*TOWERS, "text_encoder", "adapter"]
+COMPONENTS = [*TOWERS, "text_encoder", "adapter"]                     # one export unit each
+GRAPHS = [*TOWERS, "text_encoder", "adapter_routing", "adapter_slots3", "adapter"]   # the adapter: three forms
 
 
 def _op_count(path: Path, op: str) -> int:
@@ -87,7 +88,7 @@ def test_cpu_bundle_has_int8_graphs_that_run_in_onnxruntime(cpu_build, work_dir)
     records = _statuses(cpu_build.records)
     assert {k.split("/")[0] for k in records} == {"features", "export", "quantize", "gguf"}
     assert {f"quantize/{n}" for n in [*TOWERS, "text_encoder"]} | {"gguf/q4_k_m"} <= set(records)
-    assert all(records[f"export/{n}"] == "reused" for n in GRAPHS)
+    assert all(records[f"export/{n}"] == "reused" for n in COMPONENTS)
 
 
 def test_report_json_and_markdown(cpu_build):
@@ -122,6 +123,39 @@ def test_second_build_into_another_folder_reuses_every_unit(tiny_checkpoint, cal
     assert {k: v for k, v in second.items() if not k.startswith("report")} == \
         {k: v for k, v in first.items() if not k.startswith("report")}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
+
+
+def test_a_bundle_file_edited_in_place_is_not_reused(tiny_checkpoint, calib_dir, work_dir, cpu_build, tmp_path):
+    """Bundle files are hard links to the work units' files: those are read-only, and a unit whose files changed
+    since it finished (an edit through a link, as root or after a chmod) is produced again, not reused."""
+    work = tmp_path / "work"
+    shutil.copytree(work_dir, work, copy_function=shutil.copy2)   # copy2 keeps the mtimes the units recorded
+    first = build(tiny_checkpoint, "cpu", tmp_path / "one", calib=calib_dir, work_dir=work, quiet=True)
+    assert set(_statuses(first.records).values()) == {"reused"}
+    edited = tmp_path / "one" / first.manifest.graphs["expert_F"].variants["int8"].graph
+    assert not edited.stat().st_mode & 0o222   # read-only, like the unit file it links to
+    edited.chmod(0o644)
+    with edited.open("ab") as f:
+        f.write(b"\0")
+    second = build(tiny_checkpoint, "cpu", tmp_path / "two", calib=calib_dir, work_dir=work, quiet=True)
+    statuses = _statuses(second.records)
+    assert statuses["quantize/expert_F"] == "computed"
+    assert {k for k, v in statuses.items() if v == "computed"} == {"quantize/expert_F"}
+    assert "quantize expert_F: the work folder's unit was modified since it finished" in \
+        (tmp_path / "two" / "build.log").read_text()
+    assert load_bundle(tmp_path / "two").manifest.files == second.manifest.files   # verified: the rebuilt file
+    assert second.manifest.files[edited.relative_to(tmp_path / "one").as_posix()] == \
+        cpu_build.manifest.files[edited.relative_to(tmp_path / "one").as_posix()]
+
+
+def test_build_replaces_only_a_previous_bundle(tiny_checkpoint, calib_dir, work_dir, cpu_build, tmp_path):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"jpeg")
+    with pytest.raises(BuildError, match="is not empty and holds no mova-export bundle; choose a new folder") as info:
+        build(tiny_checkpoint, "cpu", other, calib=calib_dir, work_dir=work_dir, quiet=True)
+    one_line(info)
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"] and (other / "holiday.jpg").read_bytes() == b"jpeg"
 
 
 def test_changing_one_components_precision_requantizes_only_it(tiny_checkpoint, calib_dir, work_dir, rtx4090_build,
@@ -171,7 +205,7 @@ def test_no_reuse_recomputes(tiny_checkpoint, calib_dir, work_dir, cpu_build, tm
 def test_orin_bundle_reuses_the_export_and_says_how_to_compile(orin_build, cpu_build):
     out, m = orin_build.bundle, orin_build.manifest
     statuses = _statuses(orin_build.records)
-    assert all(statuses[f"export/{n}"] == "reused" for n in GRAPHS)
+    assert all(statuses[f"export/{n}"] == "reused" for n in COMPONENTS)
     assert "gguf/q8_0" in statuses and "gguf/q4_k_m" not in statuses   # q8_0 on the Orin vs q4_k_m on cpu
     assert orin_build.manifest.stages["quantize/base"]["key"] != cpu_build.manifest.stages["quantize/base"]["key"]
     assert m.target["recipe"] == "jetson-orin-agx-64gb" and m.target["compute_capability"] == "8.7"
@@ -273,7 +307,7 @@ def test_cli_build_shows_every_component_with_progress(tiny_checkpoint, calib_di
     assert result.exit_code == 0, result.output
     log = (out / "build.log").read_text()
     for text in (result.stderr, log):
-        for name in GRAPHS[1:]:
+        for name in COMPONENTS[1:]:
             assert f"export {name}: reused from the work folder" in text, name
         assert re.search(r"features base: \d+/\d+ astronaut", text)
         assert re.search(r"^ *[\d.]+s export base: \d+/\d+ reference astronaut", text, re.M)

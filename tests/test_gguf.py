@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from mova_export.errors import ComponentError, LLMError
-from mova_export.gguf import QTYPES, convert_checkpoint_to_gguf, gguf_from_source, source_from_state_dict
+from mova_export.gguf import QTYPES
+from mova_export.gguf.convert import convert_checkpoint_to_gguf, gguf_from_source, source_from_state_dict
 from mova_export.components import routing_prompt_lines
 from mova_export.llama3 import load_llm_tokenizer, special_token_ids
 from mova_export.prompts import routing_prompt

@@ -532,6 +532,13 @@ def _sample(cfg, seed: int) -> dict[str, torch.Tensor]:
     return feed
 
 
+def _wide_sample(cfg, seed: int) -> dict[str, torch.Tensor]:
+    """_sample's features with topk + 1 experts routed (the masks the dense fallback graph serves)."""
+    feed = _sample(cfg, seed)
+    feed["routing_mask"][0, :min(int(cfg.topk_experts) + 1, num_experts())] = 1.0
+    return feed
+
+
 def _build(cfg) -> nn.Module:
     return MoVAdapter(cfg, cfg.arch(NAME)).eval()
 
@@ -579,10 +586,12 @@ def _forms(cfg) -> tuple[GraphForm, ...]:
     k = min(int(cfg.topk_experts), num_experts())
     outputs = _outputs(cfg)
     return (GraphForm(ROUTING_FORM, "adapter_routing", routing_inputs(cfg), outputs, wrap=RoutingAdapter,
-                      reference=_routing_reference),
+                      reference=_routing_reference, sample_inputs=lambda c, seed: {"base": _sample(c, seed)["base"]}),
             GraphForm(slot_form(k), "adapter_answer", slot_inputs(cfg, k), outputs,
-                      wrap=lambda module: SlotAdapter(module, k), reference=_slot_reference, form="slots"),
-            GraphForm(NAME, "adapter_fallback", _inputs(cfg), outputs, reference=_dense_reference, form="dense"))
+                      wrap=lambda module: SlotAdapter(module, k), reference=_slot_reference, form="slots",
+                      sample_inputs=lambda c, seed: _slot_sample(c, seed, k)),
+            GraphForm(NAME, "adapter_fallback", _inputs(cfg), outputs, reference=_dense_reference, form="dense",
+                      sample_inputs=_wide_sample))
 
 
 SPEC = register(ComponentSpec(

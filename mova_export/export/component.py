@@ -241,10 +241,10 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
                 real = _text_samples(form, ins)
             else:
                 real = _adapter_samples(form, _adapter_context(ins), labels)
-            # seeded random feeds: the spec's own for a form of its I/O (the adapter's random features are
-            # routed through its slot and routing forms by the samples above)
-            samples = real + (random_samples(spec, cfg, form.inputs, ins.random_samples)
-                              if tuple(form.inputs) == tuple(spec.inputs(cfg)) else [])
+            # seeded random feeds: the form's own, else the spec's for a form of the spec's I/O
+            own_io = tuple(form.inputs) == tuple(spec.inputs(cfg))
+            samples = real + (random_samples(spec, cfg, form.inputs, ins.random_samples, form.sample_inputs)
+                              if form.sample_inputs is not None or own_io else [])
             checked16 = spot_check(samples)
             # references, trace + slim + check, fp32 parity, fp16 conversion, fp16 parity, calibration feeds
             steps.grow(len(samples) * 2 + 3 + 1 + len(checked16) + 1)

@@ -77,13 +77,15 @@ def as_numpy(value: Any, dtype: str | None = None) -> np.ndarray:
     return arr.astype(dtype, copy=False) if dtype else arr
 
 
-def random_samples(spec: Any, cfg: Any, inputs: Sequence["TensorSpec"], count: int) -> list[Sample]:
-    """The spec's seeded sample inputs (seeds 1000, 1001, ...)."""
-    if spec.sample_inputs is None:
+def random_samples(spec: Any, cfg: Any, inputs: Sequence["TensorSpec"], count: int,
+                   sample_inputs: Callable[[Any, int], Mapping[str, Any]] | None = None) -> list[Sample]:
+    """Seeded random feeds (seeds 1000, 1001, ...): sample_inputs (a graph form's own), else the spec's."""
+    make = sample_inputs or spec.sample_inputs
+    if make is None:
         return []
     out = []
     for i in range(count):
-        raw = spec.sample_inputs(cfg, 1000 + i)
+        raw = make(cfg, 1000 + i)
         out.append(Sample(f"random{i}", {t.name: as_numpy(raw[t.name], t.dtype) for t in inputs}))
     return out
 

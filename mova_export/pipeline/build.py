@@ -149,7 +149,9 @@ def _write_checks(root: Path, graph: GraphEntry, export_dir: Path, calibration_f
     feed = split_feeds(feeds)[1][0] if len(feeds) > 1 else feeds[0]
     path = root / "checks" / f"{graph.name}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **{k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feed.items()})
+    # stacked on a leading sample axis of one, like every feeds file (read_feeds)
+    np.savez_compressed(path, **{k: (v.astype(np.float16) if v.dtype == np.float32 else v)[None]
+                                 for k, v in feed.items()})
     return path.relative_to(root).as_posix()
 
 
@@ -187,6 +189,7 @@ def build(checkpoint: str | Path, target: str | Path, out_dir: str | Path, *, ca
     work = WorkFolder(work_dir)
     console = console or Console(quiet=quiet)
     out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
     start = time.perf_counter()
     ctx = BuildContext(ckpt, checkpoint_fingerprint(ckpt.path)["digest"], cal, facts_from_config(ckpt.config),
                        work, console, reuse=reuse,
@@ -266,6 +269,15 @@ def _assemble(ctx: BuildContext, root: Path, recipe: Any, exported: dict[str, tu
         quantize=decisions)
     manifest.files = {}
     return manifest
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """A build replaces a previous bundle at --out (rebuilding in place is the usual loop), never other files."""
+    from ..bundle.manifest import MANIFEST
+
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise BuildError(f"output folder {out_dir} is not empty and holds no mova-export bundle; choose a new folder "
+                         "(a build replaces only a previous bundle)")
 
 
 def _finish(ctx: BuildContext, root: Path, out_dir: Path, recipe: Any, manifest: Manifest, compile_engines: bool,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..recipe import Recipe
 
 # Bumped when a stage's output for the same inputs changes (a new unit key, so old units are not reused).
-STAGE_VERSIONS = {"features": 1, "export": 2, "quantize": 2, "gguf": 1}
+STAGE_VERSIONS = {"features": 1, "export": 3, "quantize": 2, "gguf": 1}
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1, "fp8": 1}
 
 
@@ -75,7 +75,14 @@ class BuildContext:
     def find(self, stage: str, name: str, key: str) -> tuple[Unit, bool]:
         """The unit and whether it is finished and may be reused."""
         unit = self.work.unit(stage, name, key)
-        return unit, self.reuse and unit.done
+        if not (self.reuse and unit.done):
+            return unit, False
+        changed = unit.changed_files()
+        if changed:
+            self.console.line(f"{stage} {name}: the work folder's unit was modified since it finished "
+                              f"({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); producing it again")
+            return unit, False
+        return unit, True
 
     def record(self, stage: str, name: str, key: str, reused: bool, start: float, **detail: Any) -> StageRecord:
         rec = StageRecord(stage, name, key, "reused" if reused else "computed", time.perf_counter() - start, detail)

@@ -25,6 +25,7 @@ from ..bundle.staging import PARTIAL_MARK
 from ..errors import BuildError
 
 UNIT_FILE = "unit.json"
+STAMP_FILE = "stamps.json"     # size and mtime of every file when the unit finished: an edit since shows
 GIB = 1 << 30
 
 
@@ -59,6 +60,16 @@ class Unit:
     def done(self) -> bool:
         return (self.path / UNIT_FILE).is_file()
 
+    def changed_files(self) -> list[str]:
+        """Files of a finished unit edited, added or removed since it finished (bundles hard-link these files, so an
+        in-place edit of a bundle file lands here): such a unit is produced again, not reused."""
+        try:
+            recorded = json.loads((self.path / STAMP_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return [STAMP_FILE]
+        now = _stamps(self.path)
+        return sorted(rel for rel in set(recorded) | set(now) if recorded.get(rel) != now.get(rel))
+
     def read(self) -> dict[str, Any]:
         try:
             return json.loads((self.path / UNIT_FILE).read_text())
@@ -78,11 +89,24 @@ class Unit:
             yield tmp
             if not (tmp / UNIT_FILE).is_file():
                 raise BuildError(f"work unit {self.stage}/{self.name} finished without {UNIT_FILE}; this is a bug")
+            for f in tmp.rglob("*"):   # read-only: the bundle's hard links to these files must not be edited
+                if f.is_file():
+                    f.chmod(f.stat().st_mode & ~0o222)
+            (tmp / STAMP_FILE).write_text(json.dumps(_stamps(tmp), indent=1, sort_keys=True) + "\n")
             shutil.rmtree(self.path, ignore_errors=True)   # --no-reuse: replace the old result
             os.replace(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _stamps(folder: Path) -> dict[str, list[int]]:
+    out = {}
+    for f in folder.rglob("*"):
+        if f.is_file() and f.name != STAMP_FILE:
+            st = f.stat()
+            out[f.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def write_unit(folder: Path, result: Mapping[str, Any]) -> None:
