@@ -6,7 +6,7 @@
 Writes latency.json (per-stage p50/p95, decode tokens/s, every expert in isolation, peak host/GPU memory, the
 bundle's manifest sha256), latency.md (the table) and latency.png (a bar chart per stage) into --out.
 """
-from mova_export.cli_run import latency
+from mova_export.cli.run import latency
 
 if __name__ == "__main__":
     latency.main(prog_name="benchmarks/latency.py")

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mova_export.gguf_convert import convert_checkpoint_to_gguf, quantize_gguf
-from mova_export.llm import LlamaCppLLM, hf_generate_stream, import_llama_cpp
+from mova_export.gguf.convert import convert_checkpoint_to_gguf, quantize_gguf
+from mova_export.llama3 import load_llm_tokenizer
 from mova_export.prompts import chat_prompt, tokenize_with_image
-from mova_export.tokenizers import load_llm_tokenizer
+from mova_export.reference.llm import hf_generate_stream
+from mova_export.runtime.llm import LlamaCppLLM, import_llama_cpp
 
 
 def prompt_ids(tokenizer, positions: int, image_tokens: int) -> tuple[list[int], str]:

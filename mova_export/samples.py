@@ -33,9 +33,17 @@ def iter_sample_questions(names: Iterable[str] | None = None) -> Iterator[tuple[
         yield name, SAMPLE_QUESTIONS[name]
 
 
-# (sample image, question) pairs the demo and the benchmarks ask by default: question kinds that the tiny trained
-# MoVA routes to different experts (a real MoVA routes them by the same kinds).
-DEMO_QUESTIONS: tuple[tuple[str, str], ...] = tuple(SAMPLE_QUESTIONS.items())[:3]
+# (sample image, question) pairs the demo and the benchmarks ask by default: one per question kind the tiny trained
+# MoVA routes to its own experts, as a real MoVA routes these kinds (held-out phrasings: synth/trained.py never trains
+# on them). Expected routing: A; C; B, D; F; G; none.
+DEMO_QUESTIONS: tuple[tuple[str, str], ...] = (
+    ("astronaut", "Describe the scene in this image."),
+    ("coffee", "How many cups are on the table?"),
+    ("page", "What does the text on the page say?"),
+    ("immunohistochemistry", "What kind of cells are in the micrograph?"),
+    ("chelsea", "Segment the cat from the background."),
+    ("rocket", "Hello, who are you?"),
+)
 
 
 def demo_questions() -> list[tuple[str, str]]:

@@ -1,7 +1,8 @@
 """Session fixtures: one tiny synthetic MoVA and ONE work folder, so every export and build of the session reuses the
 units an earlier one finished (the adapter's 64-mask parity sweep alone takes minutes on 2 cores; it runs once).
 
-    tiny_checkpoint   synth --scale tiny
+    tiny_checkpoint   synth --scale tiny-trained (random towers and adapter; the LLM routes and answers by question
+                      kind, so runtime and parity tests see real routing)
     calib_dir         three real photos + questions.txt: the calibration set of every export and build here
     work_dir          the session's work folder (pass it to every export / build, never the user's default)
     export_only       export_bundle: fp32 + fp16 graphs of every component, tokenizers, no LLM; it computes every
@@ -48,7 +49,7 @@ def tiny_checkpoint(session_root) -> Path:
     from mova_export.progress import NULL
     from mova_export.synth import write_synthetic_checkpoint
 
-    return Path(write_synthetic_checkpoint(session_root / "checkpoint", scale="tiny", console=NULL))
+    return Path(write_synthetic_checkpoint(session_root / "checkpoint", scale="tiny-trained", console=NULL))
 
 
 @pytest.fixture(scope="session")

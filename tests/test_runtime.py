@@ -17,7 +17,8 @@ import pytest
 from conftest import RUNTIME_EXACT
 from helpers import cli_error
 from mova_export.errors import BundleError, RuntimeInputError
-from mova_export.samples import SAMPLE_QUESTIONS
+from mova_export.samples import SAMPLE_QUESTIONS, demo_questions
+from mova_export.synth.trained import kind_of
 from mova_export.validate import compare
 
 pytest.importorskip("llama_cpp")
@@ -50,11 +51,13 @@ def _same_answer(got, want) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # parity with the reference
 
-@pytest.mark.parametrize("name", list(SAMPLE_QUESTIONS))
-def test_answers_and_routes_like_the_reference(rt, reference, images, name):
-    question = SAMPLE_QUESTIONS[name]
+@pytest.mark.parametrize("name, question", demo_questions(), ids=[n for n, _ in demo_questions()])
+def test_answers_and_routes_like_the_reference(rt, reference, images, name, question):
+    """The tiny trained MoVA routes each demo question to its kind's experts; the fp32 bundle (f32 GGUF, F32 KV)
+    routes and answers token for token alike, through the experts and the adapter's routed forms."""
     got = rt.ask(images[name], question, MAX_NEW)
     want = reference.run(images[name], question, max_new_tokens=MAX_NEW)
+    assert want.experts == list(kind_of(question).experts)
     _same_answer(got, want)
     assert got.to_json().keys() == want.to_json().keys() == ANSWER_FIELDS
 

@@ -27,14 +27,21 @@ def print_build(result: Any, console: Any) -> None:
 def recipes_table(recipes: Sequence[Any]) -> Any:
     from rich.table import Table
 
-    table = Table(title_justify="left")
-    for col in ("target", "device", "cc", "runtime", "precisions", "LLM", "experts", "budget GiB"):
-        table.add_column(col, no_wrap=col in ("target", "cc", "LLM"), overflow="fold")
+    from rich import box
+
+    table = Table(title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # the target's device on a dim second line: narrow terminals (80 columns) keep every column readable
+    width = max((len(r.name) for r in recipes), default=6)
+    for col in ("target / device", "cc", "runtime", "graphs", "LLM", "experts", "GiB"):
+        table.add_column(col, no_wrap=col in ("cc", "LLM", "GiB"), overflow="fold",
+                         min_width=width if col == "target / device" else None)
     for r in recipes:
         counts: dict[str, int] = {}
         for p in r.precision.values():
             counts[p] = counts.get(p, 0) + 1
-        table.add_row(r.name, r.device.name, r.device.cc_str or "-", r.runtime,
-                      ", ".join(f"{n} {p}" for p, n in sorted(counts.items())), r.llm.quant, r.experts.policy,
+        table.add_row(f"{r.name}\n[dim]{r.device.name}[/dim]", r.device.cc_str or "-", r.runtime,
+                      "\n".join(f"{n} {p}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1])),
+                      r.llm.quant, r.experts.policy,
                       f"{r.memory.budget_mib / 1024:.1f}")
+    table.caption = "graphs: how many graphs at each precision; GiB: the recipe's memory budget"
     return table

@@ -29,7 +29,9 @@ from ..errors import CheckpointError, ComponentError
 from ..progress import Console
 
 DEFAULT_SHARD_SIZE = {"tiny": 8 * 2**20, "full": 5 * 10**9}  # bytes; full matches save_pretrained's "5GB"
-DEMO_SCALE = "tiny"   # what `mova-export demo` writes
+# scale -> (model scale, trained): tiny-trained is the tiny MoVA with the LLM of synth/trained.py (routes by kind)
+SCALES = {"tiny": ("tiny", False), "tiny-trained": ("tiny", True), "full": ("full", False)}
+DEMO_SCALE = "tiny-trained"   # what `mova-export demo` writes
 TEXT_ENCODER_DIR = "text_encoder"                            # mm_projector_text_encoder, relative to the checkpoint
 WEIGHT_STD = 0.02
 
@@ -40,8 +42,9 @@ def synthetic_config(scale: str = "tiny") -> MoVAConfig:
     LLM fields come from the llm module (`TINY_LLM`) or config.FULL_LLM; mm_hidden_size and expert_channels from the
     registered towers' out_channels(arch), so the adapter is built for the experts the registry holds.
     """
-    if scale not in DEFAULT_SHARD_SIZE:
-        raise CheckpointError(f"unknown synthetic scale {scale!r}; use 'tiny' or 'full'")
+    if scale not in SCALES:
+        raise CheckpointError(f"unknown synthetic scale {scale!r}; use one of {', '.join(SCALES)}")
+    scale = SCALES[scale][0]
     cfg = MoVAConfig(llm=dict(_llm_fields(scale)), scale=scale, text_encoder_path=TEXT_ENCODER_DIR)
     channels = [int(spec.out_channels(cfg.arch(spec.name))) for spec in expert_specs()]  # routing order
     hidden = cfg.mm_hidden_size
@@ -109,10 +112,13 @@ def _seed_of(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def make_tensor(entry: _Entry, seed: int) -> torch.Tensor:
-    """The tensor for one plan entry: deterministic in (seed, key), independent of every other tensor."""
+def make_tensor(entry: _Entry, seed: int, trained: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The tensor for one plan entry: deterministic in (seed, key), independent of every other tensor; a trained
+    tensor (tiny-trained's LLM) when one is given for its key."""
     if entry.buffer is not None:
         return entry.buffer
+    if trained and entry.key in trained:
+        return trained[entry.key].to(entry.dtype)
     gen = torch.Generator().manual_seed(_seed_of(seed, entry.key))
     t = torch.empty(entry.shape, dtype=entry.dtype).normal_(0.0, WEIGHT_STD, generator=gen)
     return t.add_(1.0) if entry.norm_weight else t
@@ -154,7 +160,8 @@ def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: i
                                components: Sequence[str] | None = None, config: MoVAConfig | None = None) -> Path:
     """Write a random MoVA checkpoint to out_dir and return its path.
 
-    scale: "tiny" (real structure, toy widths, tens of MB) or "full" (MoVA-8B shapes, ~23 GB at bf16).
+    scale: "tiny" (real structure, toy widths, tens of MB), "tiny-trained" (tiny, with the LLM synth/trained.py
+    trained to route and answer by question kind) or "full" (MoVA-8B shapes, ~23 GB at bf16).
     fmt: "bin" (sharded torch pickles, as released) or "safetensors" (note: safetensors serialises a shard in
     memory, so peak RAM is about twice shard_size). shard_size defaults to 8 MiB (tiny) or 5 GB (full); a
     checkpoint that fits one shard is a single pytorch_model.bin / model.safetensors. components: a subset of the
@@ -168,6 +175,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: i
     _check_target(out_dir, overwrite)
     cfg = synthetic_config(scale) if config is None else replace(config, text_encoder_path=TEXT_ENCODER_DIR)
     entries = plan_tensors(cfg, components, dtype)
+    trained = _trained_tensors(entries) if config is None and SCALES.get(scale, ("", False))[1] else None
     shards = _shard_plan(entries, shard_size or DEFAULT_SHARD_SIZE[cfg.scale])
     names = _shard_names(fmt, len(shards))
     total = sum(e.nbytes for e in entries)
@@ -177,10 +185,10 @@ def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: i
     console = console or Console()
     with staged_dir(out_dir, overwrite=True) as tmp:
         _write_metadata(tmp, cfg, dtype)
-        title = f"synth {cfg.scale} checkpoint ({total / 2**20:,.1f} MiB in {len(names)} shard(s))"
+        title = f"synth {scale if config is None else cfg.scale} checkpoint ({total / 2**20:,.1f} MiB in {len(names)} shard(s))"
         with console.task(title, total=2 * len(names)) as steps:
             for name, shard in zip(names, shards):
-                tensors = {entry.key: make_tensor(entry, seed) for entry in shard}
+                tensors = {entry.key: make_tensor(entry, seed, trained) for entry in shard}
                 steps.advance(f"generated {name}")
                 _save_shard(tensors, tmp / name, fmt)
                 steps.advance(f"wrote {name}")
@@ -190,6 +198,21 @@ def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: i
                      "weight_map": {e.key: n for n, shard in zip(names, shards) for e in shard}}
             (tmp / INDEX_FILES[fmt]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def _trained_tensors(entries: list[_Entry]) -> dict[str, torch.Tensor]:
+    """The shipped trained LLM, checked against the plan: same keys, same shapes (else the tiny LLM's config moved
+    away from the one it was trained for)."""
+    from .trained import trained_llm_tensors
+
+    trained = trained_llm_tensors()
+    shapes = {e.key: e.shape for e in entries if e.buffer is None}
+    wrong = [k for k, t in trained.items() if k in shapes and shapes[k] != tuple(t.shape)]
+    wrong += [k for k in shapes if k.startswith(("model.layers.", "model.embed_tokens.", "lm_head.")) and k not in trained]
+    if wrong:
+        raise CheckpointError(f"the tiny trained LLM weights do not fit the tiny MoVA config ({wrong[0]} and "
+                              f"{len(wrong) - 1} more); regenerate them with `python -m mova_export.synth.trained`")
+    return trained
 
 
 def _write_metadata(root: Path, cfg: MoVAConfig, dtype: torch.dtype) -> None:
