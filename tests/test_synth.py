@@ -135,8 +135,8 @@ def test_streams_shard_by_shard(tmp_path, monkeypatch):
     """Each shard's tensors are generated right before it is saved and dropped after: one shard in RAM."""
     events = []
     make, save = synth.make_tensor, synth._save_shard
-    monkeypatch.setattr(synth, "make_tensor", lambda e, seed: events.append(("make", e.key, e.nbytes)) or
-                        make(e, seed))
+    monkeypatch.setattr(synth, "make_tensor", lambda e, seed, *trained: events.append(("make", e.key, e.nbytes)) or
+                        make(e, seed, *trained))
     monkeypatch.setattr(synth, "_save_shard", lambda tensors, path, fmt: events.append(("save", set(tensors))) or
                         save(tensors, path, fmt))
     size = DEFAULT_SHARD_SIZE["tiny"] // 4

@@ -13,13 +13,16 @@ The image embeddings are the sample photos' real routing / image tokens from the
 noised, and sometimes pure noise: the model learns to ignore them, so it routes the same way whatever the seed of
 the vision towers, and after INT8 graphs changed them a little.
 
-The weights ship as package data (`mova_export/data/tiny_trained_llm.safetensors`, bf16, ~2.4 MB);
+The weights ship as package data (`mova_export/data/tiny_trained_llm.safetensors`, bf16, 3.4 MB);
 `synth --scale tiny-trained` writes the tiny checkpoint with them in place of the random LLM. Regenerate them with
 
     python -m mova_export.synth.trained --out mova_export/data/tiny_trained_llm.safetensors
 
-(seeded, CPU, about five minutes on 2 cores; the report at the end is its routing and answer accuracy on held-out
-phrasings, with the bf16 weights).
+(seeded, CPU, 12.5 minutes on 2 cores; the report at the end is its routing and answer accuracy on held-out
+phrasings, with the bf16 weights: 27 of 28 route right on every sample photo, answer margins >= 1.4 logits). Few
+steps are needed where the question stands out: the curriculum (contexts growing from 48 positions before the
+question to the whole prompt) is what makes 600 steps enough for a 2-layer model to find the question among the
+routing prompt's ~300 tokens, which name the same things (text, chart, segmentation) for every question.
 """
 from __future__ import annotations
 
