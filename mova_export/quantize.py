@@ -251,6 +251,19 @@ def _opset(model: "onnx.ModelProto") -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def _at_least_opset(model: "onnx.ModelProto", opset: int, what: str) -> "onnx.ModelProto":
+    """The model converted up to `opset` where it is older (what: the graph and the reason, for the error)."""
+    from onnx import version_converter
+
+    if _opset(model) >= opset:
+        return model
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:
+        raise ExportError(f"cannot convert {what} to opset {opset}: {str(exc).splitlines()[0]}; export at opset "
+                          f">= {opset}") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Q/DQ graphs
 
@@ -340,15 +353,9 @@ def _on_fp16_base(model: "onnx.ModelProto", log: Log) -> "onnx.ModelProto":
     """A Q/DQ graph with fp16 activations and fp16 scales outside the quantized ops (the route NVIDIA's ModelOpt
     takes for strongly typed TensorRT); FP32_OPS and norm-scope nodes stay fp32 between casts, graph inputs and
     outputs stay fp32."""
-    from onnx import version_converter
     from onnxruntime.transformers import float16
 
-    if _opset(model) < FP16_QDQ_OPSET:
-        try:
-            model = version_converter.convert_version(model, FP16_QDQ_OPSET)
-        except Exception as exc:
-            raise ExportError(f"cannot convert the Q/DQ graph to opset {FP16_QDQ_OPSET} for fp16 scales: "
-                              f"{str(exc).splitlines()[0]}; export at opset >= {FP16_QDQ_OPSET}") from None
+    model = _at_least_opset(model, FP16_QDQ_OPSET, "the Q/DQ graph (for fp16 scales)")
     blocked = fp16_block_nodes(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # values clamped to the fp16 range (the -1e6 gate logits)
@@ -519,14 +526,9 @@ def _fp8_qdq(model: "onnx.ModelProto", feeds: list[dict], method: str, chosen: l
     """Insert FP8 E4M3 Q/DQ before the activation input of each chosen node and store its weight as float8 with a
     per-channel DequantizeLinear. The graph is converted to opset 19 first (float8 Q/DQ)."""
     import onnx
-    from onnx import helper, numpy_helper, version_converter
+    from onnx import helper, numpy_helper
 
-    if _opset(model) < FP8_OPSET:
-        try:
-            model = version_converter.convert_version(model, FP8_OPSET)
-        except Exception as exc:
-            raise ExportError(f"cannot convert the graph to opset {FP8_OPSET} for float8 Q/DQ: "
-                              f"{str(exc).splitlines()[0]}; export at opset >= {FP8_OPSET}") from None
+    model = _at_least_opset(model, FP8_OPSET, "the graph (for float8 Q/DQ)")
     graph = model.graph
     inits = _initializers(model)
     by_name = {n.name: n for n in graph.node}

@@ -236,12 +236,16 @@ def test_inspect_every_kind_of_bundle(kind, request):
     if m.llm is not None:
         assert f"{m.llm.qtype} {m.llm.gguf} (default)" in text.stdout
     assert len(info["engines"]) == len(m.engines)
+    lines = text.stdout.splitlines()
+    if info["engines"]:
+        title = next(i for i, ln in enumerate(lines) if ln.startswith("TensorRT engines ("))
+        assert f"tensorrt-rtx {info['engines'][0]['tensorrt_version']}" in lines[title]
     for engine in info["engines"]:
         assert engine["flavor"] == "tensorrt-rtx" and engine["compute_capability"] == "8.9"
         assert engine["tensorrt_version"] and engine["verified"] in (True, False)
-        line = next(ln for ln in text.stdout.splitlines() if "tensorrt-rtx" in ln and f" {engine['graph']} " in ln)
-        assert "tensorrt-rtx" in line and engine["tensorrt_version"] in line and "8.9" in line, line
-        assert ("yes" if engine["verified"] else "no (unverified)") in line, line
+        assert engine["bytes"] > 0 and engine["build_s"] > 0 and 0 < engine["fp32_layer_share"] < 1, engine
+        line = next(ln for ln in lines[title:] if ln.split()[:1] == [engine["graph"]])
+        assert "8.9" in line and line.split()[-1] == ("yes" if engine["verified"] else "no"), line
 
 
 def test_rtx4090_engines_where_tensorrt_rtx_imports(rtx4090_build):

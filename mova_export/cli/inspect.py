@@ -1,6 +1,7 @@
 """`mova-export inspect`: one description for checkpoints and bundles, rendered as rich tables."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,27 @@ def describe_bundle(path: str | Path, verify: bool = True) -> dict[str, Any]:
                 "max_rel_l2": v.max_rel_l2(), "decision": (v.decision or {}).get("final"),
             })
     engines = [{"graph": name, **{k: e.get(k) for k in ("engine", "precision", "flavor", "tensorrt_version",
-                                                          "compute_capability", "verified", "parity")}}
-               for name, e in m.engines.items()]
+                                                          "compute_capability", "verified", "parity")},
+                **_engine_figures(bundle.path, e)} for name, e in m.engines.items()]
     return {"kind": "bundle", "path": str(bundle.path), "verified": verify, "scale": m.scale,
             "created_utc": m.created_utc, "target": m.target, "graphs": graphs, "engines": engines,
             "llms": {q: e.to_json() for q, e in (m.llms or ({m.llm.qtype: m.llm} if m.llm else {})).items()},
             "default_llm": m.llm.qtype if m.llm else None, "experts": list(m.model.letters),
             "text_buckets": list(m.model.text_buckets), "tools": m.tools, "source_checkpoint": m.source_checkpoint,
             "total_bytes": sum(f["bytes"] for f in m.files.values()), "num_files": len(m.files)}
+
+
+def _engine_figures(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Size, build seconds and fp32 share of the compute layers, from the engine's metadata file (hashed with the
+    bundle, so it is the one the engine was built with)."""
+    meta_file = Path(root) / str(entry.get("metadata") or f"{entry.get('engine')}.json")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return {"bytes": None, "build_s": None, "fp32_layer_share": None}
+    layers = meta.get("layers") or {}
+    share = layers["fp32"] / layers["compute_layers"] if layers.get("compute_layers") else None
+    return {"bytes": meta.get("engine_bytes"), "build_s": meta.get("build_s"), "fp32_layer_share": share}
 
 
 def _human_bytes(n: float) -> str:
@@ -77,21 +91,48 @@ def render_description(info: dict[str, Any], console: Any) -> None:
         target = (info.get("target") or {}).get("recipe", "no target (export only)")
         console.print(f"[bold]bundle[/bold] {info['path']}  {target}, {info['scale']} scale  {info['num_files']} "
                       f"files, {_human_bytes(info['total_bytes'])}  (files verified: {info['verified']})")
-        table = Table("graph", "precision", "inputs", "outputs", "size", "min cosine", "vs", title_justify="left")
+        from rich import box
+
+        # variants in one table, shapes (one row per graph) in another: both stay readable at 80 columns
+        table = Table(title="graphs (graphs/<graph>.<precision>.onnx)", title_justify="left", box=box.SIMPLE_HEAD,
+                      caption="* the precision the runtime runs; min cosine: lowest over the parity inputs, against "
+                              "'vs'", caption_justify="left")
+        for col in ("graph", "precision", "size", "min cosine", "vs"):
+            table.add_column(col, no_wrap=col != "vs", overflow="fold",
+                             justify="right" if col in ("size", "min cosine") else "left")
         for g in info["graphs"]:
-            precision = g["precision"] + (" (shipped)" if g["shipped"] else "")
-            table.add_row(g["graph"], precision, "\n".join(g["inputs"]), "\n".join(g["outputs"]),
-                          _human_bytes(g["bytes"]), _num(g["min_cosine"], ".6f"), g["reference"])
+            table.add_row(g["graph"], g["precision"] + (" *" if g["shipped"] else ""), _human_bytes(g["bytes"]),
+                          _num(g["min_cosine"], ".6f"), g["reference"])
         console.print(table)
+        shapes = Table(title="graph inputs and outputs (static shapes)", title_justify="left", box=box.SIMPLE_HEAD)
+        shapes.add_column("graph", no_wrap=True)
+        shapes.add_column("inputs", overflow="fold")
+        shapes.add_column("outputs", overflow="fold")
+        seen: set[str] = set()
+        for g in info["graphs"]:
+            if g["graph"] not in seen:
+                seen.add(g["graph"])
+                shapes.add_row(g["graph"], "\n".join(g["inputs"]), "\n".join(g["outputs"]))
+        console.print(shapes)
         if info["llms"]:
             console.print("LLM: " + ", ".join(f"{q} {e['gguf']}" + (" (default)" if q == info["default_llm"] else "")
                                               for q, e in info["llms"].items()))
         if info["engines"]:
-            engines = Table("graph", "engine", "precision", "flavor", "TensorRT", "cc", "verified on a GPU")
+            from rich import box
+
+            flavors = sorted({f"{e['flavor']} {e['tensorrt_version']}" for e in info["engines"]})
+            engines = Table(title=f"TensorRT engines ({', '.join(flavors)}): engines/<graph>.<precision>.engine",
+                            title_justify="left", box=box.SIMPLE_HEAD,
+                            caption="fp32 layers: share of the compute layers TensorRT runs in fp32; verified: "
+                                    "checked against the ONNX graph on a GPU", caption_justify="left")
+            for col in ("graph", "precision", "cc", "size", "build s", "fp32 layers", "verified"):
+                engines.add_column(col, no_wrap=True, min_width=len(col),
+                                   justify="left" if col in ("graph", "precision") else "right")
             for e in info["engines"]:
-                engines.add_row(e["graph"], str(e["engine"]), str(e["precision"]), str(e["flavor"]),
-                                str(e["tensorrt_version"]), str(e["compute_capability"]),
-                                "yes" if e["verified"] else "no (unverified)")
+                engines.add_row(e["graph"], str(e["precision"]), str(e["compute_capability"]),
+                                "-" if e["bytes"] is None else _human_bytes(e["bytes"]), _num(e["build_s"], ".1f"),
+                                "-" if e["fp32_layer_share"] is None else f"{100 * e['fp32_layer_share']:.0f}%",
+                                "yes" if e["verified"] else "no")
             console.print(engines)
         console.print(f"experts {', '.join(info['experts'])}; text length buckets {info['text_buckets']}")
         return

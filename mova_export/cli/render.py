@@ -5,10 +5,13 @@ from typing import Any, Sequence
 
 
 def print_build(result: Any, console: Any) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{result.report['target']}: per-graph parity", title_justify="left")
-    for col in ("graph", "requested", "shipped", "fp32 vs torch cos", "shipped cos", "MiB"):
+    table = Table(title=f"{result.report['target']}: per-graph parity", title_justify="left", box=box.SIMPLE_HEAD,
+                  caption="fp32 cos: the fp32 graph vs PyTorch (lowest over the parity inputs); shipped cos: the "
+                          "shipped precision vs the reference", caption_justify="left")
+    for col in ("graph", "requested", "shipped", "fp32 cos", "shipped cos", "MiB"):
         table.add_column(col, justify="right" if "cos" in col or col == "MiB" else "left", no_wrap=True)
     for r in result.report["components"]:
         fp32, shipped = r["fp32_vs_torch_min_cosine"], r["shipped_vs_reference_cosine"]
@@ -25,9 +28,8 @@ def print_build(result: Any, console: Any) -> None:
 
 
 def recipes_table(recipes: Sequence[Any]) -> Any:
-    from rich.table import Table
-
     from rich import box
+    from rich.table import Table
 
     table = Table(title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     # the target's device on a dim second line: narrow terminals (80 columns) keep every column readable
