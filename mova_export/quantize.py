@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import inspect
 import logging
 import math
 import os
@@ -408,8 +409,13 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
     out = scratch / "int8.onnx"
+    cached: dict[str, str] = {}
+    if "calibration_cache_path" in inspect.signature(quantize_static).parameters:   # onnxruntime >= 1.24
+        with _silenced():
+            cached["calibration_cache_path"] = str(_calibration_cache(pre, scratch, feeds, calib, chosen, op_types,
+                                                                      large))
     with _silenced():
-        quantize_static(str(pre), str(out), Reader(feeds), quant_format=QuantFormat.QDQ,
+        quantize_static(str(pre), str(out), Reader(feeds), **cached, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(op_types), per_channel=True, reduce_range=False,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=chosen,
                         nodes_to_exclude=islands, use_external_data_format=large, calibrate_method=calib,
@@ -422,6 +428,46 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
         log(f"int8: {rewired} input(s) of fp32 nodes (norms, softmax, residual adds) that share a tensor with a "
             "quantized layer now read the tensor itself: onnxruntime had given them its int8-rounded copy")
     return result
+
+
+def _calibration_cache(model_path: Path, scratch: Path, feeds: Sequence[dict[str, np.ndarray]], calibrate_method: Any,
+                       chosen: Sequence[str], op_types: Sequence[str], large: bool) -> Path:
+    """onnxruntime's activation ranges for exactly the tensors the chosen nodes read and write, one feed at a time,
+    written as its calibration cache (quantize_static then skips its own calibration).
+
+    quantize_static's calibrator keeps every input and output of every node of the quantized op types for every feed
+    at once: at full size that includes the base encoder's attention MatMuls (16 x 2304 x 2304 scores, 340 MB each,
+    two per layer), which took a full build's RSS past 23 GB and into the OOM killer. The same calibrator classes
+    with the tensor selection narrowed to the chosen nodes, fed one sample per call (the histogram collector and
+    the min/max ranges merge across calls), keep one sample of the tensors that get Q/DQ.
+    """
+    from onnxruntime.quantization import calibrate
+
+    classes = {calibrate.CalibrationMethod.MinMax: (calibrate.MinMaxCalibrater, {}),
+               calibrate.CalibrationMethod.Entropy: (calibrate.EntropyCalibrater,
+                                                     {"num_bins": 128, "num_quantized_bins": 128}),
+               calibrate.CalibrationMethod.Percentile: (calibrate.PercentileCalibrater,
+                                                        {"num_bins": 2048, "percentile": PERCENTILE})}
+    base, options = classes[calibrate_method]   # quantize_static's defaults for each, symmetric as we pass it
+    wanted = set(chosen)
+
+    class NarrowCalibrater(base):  # type: ignore[misc, valid-type]
+        def select_tensors_to_calibrate(self, model: Any) -> Any:
+            tensors, infos = super().select_tensors_to_calibrate(model)
+            used = {t for node in model.graph.node if node.name in wanted for t in (*node.input, *node.output)}
+            return tensors & used, infos
+
+    calibrator = NarrowCalibrater(str(model_path), list(op_types),
+                                  augmented_model_path=str(scratch.absolute() / "augmented.onnx"),
+                                  use_external_data_format=large, symmetric=True, **options)
+    calibrator.augment_graph()
+    calibrator.create_inference_session()
+    for feed in feeds:
+        calibrator.collect_data(_Reader([feed]))
+    path = scratch / "calibration.json"
+    calibrate.save_tensors_data(calibrator.compute_data(), path)
+    del calibrator
+    return path
 
 
 @contextlib.contextmanager
