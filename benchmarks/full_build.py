@@ -53,8 +53,8 @@ def run_build(label: str, checkpoint: Path, target: str | Path, out: Path, work:
     from mova_export.progress import Console
 
     start = time.perf_counter()
-    result = build(checkpoint, target, out / f"bundle-{label}", calib=calib, components=components, work_dir=work,
-                   console=Console(), compile_engines=False)
+    result = build(checkpoint, target, out / f"bundle-{label.replace(' ', '-')}", calib=calib, components=components,
+                   work_dir=work, console=Console(), compile_engines=False)
     return {"label": label, "seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib(),
             "units": [r.to_json() for r in result.records], "bundle_gib": folder_gib(result.bundle),
             "work_gib": folder_gib(work)}
