@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..recipe import Recipe
 
 # Bumped when a stage's output for the same inputs changes (a new unit key, so old units are not reused).
-STAGE_VERSIONS = {"features": 1, "export": 3, "quantize": 2, "gguf": 1}
+STAGE_VERSIONS = {"features": 1, "export": 3, "quantize": 3, "gguf": 1}
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1, "fp8": 1}
 
 
