@@ -411,9 +411,8 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
     out = scratch / "int8.onnx"
     cached: dict[str, str] = {}
     if "calibration_cache_path" in inspect.signature(quantize_static).parameters:   # onnxruntime >= 1.24
-        with _silenced():
-            cached["calibration_cache_path"] = str(_calibration_cache(pre, scratch, feeds, calib, chosen, op_types,
-                                                                      large))
+        cached["calibration_cache_path"] = str(_calibration_cache(pre, scratch, feeds, calib, chosen, op_types,
+                                                                  large, log))
     with _silenced():
         quantize_static(str(pre), str(out), Reader(feeds), **cached, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(op_types), per_channel=True, reduce_range=False,
@@ -431,7 +430,7 @@ def _ort_int8(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method
 
 
 def _calibration_cache(model_path: Path, scratch: Path, feeds: Sequence[dict[str, np.ndarray]], calibrate_method: Any,
-                       chosen: Sequence[str], op_types: Sequence[str], large: bool) -> Path:
+                       chosen: Sequence[str], op_types: Sequence[str], large: bool, log: Log = _quiet) -> Path:
     """onnxruntime's activation ranges for exactly the tensors the chosen nodes read and write, one feed at a time,
     written as its calibration cache (quantize_static then skips its own calibration).
 
@@ -457,15 +456,20 @@ def _calibration_cache(model_path: Path, scratch: Path, feeds: Sequence[dict[str
             used = {t for node in model.graph.node if node.name in wanted for t in (*node.input, *node.output)}
             return tensors & used, infos
 
-    calibrator = NarrowCalibrater(str(model_path), list(op_types),
-                                  augmented_model_path=str(scratch.absolute() / "augmented.onnx"),
-                                  use_external_data_format=large, symmetric=True, **options)
-    calibrator.augment_graph()
-    calibrator.create_inference_session()
-    for feed in feeds:
-        calibrator.collect_data(_Reader([feed]))
+    with _silenced():
+        calibrator = NarrowCalibrater(str(model_path), list(op_types),
+                                      augmented_model_path=str(scratch.absolute() / "augmented.onnx"),
+                                      use_external_data_format=large, symmetric=True, **options)
+        calibrator.augment_graph()
+        calibrator.create_inference_session()
+    start = time.perf_counter()
+    for i, feed in enumerate(feeds, 1):
+        with _silenced():
+            calibrator.collect_data(_Reader([feed]))
+        log(f"int8 calibration: batch {i}/{len(feeds)} ({time.perf_counter() - start:.1f} s)")
     path = scratch / "calibration.json"
-    calibrate.save_tensors_data(calibrator.compute_data(), path)
+    with _silenced():
+        calibrate.save_tensors_data(calibrator.compute_data(), path)
     del calibrator
     return path
 
