@@ -22,6 +22,18 @@ THREADS_HELP = "llama.cpp threads (default: the recipe's, capped at this host's 
 LLM_HELP = "Which of the bundle's GGUF types to load (default: the recipe's; see `mova-export inspect`)."
 
 
+def runtime_choices(command: Any) -> Any:
+    """The options that pick how a bundle runs (backend, device, graph precision, GGUF), shared by `run` and
+    `bench latency`."""
+    for option in reversed((
+            click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True, help=BACKEND_HELP),
+            click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help=DEVICE_HELP),
+            click.option("--precision", default=None, help=PRECISION_HELP),
+            click.option("--llm", "llm_quant", default=None, help=LLM_HELP))):
+        command = option(command)
+    return command
+
+
 def _precision(text: str | None) -> Any:
     """"int8" for every graph, or "base=fp16,adapter=fp32" per graph; None keeps the bundle's plan."""
     if text is None or "=" not in text:
@@ -57,10 +69,7 @@ def _log(msg: str) -> None:
 @click.option("--stream", is_flag=True, help="Print the answer's tokens as they are generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reference --json fields plus tokens_per_s.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Answer length cap.")
-@click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True, help=BACKEND_HELP)
-@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help=DEVICE_HELP)
-@click.option("--precision", default=None, help=PRECISION_HELP)
-@click.option("--llm", "llm_quant", default=None, help=LLM_HELP)
+@runtime_choices
 @click.option("--experts", default=None, help="Override the routing with letters, e.g. 'A,D' (debugging).")
 @click.option("--llm-threads", type=int, default=None, help=THREADS_HELP)
 @click.option("--f32-kv", is_flag=True, help="F32 KV cache in llama.cpp (exact parity with an f32 GGUF).")
@@ -118,10 +127,7 @@ def bench() -> None:
               "questions about sample photos).")
 @click.option("--question", default=None, help="One question for every image (default: each image's own).")
 @click.option("--max-new-tokens", type=int, default=16, show_default=True, help="Answer length cap per request.")
-@click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True, help=BACKEND_HELP)
-@click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help=DEVICE_HELP)
-@click.option("--precision", default=None, help=PRECISION_HELP)
-@click.option("--llm", "llm_quant", default=None, help=LLM_HELP)
+@runtime_choices
 @click.option("--experts", default=None, help="Force the routing, e.g. 'A,D', in every request.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference side (and the ratio column).")
 @click.option("--llm-threads", type=int, default=None, help=THREADS_HELP)
