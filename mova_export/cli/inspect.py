@@ -118,8 +118,6 @@ def render_description(info: dict[str, Any], console: Any) -> None:
             console.print("LLM: " + ", ".join(f"{q} {e['gguf']}" + (" (default)" if q == info["default_llm"] else "")
                                               for q, e in info["llms"].items()))
         if info["engines"]:
-            from rich import box
-
             flavors = sorted({f"{e['flavor']} {e['tensorrt_version']}" for e in info["engines"]})
             engines = Table(title=f"TensorRT engines ({', '.join(flavors)}): engines/<graph>.<precision>.engine",
                             title_justify="left", box=box.SIMPLE_HEAD,

@@ -175,7 +175,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: i
     _check_target(out_dir, overwrite)
     cfg = synthetic_config(scale) if config is None else replace(config, text_encoder_path=TEXT_ENCODER_DIR)
     entries = plan_tensors(cfg, components, dtype)
-    trained = _trained_tensors(entries) if config is None and SCALES.get(scale, ("", False))[1] else None
+    trained = _trained_tensors(entries) if config is None and SCALES[scale][1] else None
     shards = _shard_plan(entries, shard_size or DEFAULT_SHARD_SIZE[cfg.scale])
     names = _shard_names(fmt, len(shards))
     total = sum(e.nbytes for e in entries)
@@ -185,7 +185,8 @@ def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: i
     console = console or Console()
     with staged_dir(out_dir, overwrite=True) as tmp:
         _write_metadata(tmp, cfg, dtype)
-        title = f"synth {scale if config is None else cfg.scale} checkpoint ({total / 2**20:,.1f} MiB in {len(names)} shard(s))"
+        label = scale if config is None else cfg.scale
+        title = f"synth {label} checkpoint ({total / 2**20:,.1f} MiB in {len(names)} shard(s))"
         with console.task(title, total=2 * len(names)) as steps:
             for name, shard in zip(names, shards):
                 tensors = {entry.key: make_tensor(entry, seed, trained) for entry in shard}
@@ -201,14 +202,15 @@ def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: i
 
 
 def _trained_tensors(entries: list[_Entry]) -> dict[str, torch.Tensor]:
-    """The shipped trained LLM, checked against the plan: same keys, same shapes (else the tiny LLM's config moved
-    away from the one it was trained for)."""
+    """The shipped trained LLM, checked against the plan: every LLM parameter key there, same shapes (else the tiny
+    LLM's config moved away from the one it was trained for)."""
     from .trained import trained_llm_tensors
 
     trained = trained_llm_tensors()
+    llm = get_spec("llm")
     shapes = {e.key: e.shape for e in entries if e.buffer is None}
     wrong = [k for k, t in trained.items() if k in shapes and shapes[k] != tuple(t.shape)]
-    wrong += [k for k in shapes if k.startswith(("model.layers.", "model.embed_tokens.", "lm_head.")) and k not in trained]
+    wrong += [k for k in shapes if llm.owns(k) and k not in trained]
     if wrong:
         raise CheckpointError(f"the tiny trained LLM weights do not fit the tiny MoVA config ({wrong[0]} and "
                               f"{len(wrong) - 1} more); regenerate them with `python -m mova_export.synth.trained`")

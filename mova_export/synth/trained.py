@@ -207,8 +207,7 @@ def _image_pools(pipe: Any, console: Any) -> dict[bool, Any]:
             got = pipe.run(rgb, "Describe the image.", max_new_tokens=1, force_experts=forced, keep_tensors=True)
             routing.append(got.tensors["routing_tokens"][0])
             answer.append(got.tensors["image_tokens"][0])
-            base = pipe.vision.base(pipe.vision.preprocess(rgb, pipe.facts.base.image_inputs[0]))
-            answer.append(pipe.vision.adapter_routing(base)[0][0])
+            answer.append(pipe.vision.adapter_routing(got.tensors["base"])[0][0])   # no expert: the K=0 tokens
             steps.advance(name)
     return {True: torch.from_numpy(np.stack(routing)), False: torch.from_numpy(np.stack(answer))}
 
@@ -339,19 +338,20 @@ def evaluate(pipe: Any, model: Any, pools: dict[bool, Any]) -> dict[str, Any]:
     smallest top-1 margin (logits) over the generated tokens."""
     import torch
 
+    from ..prompts import IMAGE_TOKEN_INDEX
     from ..reference.llm import hf_generate_stream, hf_inputs_embeds
 
-    tok = pipe.llm.tokenizer
     results = {}
     for kind in QUESTION_KINDS:
         ok = {True: 0, False: 0}
         total = 0
         margin = math.inf
         for question in kind.held_out:
+            examples = _examples(pipe, [(question, kind)])
             for image in range(len(pools[True])):
                 total += 1
-                for ex in _examples(pipe, [(question, kind)]):
-                    ids = ex.before + [-200] + ex.after
+                for ex in examples:
+                    ids = ex.before + [IMAGE_TOKEN_INDEX] + ex.after
                     emb = pools[ex.routing][image if ex.routing else 2 * image]
                     got = list(hf_generate_stream(model, ids, emb.numpy(), len(ex.target) + 2, pipe.llm.stop_ids))
                     ok[ex.routing] += got == ex.target[:-1]
@@ -363,7 +363,6 @@ def evaluate(pipe: Any, model: Any, pools: dict[bool, Any]) -> dict[str, Any]:
                         margin = min(margin, float((top[:, 0] - top[:, 1]).min()))
         results[kind.name] = {"routing": ok[True] / total, "answer": ok[False] / total, "min_margin": round(margin, 2),
                               "expect": kind.routing_text}
-    del tok
     return results
 
 
@@ -380,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     report = train_tiny_router(args.out, short_steps=args.short_steps, full_steps=args.full_steps, seed=args.seed)
-    table = Table(title=f"held-out phrasings x sample photos (bf16 weights), trained in {report.pop('train_seconds')} s")
+    seconds = report.pop("train_seconds")
+    table = Table(title=f"held-out phrasings x sample photos (bf16 weights), trained in {seconds} s")
     for col in ("kind", "routes to", "routing ok", "answer ok", "min logit margin"):
         table.add_column(col)
     for name, row in report.items():
