@@ -28,9 +28,9 @@ import os
 import platform
 import tempfile
 import time
-from importlib import metadata
 from dataclasses import replace
 from functools import partial
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -38,12 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from mova_export.components import TensorSpec, expert_letters, get_spec
-from mova_export.components.adapter import (RoutingAdapter, SlotAdapter, routing_spec, slot_spec,
-                                            text_width)
-from mova_export.config import FULL_LLM, MoVAConfig
+from mova_export.components import TensorSpec, arch, expert_letters, get_spec
+from mova_export.components.adapter import RoutingAdapter, SlotAdapter, routing_spec, slot_spec, text_width
+from mova_export.core.slots import fill_slots
 from mova_export.export import onnx_from_component
-from mova_export.slots import fill_slots
+from mova_export.source.config import FULL_LLM, MoVAConfig
 
 EXPERT_LETTERS = expert_letters()
 EXPERT_INPUTS = tuple(f"expert_{letter}" for letter in EXPERT_LETTERS)
@@ -258,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     del sessions
 
     result = {"config": {"blocks": args.blocks, "grid": args.grid, "tokens": cfg.grid_tokens,
-                         "dim": cfg.mm_hidden_size, "heads": int(cfg.arch("adapter")["num_heads"]),
+                         "dim": cfg.mm_hidden_size, "heads": int(arch(cfg, "adapter")["num_heads"]),
                          "expert_channels": list(cfg.expert_channels), "llm_hidden": cfg.llm_hidden_size,
                          "mask_k3": mask_label(three), "mask_k7": mask_label(four) if args.k7 else None,
                          "runs": args.runs, "warmup": args.warmup, "threads": args.threads, "seed": args.seed,

@@ -36,7 +36,7 @@ def calibration_folder(out: Path, count: int) -> Path:
     """The first `count` built-in sample photos with their questions, as a --calib folder."""
     from PIL import Image
 
-    from mova_export.samples import SAMPLE_QUESTIONS, sample_images
+    from mova_export.source.photos import SAMPLE_QUESTIONS, sample_images
 
     folder = out / "calib"
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,12 +49,12 @@ def calibration_folder(out: Path, count: int) -> Path:
 
 def run_build(label: str, checkpoint: Path, target: str | Path, out: Path, work: Path, components: list[str] | None,
               calib: Path) -> dict:
-    from mova_export.pipeline import build
-    from mova_export.progress import Console
+    from mova_export.core.progress import Console
+    from mova_export.pipeline import BuildRequest, build
 
     start = time.perf_counter()
-    result = build(checkpoint, target, out / f"bundle-{label.replace(' ', '-')}", calib=calib, components=components,
-                   work_dir=work, console=Console(), compile_engines=False)
+    result = build(BuildRequest(checkpoint=checkpoint, target=target, out=out / f"bundle-{label.replace(' ', '-')}",
+                                calib=calib, components=components, work_dir=work, compile=False), console=Console())
     return {"label": label, "seconds": time.perf_counter() - start, "peak_rss_gib": peak_rss_gib(),
             "units": [r.to_json() for r in result.records], "bundle_gib": folder_gib(result.bundle),
             "work_gib": folder_gib(work)}

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mova_export.core.prompts import chat_prompt, tokenize_with_image
 from mova_export.gguf.convert import convert_checkpoint_to_gguf, quantize_gguf
-from mova_export.llama3 import load_llm_tokenizer
-from mova_export.prompts import chat_prompt, tokenize_with_image
 from mova_export.reference.llm import hf_generate_stream
 from mova_export.runtime.llm import LlamaCppLLM, import_llama_cpp
+from mova_export.source.llama3 import load_llm_tokenizer
 
 
 def prompt_ids(tokenizer, positions: int, image_tokens: int) -> tuple[list[int], str]:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_ids = None
     width = None
     if not args.no_hf:
-        from mova_export.checkpoint import Checkpoint
+        from mova_export.source.checkpoint import Checkpoint
 
         t = time.perf_counter()
         model = Checkpoint.open(ckpt).build("llm", dtype=torch.bfloat16)
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         if width is None:
             width = llm.n_embd
         emb = (np.random.default_rng(0).standard_normal((args.image_tokens, width)) * 0.02).astype(np.float32)
-        row = measure(f"llama.cpp {qtype.upper()}", lambda: llm.generate(ids, emb, args.decode_tokens, stop_ids=[]),
+        row = measure(f"llama.cpp {qtype.upper()}",
+                      lambda llm=llm, emb=emb: llm.generate(ids, emb, args.decode_tokens, stop_ids=[]),
                       lambda: None, args.positions, args.decode_tokens, args.repeats)
         got = row.pop("ids")
         row.update(load_s=round(load_s, 2), file_bytes=path.stat().st_size)

@@ -16,14 +16,14 @@ from typing import Iterator
 
 import numpy as np
 
-from mova_export.errors import RuntimeInputError
+from mova_export.core.errors import RuntimeInputError
 from mova_export.runtime import MoVARuntime, peak_rss_mib
 
 
 def camera(frames_dir: Path | None, seed: int = 0) -> Iterator[np.ndarray | None]:
     """Frames as a camera driver hands them over: HxWx3 uint8, with sensor noise and jittered crops; every 7th
     frame is broken (float pixels, a 2-channel buffer, or None)."""
-    from mova_export.preprocess import load_image
+    from mova_export.core.image_inputs import load_image
 
     if frames_dir is not None:
         paths = sorted(p for p in frames_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
@@ -31,7 +31,7 @@ def camera(frames_dir: Path | None, seed: int = 0) -> Iterator[np.ndarray | None
             raise SystemExit(f"no .png/.jpg frames in {frames_dir}")
         sources = [load_image(p) for p in paths]
     else:
-        from mova_export.reference import sample_images
+        from mova_export.source.photos import sample_images
 
         sources = list(sample_images().values())
     rng = np.random.default_rng(seed)

@@ -46,7 +46,7 @@ def session_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(session_root) -> Path:
-    from mova_export.progress import NULL
+    from mova_export.core.progress import NULL
     from mova_export.synth import write_synthetic_checkpoint
 
     return Path(write_synthetic_checkpoint(session_root / "checkpoint", scale="tiny-trained", console=NULL))
@@ -56,7 +56,7 @@ def tiny_checkpoint(session_root) -> Path:
 def calib_dir(session_root) -> Path:
     from PIL import Image
 
-    from mova_export.samples import sample_images
+    from mova_export.source.photos import sample_images
 
     folder = session_root / "calib"
     folder.mkdir()
@@ -87,17 +87,19 @@ def builds(session_root) -> Path:
 
 @pytest.fixture(scope="session")
 def export_only(tiny_checkpoint, calib_dir, work_dir, builds) -> Path:
-    from mova_export.pipeline import export_bundle
+    from mova_export.pipeline import BuildRequest, export_bundle
 
     out = builds / "export"
-    export_bundle(tiny_checkpoint, out, precisions=("fp32", "fp16"), calib=calib_dir, work_dir=work_dir, quiet=True)
+    export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=out, export_precisions=("fp32", "fp16"), calib=calib_dir,
+                               work_dir=work_dir, quiet=True))
     return out
 
 
 def _build(checkpoint: Path, target: str, out: Path, calib: Path, work: Path, **kw):
-    from mova_export.pipeline import build
+    from mova_export.pipeline import BuildRequest, build
 
-    return build(checkpoint, target, out, calib=calib, work_dir=work, quiet=True, **kw)
+    return build(BuildRequest(checkpoint=checkpoint, target=target, out=out, calib=calib, work_dir=work, quiet=True,
+                              **kw))
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +140,6 @@ def reference(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def images():
-    from mova_export.samples import sample_images
+    from mova_export.source.photos import sample_images
 
     return sample_images()

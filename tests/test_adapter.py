@@ -20,15 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mova_export import components
-from mova_export.components import get_spec
-from mova_export.components.adapter import (RoutingAdapter, SlotAdapter, StackedLayerNorm, routing_spec,
-                                            slot_spec)
-from mova_export.config import FULL_LLM, MoVAConfig
-from mova_export.errors import ComponentError, RuntimeInputError
-from mova_export.components import expert_letters
+from mova_export.components import arch, expert_letters, get_spec
+from mova_export.components.adapter import RoutingAdapter, SlotAdapter, StackedLayerNorm, routing_spec, slot_spec
+from mova_export.core.errors import ComponentError, RuntimeInputError
+from mova_export.core.prompts import mask_label as _mask_label
+from mova_export.core.prompts import parse_routing as _parse_routing
+from mova_export.core.slots import SLOT_INPUTS, fill_slots, num_slots_for
 from mova_export.export import DYNAMIC_OPS, onnx_from_component, routing_masks
-from mova_export.prompts import mask_label as _mask_label, parse_routing as _parse_routing
-from mova_export.slots import SLOT_INPUTS, fill_slots, num_slots_for
+from mova_export.source.config import FULL_LLM, MoVAConfig
 
 
 def mask_label(mask) -> str:
@@ -109,7 +108,7 @@ def test_spec_declares_inputs_outputs_and_prefixes():
 
 def test_text_width_falls_back_to_the_preset_without_a_text_encoder(monkeypatch):
     if "text_encoder" in components.component_names():
-        assert SPEC.inputs(TINY)[-2].shape == (1, int(TINY.arch("text_encoder")["hidden_size"]))
+        assert SPEC.inputs(TINY)[-2].shape == (1, int(arch(TINY, "text_encoder")["hidden_size"]))
     monkeypatch.delitem(components._REGISTRY, "text_encoder", raising=False)
     assert SPEC.inputs(TINY)[-2].shape == (1, SPEC.presets["tiny"]["text_width"])
     assert SPEC.inputs(FULL)[-2].shape == (1, 1024)
@@ -271,7 +270,7 @@ def test_rope_tables_are_optional_checkpoint_buffers():
     cfg = SMALL_GRID.with_overrides(arch_overrides={"adapter": {"rope_in_checkpoint": False}})
     module = SPEC.build(cfg)
     assert sorted(module.state_dict()) == sorted(_expected_keys(cfg, rope=False))
-    head_dim = cfg.mm_hidden_size // cfg.arch("adapter")["num_heads"]
+    head_dim = cfg.mm_hidden_size // arch(cfg, "adapter")["num_heads"]
     assert module.blocks[0].self_attn.rope.freqs_cos.shape == (256, head_dim)   # still there, just not persistent
 
 
@@ -441,7 +440,7 @@ def test_fill_slots_builds_the_documented_contract():
 
 
 def test_slot_helpers_import_without_torch():
-    code = "import sys, mova_export.slots; print('torch' in sys.modules)"
+    code = "import sys, mova_export.core.slots; print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert run.stdout.strip() == "False"

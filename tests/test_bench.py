@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import RUNTIME_EXACT
 from helpers import cli_error
+
 from mova_export.bench import ParityConfig, default_configs, first_divergence
 from mova_export.bench.common import stats
 from mova_export.bundle import sha256_file
-from mova_export.errors import RuntimeInputError
+from mova_export.core.errors import RuntimeInputError
 
 pytest.importorskip("llama_cpp")
 

@@ -16,15 +16,15 @@ import onnx
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import CALIB
 from helpers import cli_error, one_line
+
 from mova_export.bundle import load_bundle
 from mova_export.cli import main
-from mova_export.errors import BuildError, MoVAExportError, RecipeError
+from mova_export.core.errors import BuildError, MoVAExportError, RecipeError
 from mova_export.export import read_feeds
-from mova_export.pipeline import WorkFolder, build
-from mova_export.runtime.runners import OrtRunner
+from mova_export.pipeline import BuildRequest, WorkFolder, build
+from mova_export.runners.ort import OrtRunner
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 TOWERS = ["base", *(f"expert_{c}" for c in "ABCDEFG")]
@@ -114,7 +114,8 @@ def test_report_json_and_markdown(cpu_build):
 # ---- reuse -----------------------------------------------------------------------------------------------------------
 
 def test_second_build_into_another_folder_reuses_every_unit(tiny_checkpoint, calib_dir, work_dir, cpu_build, tmp_path):
-    again = build(tiny_checkpoint, "cpu", tmp_path / "again", calib=calib_dir, work_dir=work_dir, quiet=True)
+    again = build(BuildRequest(checkpoint=tiny_checkpoint, target="cpu", out=tmp_path / "again", calib=calib_dir,
+                               work_dir=work_dir, quiet=True))
     statuses = _statuses(again.records)
     assert statuses.keys() == _statuses(cpu_build.records).keys()
     assert set(statuses.values()) == {"reused"}, statuses
@@ -130,14 +131,16 @@ def test_a_bundle_file_edited_in_place_is_not_reused(tiny_checkpoint, calib_dir,
     since it finished (an edit through a link, as root or after a chmod) is produced again, not reused."""
     work = tmp_path / "work"
     shutil.copytree(work_dir, work, copy_function=shutil.copy2)   # copy2 keeps the mtimes the units recorded
-    first = build(tiny_checkpoint, "cpu", tmp_path / "one", calib=calib_dir, work_dir=work, quiet=True)
+    first = build(BuildRequest(checkpoint=tiny_checkpoint, target="cpu", out=tmp_path / "one", calib=calib_dir,
+                               work_dir=work, quiet=True))
     assert set(_statuses(first.records).values()) == {"reused"}
     edited = tmp_path / "one" / first.manifest.graphs["expert_F"].variants["int8"].graph
     assert not edited.stat().st_mode & 0o222   # read-only, like the unit file it links to
     edited.chmod(0o644)
     with edited.open("ab") as f:
         f.write(b"\0")
-    second = build(tiny_checkpoint, "cpu", tmp_path / "two", calib=calib_dir, work_dir=work, quiet=True)
+    second = build(BuildRequest(checkpoint=tiny_checkpoint, target="cpu", out=tmp_path / "two", calib=calib_dir,
+                                work_dir=work, quiet=True))
     statuses = _statuses(second.records)
     assert statuses["quantize/expert_F"] == "computed"
     assert {k for k, v in statuses.items() if v == "computed"} == {"quantize/expert_F"}
@@ -153,7 +156,8 @@ def test_build_replaces_only_a_previous_bundle(tiny_checkpoint, calib_dir, work_
     other.mkdir()
     (other / "holiday.jpg").write_bytes(b"jpeg")
     with pytest.raises(BuildError, match="is not empty and holds no mova-export bundle; choose a new folder") as info:
-        build(tiny_checkpoint, "cpu", other, calib=calib_dir, work_dir=work_dir, quiet=True)
+        build(BuildRequest(checkpoint=tiny_checkpoint, target="cpu", out=other, calib=calib_dir, work_dir=work_dir,
+                           quiet=True))
     one_line(info)
     assert [p.name for p in tmp_path.iterdir()] == ["photos"] and (other / "holiday.jpg").read_bytes() == b"jpeg"
 
@@ -167,8 +171,8 @@ def test_changing_one_components_precision_requantizes_only_it(tiny_checkpoint, 
     work = tmp_path / "work"   # a hard-linked copy without any text_encoder quantization (cpu's and Orin's)
     shutil.copytree(work_dir, work, copy_function=os.link, ignore=lambda folder, names: (
         ["text_encoder"] if Path(folder).name == "quantize" else []))
-    result = build(tiny_checkpoint, recipe, tmp_path / "out", calib=calib_dir, work_dir=work, quiet=True,
-                   compile_engines=False)
+    result = build(BuildRequest(checkpoint=tiny_checkpoint, target=recipe, out=tmp_path / "out", calib=calib_dir,
+                                work_dir=work, quiet=True, compile=False))
     statuses = _statuses(result.records)
     assert statuses.pop("quantize/text_encoder") == "computed"
     assert set(statuses.values()) == {"reused"}, statuses
@@ -253,7 +257,8 @@ def test_impossible_budget_falls_back_and_is_recorded(tiny_checkpoint, calib_dir
     recipe["calibration"]["fallback"] = "fp16"
     path = tmp_path / "cpu-strict.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = build(tiny_checkpoint, path, tmp_path / "strict", calib=calib_dir, work_dir=work_dir, quiet=True)
+    result = build(BuildRequest(checkpoint=tiny_checkpoint, target=path, out=tmp_path / "strict", calib=calib_dir,
+                                work_dir=work_dir, quiet=True))
     m = result.manifest
     decision = m.quantize["text_encoder"]
     assert decision["requested"] == "int8" and decision["final"] == "fp16" and decision["tries"] >= 2
@@ -267,7 +272,8 @@ def test_impossible_budget_falls_back_and_is_recorded(tiny_checkpoint, calib_dir
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(BuildError, match=r"text_encoder: int8 misses the recipe's accuracy budget .* "
                                          r"calibration.fallback is none") as info:
-        build(tiny_checkpoint, path, tmp_path / "none", calib=calib_dir, work_dir=work_dir, quiet=True)
+        build(BuildRequest(checkpoint=tiny_checkpoint, target=path, out=tmp_path / "none", calib=calib_dir,
+                           work_dir=work_dir, quiet=True))
     one_line(info)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-strict.yaml", "strict"]
 
@@ -279,7 +285,8 @@ def test_memory_plan_refuses_unless_allowed(tiny_checkpoint, calib_dir, work_dir
                                                                        "runtime_overhead_mib: 700}")
     out = tmp_path / "nano"
     with pytest.raises(BuildError, match=r"jetson-orin-nano-8gb.*GiB.*--allow-over-budget") as info:
-        build(tiny_checkpoint, recipe, out, calib=calib_dir, work_dir=work_dir, quiet=True)
+        build(BuildRequest(checkpoint=tiny_checkpoint, target=recipe, out=out, calib=calib_dir, work_dir=work_dir,
+                           quiet=True))
     one_line(info)
     assert sorted(p.name for p in tmp_path.iterdir()) == [recipe.name]   # no bundle, no temp folder
     result = CliRunner().invoke(main, ["build", "--target", str(recipe), "--checkpoint", str(tiny_checkpoint),
@@ -339,6 +346,7 @@ def test_bad_inputs_are_one_line_errors_and_leave_nothing(tiny_checkpoint, tmp_p
         assert needle in cli_error(runner.invoke(main, args)), args
     assert list(tmp_path.iterdir()) == []   # no bundle, no temp folder, not even the work folder
     with pytest.raises(RecipeError, match="recipe file .*missing.yaml does not exist") as info:
-        build(tiny_checkpoint, tmp_path / "missing.yaml", out, work_dir=work, quiet=True)
+        build(BuildRequest(checkpoint=tiny_checkpoint, target=tmp_path / "missing.yaml", out=out, work_dir=work,
+                           quiet=True))
     one_line(info)
     assert issubclass(RecipeError, MoVAExportError) and list(tmp_path.iterdir()) == []

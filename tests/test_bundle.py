@@ -12,14 +12,14 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-
 from helpers import cli_error, one_line
+
 from mova_export.bundle import FORMAT_VERSION, load_bundle, sha256_file
 from mova_export.cli import main
 from mova_export.cli.inspect import describe_bundle
-from mova_export.errors import BuildError, BundleError, CheckpointError, ComponentError, RuntimeInputError
-from mova_export.pipeline import export_bundle
-from mova_export.validate import compare
+from mova_export.core.errors import BuildError, BundleError, CheckpointError, ComponentError, RuntimeInputError
+from mova_export.core.tolerance import compare_outputs
+from mova_export.pipeline import BuildRequest, export_bundle
 
 GRAPHS = ["base", *(f"expert_{c}" for c in "ABCDEFG"), "text_encoder", "adapter_routing", "adapter_slots3", "adapter"]
 
@@ -150,7 +150,8 @@ def test_not_a_bundle_is_refused(tmp_path):
 
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError) as info:
-        export_bundle(tmp_path / "no-such-checkpoint", tmp_path / "out", work_dir=tmp_path / "work", quiet=True)
+        export_bundle(BuildRequest(checkpoint=tmp_path / "no-such-checkpoint", out=tmp_path / "out",
+                                   work_dir=tmp_path / "work", quiet=True))
     assert f"checkpoint directory {tmp_path / 'no-such-checkpoint'} does not exist" in one_line(info)
     assert list(tmp_path.iterdir()) == []
 
@@ -158,13 +159,16 @@ def test_missing_checkpoint(tmp_path):
 def test_unknown_component_and_precision(tiny_checkpoint, tmp_path):
     work = tmp_path / "work"
     with pytest.raises(ComponentError) as info:
-        export_bundle(tiny_checkpoint, tmp_path / "out", components=["base", "expert_Z"], work_dir=work, quiet=True)
+        export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=tmp_path / "out", components=["base", "expert_Z"],
+                                   work_dir=work, quiet=True))
     assert "unknown component 'expert_Z'; known: base, expert_A" in one_line(info)
     with pytest.raises(ComponentError, match="'llm' is not exported to ONNX") as info:
-        export_bundle(tiny_checkpoint, tmp_path / "out", components=["llm"], work_dir=work, quiet=True)
+        export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=tmp_path / "out", components=["llm"], work_dir=work,
+                                   quiet=True))
     one_line(info)
     with pytest.raises(BuildError, match=r"unknown export precision\(s\) \['int8'\]") as info:
-        export_bundle(tiny_checkpoint, tmp_path / "out", precisions=("int8",), work_dir=work, quiet=True)
+        export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=tmp_path / "out", export_precisions=("int8",),
+                                   work_dir=work, quiet=True))
     one_line(info)
     assert list(tmp_path.iterdir()) == []
 
@@ -173,18 +177,19 @@ def test_output_dir_not_writable(tiny_checkpoint, calib_dir, work_dir, tmp_path)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(BundleError) as info:
-        export_bundle(tiny_checkpoint, blocker / "bundle", components=["base"], calib=calib_dir, work_dir=work_dir,
-                      quiet=True)
+        export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=blocker / "bundle", components=["base"],
+                                   calib=calib_dir, work_dir=work_dir, quiet=True))
     assert f"folder {blocker} is not writable" in one_line(info)
     with pytest.raises(BundleError, match=f"output path {blocker} is a file") as info:
-        export_bundle(tiny_checkpoint, blocker, components=["base"], calib=calib_dir, work_dir=work_dir, quiet=True)
+        export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=blocker, components=["base"], calib=calib_dir,
+                                   work_dir=work_dir, quiet=True))
     one_line(info)
     if os.geteuid() != 0:  # root ignores permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         with pytest.raises(BundleError, match="is not writable"):
-            export_bundle(tiny_checkpoint, locked / "bundle", components=["base"], calib=calib_dir,
-                          work_dir=work_dir, quiet=True)
+            export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=locked / "bundle", components=["base"],
+                                       calib=calib_dir, work_dir=work_dir, quiet=True))
         locked.chmod(0o700)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] + (["locked"] if os.geteuid() else [])
     assert blocker.read_text() == "x"
@@ -195,12 +200,13 @@ def test_existing_bundle_needs_overwrite(tiny_checkpoint, calib_dir, work_dir, e
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(BundleError, match="exists and is not empty; pass --overwrite") as info:
-        export_bundle(tiny_checkpoint, out, components=["base"], calib=calib_dir, work_dir=work_dir, quiet=True)
+        export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=out, components=["base"], calib=calib_dir,
+                                   work_dir=work_dir, quiet=True))
     one_line(info)
     assert (out / "keep.txt").read_text() == "mine" and [p.name for p in out.iterdir()] == ["keep.txt"]
     # the text encoder's unit is the session's (export_only made it): reused, nothing recomputed
-    manifest = export_bundle(tiny_checkpoint, out, components=["text_encoder"], calib=calib_dir, work_dir=work_dir,
-                             overwrite=True, quiet=True)
+    manifest = export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=out, components=["text_encoder"],
+                                          calib=calib_dir, work_dir=work_dir, overwrite=True, quiet=True))
     assert {k: v["status"] for k, v in manifest.stages.items()} == {"features/text_encoder": "reused",
                                                                    "export/text_encoder": "reused"}
     assert list(load_bundle(out).manifest.graphs) == ["text_encoder"] and not (out / "keep.txt").exists()
@@ -300,7 +306,7 @@ def test_vision_side_matches_the_reference(export_only, reference, images):
     assert vision.fallback_graph.name not in vision.loaded   # the dense graph served one request, then left
     want = run(reference.vision)   # transformers' preprocessing, the torch modules, the skipping adapter
     assert set(got) == set(want)
-    compare(want, got, component="vision side (bundle vs PyTorch)")
+    compare_outputs(want, got, component="vision side (bundle vs PyTorch)")
     # an empty mask answers with the routing pass's tokens exactly (no second adapter graph runs)
     np.testing.assert_array_equal(vision.adapter_answer(got["base"], got["text_features"], [0] * 7, {}),
                                   got["no_expert_tokens"])

@@ -11,13 +11,21 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mova_export import checkpoint as checkpoint_module
-from mova_export.checkpoint import Checkpoint, build_on_meta, describe, describe_config
-from mova_export.components import (ComponentSpec, MemoryFigures, component_names, get_spec, owner_of, register,
-                                    unregister)
-from mova_export.config import FULL_LLM, MoVAConfig
-from mova_export.errors import CheckpointError, ComponentError
-from mova_export.progress import NULL
+from mova_export.components import (
+    ComponentSpec,
+    MemoryFigures,
+    arch,
+    component_names,
+    get_spec,
+    owner_of,
+    register,
+    unregister,
+)
+from mova_export.core.errors import CheckpointError, ComponentError
+from mova_export.core.progress import NULL
+from mova_export.source import checkpoint as checkpoint_module
+from mova_export.source.checkpoint import Checkpoint, build_on_meta, describe, describe_config
+from mova_export.source.config import FULL_LLM, MoVAConfig
 from mova_export.synth import synthetic_config, write_synthetic_checkpoint
 
 REAL_COMPONENTS = component_names()  # captured before any fake spec is registered
@@ -169,7 +177,7 @@ class _Fake(nn.Module):
 def _fake_spec(name, tiny_width=4):
     return ComponentSpec(name=name, kind="tower", prefix=f"model.{name}.", memory=MemoryFigures(0, (1, 1)),
                          presets={"full": {"width": 8}, "tiny": {"width": tiny_width}},
-                         build=lambda cfg: _Fake(cfg.arch(name)["width"]), inputs=lambda cfg: (),
+                         build=lambda cfg: _Fake(arch(cfg, name)["width"]), inputs=lambda cfg: (),
                          outputs=lambda cfg: (), unused_keys=("head.*",))
 
 
@@ -249,7 +257,7 @@ _RSS_CHILD = """
 import sys
 sys.path.insert(0, sys.argv[2])
 from test_checkpoint import _fake_spec, BIG_WIDTH
-from mova_export.checkpoint import Checkpoint
+from mova_export.source.checkpoint import Checkpoint
 from mova_export.components import register
 register(_fake_spec("fake_a"))
 register(_fake_spec("fake_big", BIG_WIDTH))
@@ -436,7 +444,7 @@ def test_missing_text_encoder_folder(fake_ckpt):
     shutil.rmtree(fake_ckpt / "text_encoder", ignore_errors=True)
     ckpt = Checkpoint.open(fake_ckpt)
     with pytest.raises(CheckpointError, match=r"BERT vocab folder for component text_encoder not found"):
-        ckpt.text_tokenizer_dir
+        _ = ckpt.text_tokenizer_dir
 
 
 def test_meta_build_keeps_buffers_real(fakes):

@@ -11,13 +11,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mova_export.compile import (FLAVORS, RTX_COMPUTE_CAPABILITIES, BuildResult, BuilderSettings, DeviceInfo,
-                                 EngineMetadata, EngineParity, GraphInfo, LayerProfile, builder_settings,
-                                 can_compile_here, check_engine_metadata, compile_bundle, current_device,
-                                 engine_from_onnx, engine_parity, inspect_graph, installed_flavors, profile_onnx,
-                                 read_engine_metadata, resolve_settings)
-from mova_export.tensorrt_flavors import import_flavor, tensorrt_flavor
-from mova_export.errors import BundleError, CompileError, RecipeError
+from mova_export.compile import (
+    FLAVORS,
+    RTX_COMPUTE_CAPABILITIES,
+    BuilderSettings,
+    BuildResult,
+    DeviceInfo,
+    EngineMetadata,
+    EngineParity,
+    EngineTools,
+    GraphInfo,
+    LayerProfile,
+    builder_settings,
+    can_compile_here,
+    check_engine_metadata,
+    compile_bundle,
+    current_device,
+    engine_from_onnx,
+    engine_parity,
+    inspect_graph,
+    installed_flavors,
+    profile_onnx,
+    read_engine_metadata,
+    resolve_settings,
+)
+from mova_export.core.errors import BundleError, CompileError, RecipeError
+from mova_export.core.tensorrt_flavors import import_flavor, tensorrt_flavor
 from mova_export.recipe import load_recipe
 
 INSTALLED = installed_flavors()
@@ -285,14 +304,13 @@ def _bundle(root: Path, graphs: dict[str, tuple[str, Path]]) -> Path:
     """A bundle holding the given (component -> (shipped precision, ONNX file)) graphs."""
     import shutil
 
-    from mova_export.bundle import GraphEntry, Manifest, RuntimeDefaults, Variant
-    from mova_export.facts import facts_from_config
-    from mova_export.synth import synthetic_config
-
     import onnx
 
-    from mova_export.spec import TensorSpec
-    from mova_export.text import TEXT_BUCKETS
+    from mova_export.bundle import GraphEntry, Manifest, RuntimeDefaults, Variant
+    from mova_export.components import facts_from_config
+    from mova_export.core.bert_inputs import TEXT_BUCKETS
+    from mova_export.core.spec import TensorSpec
+    from mova_export.synth import synthetic_config
 
     (root / "graphs").mkdir(parents=True)
     entries = {}
@@ -332,7 +350,8 @@ def test_compile_bundle_writes_engines_metadata_and_manifest(tmp_path):
     q = _qdq_graph(tmp_path / "q.onnx", TensorProto.INT8)
     bundle = _bundle(tmp_path / "b", {"base": ("int8", q), "expert_F": ("int8", q), "adapter": ("fp16", q)})
     calls: list = []
-    metas = compile_bundle(bundle, AGX, device=ORIN, build=_stand_in(calls), verify=_verified(0.9999))
+    metas = compile_bundle(bundle, AGX, device=ORIN,
+                           tools=EngineTools(build=_stand_in(calls), verify=_verified(0.9999)))
     assert [m.component for m in metas] == ["base", "expert_F", "adapter"]
     settings = {name: s for name, s, _ in calls}
     assert settings["expert_F.int8.onnx"].dla_core == 0 and settings["base.int8.onnx"].flags == ("INT8", "FP16")
@@ -358,10 +377,10 @@ def test_compile_bundle_writes_engines_metadata_and_manifest(tmp_path):
 
     load_bundle(bundle)  # the refreshed file table verifies
     calls.clear()
-    compile_bundle(bundle, AGX, device=ORIN, build=_stand_in(calls), verify=_verified(0.9999))
+    compile_bundle(bundle, AGX, device=ORIN, tools=EngineTools(build=_stand_in(calls), verify=_verified(0.9999)))
     assert calls == []   # stage reuse: nothing changed
     compile_bundle(bundle, AGX, device=DeviceInfo.of("Orin", "8.7", {"tensorrt-10": "10.3.1"}),
-                   build=_stand_in(calls), verify=_verified(0.9999))
+                   tools=EngineTools(build=_stand_in(calls), verify=_verified(0.9999)))
     assert len(calls) == 3 and {c.name for *_, c in calls} == {"orin.tensorrt-10-10.3.1.cache"}
 
 
@@ -371,10 +390,11 @@ def test_ahead_of_time_engines_are_verified_once_their_gpu_is_there(tmp_path):
     bundle = _bundle(tmp_path / "b", {"base": ("fp8", _qdq_graph(tmp_path / "q.onnx", TensorProto.INT8))})
     calls: list = []
     unverified = lambda *a, **k: EngineParity("unverified", reason="no CUDA GPU here")  # noqa: E731
-    [ci] = compile_bundle(bundle, R4090, device=CI_RTX, build=_stand_in(calls), verify=unverified)
+    [ci] = compile_bundle(bundle, R4090, device=CI_RTX, tools=EngineTools(build=_stand_in(calls), verify=unverified))
     assert ci.gpu_name is None and ci.parity["status"] == "unverified" and calls[0][2] is None  # no timing cache
     gpu = DeviceInfo.of("NVIDIA GeForce RTX 4070", "8.9", {"tensorrt-rtx": "1.7.1.116"})
-    [there] = compile_bundle(bundle, R4090, device=gpu, build=_stand_in(calls), verify=_verified(0.9991))
+    [there] = compile_bundle(bundle, R4090, device=gpu,
+                             tools=EngineTools(build=_stand_in(calls), verify=_verified(0.9991)))
     assert len(calls) == 1 and there.parity["cosine"] == 0.9991 and there.engine_sha256 == ci.engine_sha256
     assert read_engine_metadata(bundle / "engines/base.fp8.engine").parity["status"] == "verified"
     assert json.loads((bundle / "manifest.json").read_text())["engines"]["base"]["verified"] is True
@@ -385,7 +405,7 @@ def test_engine_below_budget_is_refused_and_removed(tmp_path):
 
     bundle = _bundle(tmp_path / "b", {"base": ("int8", _qdq_graph(tmp_path / "q.onnx", TensorProto.INT8))})
     with pytest.raises(CompileError, match=r"cosine 0.950000 < 0.995 \(accuracy.int8.min_cosine\)"):
-        compile_bundle(bundle, AGX, device=ORIN, build=_stand_in([]), verify=_verified(0.95))
+        compile_bundle(bundle, AGX, device=ORIN, tools=EngineTools(build=_stand_in([]), verify=_verified(0.95)))
     assert not (bundle / "engines/base.int8.engine").exists()
 
 
@@ -410,12 +430,13 @@ def tiny_graphs(tmp_path_factory):
     """fp32, fp16, INT8 (fp32 and fp16 base) and FP8 (fp16 base) graphs of the tiny CLIP base tower and the tiny
     BERT text encoder, exported from the project's own components."""
     import torch
+    from helpers import randomize
 
     from mova_export import export as ex
     from mova_export.components import get_spec
-    from helpers import randomize
-    from mova_export.config import FULL_LLM, MoVAConfig
-    from mova_export.quantize import qdq_from_onnx
+    from mova_export.core.tolerance import Tolerance
+    from mova_export.quantize import QuantSettings, qdq_from_onnx
+    from mova_export.source.config import FULL_LLM, MoVAConfig
 
     cfg = MoVAConfig(llm=dict(FULL_LLM), scale="tiny")
     root = tmp_path_factory.mktemp("tiny-graphs")
@@ -430,8 +451,8 @@ def tiny_graphs(tmp_path_factory):
         ex.fp16_from_onnx(paths["fp32"], paths["fp16"], spec.inputs(cfg), spec.outputs(cfg), name)
         for precision, base in (("int8", "fp32"), ("int8", "fp16"), ("fp8", "fp16")):
             key = precision if base == "fp16" else f"{precision}-fp32-base"
-            paths[key] = qdq_from_onnx(paths["fp32"], root / f"{name}.{key}.onnx", precision, feeds,
-                                       base=base).path
+            settings = QuantSettings(precision, "minmax", base, "onnxruntime", "float", Tolerance(-1.0))
+            paths[key] = qdq_from_onnx(paths["fp32"], root / f"{name}.{key}.onnx", settings, feeds).path
         graphs[name] = paths
     return graphs
 
@@ -503,8 +524,8 @@ def test_rtx_compile_bundle_records_flavor_version_target_and_unverified_parity(
 @needs_rtx
 def test_dla_cores_are_checked_on_build_and_on_load(tiny_graphs, tmp_path):
     """The builder's and the runtime's real num_DLA_cores (0 here) refuse a DLA engine before any build or load."""
-    from mova_export.errors import ExportError
-    from mova_export.runtime.runners import TensorRTRunner
+    from mova_export.core.errors import ExportError
+    from mova_export.runners.tensorrt import TensorRTRunner
 
     graph = tiny_graphs["base"]["fp16"]
     on_dla = BuilderSettings("base", "fp16", "tensorrt-rtx", True, (), ("GPU_FALLBACK",), (), 3, 1 << 30, False, 0,
@@ -533,7 +554,7 @@ def test_engine_parity_on_the_gpu(tiny_graphs, tmp_path):
     its ONNX graph; the runtime cache is written beside it for the next run."""
     pytest.importorskip("cuda.bindings")
     from mova_export.components import get_spec
-    from mova_export.config import FULL_LLM, MoVAConfig
+    from mova_export.source.config import FULL_LLM, MoVAConfig
 
     cc = _rtx_gpu()
     cfg = MoVAConfig(llm=dict(FULL_LLM), scale="tiny")

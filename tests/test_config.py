@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from mova_export.config import FULL_LLM, INFERRED_DEFAULTS, MoVAConfig
-from mova_export.errors import ConfigError
+from mova_export.core.errors import ConfigError
+from mova_export.source.config import FULL_LLM, INFERRED_DEFAULTS, MoVAConfig
 
 UPSTREAM_LIKE = {**FULL_LLM, "model_type": "mova_llama", "mm_projector_type": "mov_adapter", "mm_hidden_size": 1024,
                  "expert_channels": [1536, 512, 256, 1536, 768, 768, 256], "image_feat_size": 48, "topk": 3}
@@ -36,13 +36,21 @@ def test_round_trip_through_json(tmp_path):
 
 @pytest.mark.parametrize("patch, message", [
     ({"mm_projector_type": "mlp2x_gelu"}, "mm_projector_type='mlp2x_gelu'"),
-    ({"expert_channels": [1, 2]}, "expert_channels has 2 entries"),
     ({"num_routing_tokens": 150}, "num_routing_tokens=150 is not a square"),
     ({"topk_experts": 9}, "topk_experts=9"),
 ])
 def test_bad_values_name_the_field(patch, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         MoVAConfig.from_dict({**UPSTREAM_LIKE, **patch})
+
+
+def test_expert_count_is_checked_against_the_registry():
+    """config.py knows nothing of the registry (no import cycle); the registry checks a config against itself."""
+    from mova_export.components import check_config
+
+    check_config(MoVAConfig.from_dict(UPSTREAM_LIKE))
+    with pytest.raises(ConfigError, match=r"expert_channels has 2 entries, the registry has 7 experts"):
+        check_config(MoVAConfig.from_dict({**UPSTREAM_LIKE, "expert_channels": [1, 2], "topk_experts": 2}))
 
 
 def test_missing_folder_and_bad_json(tmp_path):

@@ -11,13 +11,13 @@ import torch
 from mova_export import export as ex
 from mova_export.bundle import load_bundle
 from mova_export.components import ComponentSpec, MemoryFigures
-from mova_export.errors import ExportError
+from mova_export.core.errors import ExportError
+from mova_export.core.prompts import mask_label
+from mova_export.core.spec import TensorSpec
+from mova_export.core.tolerance import TOLERANCES, compare_outputs, parity
 from mova_export.pipeline import WorkFolder
-from mova_export.prompts import mask_label
-from mova_export.reference.runners import TorchRunner
-from mova_export.runtime.runners import OrtRunner
-from mova_export.spec import TensorSpec
-from mova_export.validate import TOLERANCES, compare, parity
+from mova_export.runners.ort import OrtRunner
+from mova_export.runners.pytorch import TorchRunner
 
 LETTERS = tuple("ABCDEFG")
 GRAPHS = ["base", *(f"expert_{c}" for c in LETTERS), "text_encoder", "adapter_routing", "adapter_slots3", "adapter"]
@@ -57,7 +57,7 @@ def test_compare_collects_every_failing_output():
     ref = {"x": np.ones((2, 3), np.float32), "y": np.arange(6, dtype=np.float32), "z": np.ones(3, np.float32)}
     cand = {"x": -ref["x"], "y": ref["y"][::-1].copy(), "z": ref["z"]}
     with pytest.raises(ExportError) as info:
-        compare(ref, cand, component="expert_B", sample="astronaut")
+        compare_outputs(ref, cand, component="expert_B", sample="astronaut")
     message = str(info.value)
     assert "expert_B" in message and "'x'" in message and "'y'" in message and "'z'" not in message
     assert "astronaut" in message and "cosine" in message and "rel L2" in message and "\n" not in message
@@ -119,7 +119,7 @@ def test_toy_export_fp32_fp16_and_external_data(tmp_path, monkeypatch):
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
     ex.validate_graph(OrtRunner(half[0]), [sample], "toy", "fp16")
     # a graph past the protobuf limit keeps its weights in one external file (the limit shrunk to exercise it)
-    monkeypatch.setattr(ex.onnx, "PROTO_LIMIT", 1000)
+    monkeypatch.setattr(ex.graph_io, "PROTO_LIMIT", 1000)
     big = ex.onnx_from_component(spec, module, None, tmp_path / "big.onnx")
     assert [p.name for p in big] == ["big.onnx", "big.onnx.data"] and ex.graph_files(big[0]) == big
     assert (tmp_path / "big.onnx.data").stat().st_mode & 0o777 == (tmp_path / "big.onnx").stat().st_mode & 0o777
@@ -141,10 +141,10 @@ def test_graph_not_matching_its_declaration_is_refused(tmp_path):
 # the tiny synthetic export
 
 def test_every_graph_within_threshold_on_real_images(tiny_checkpoint, export_only, manifest, work_dir):
-    from mova_export.checkpoint import Checkpoint
-    from mova_export.components import get_spec
-
     from conftest import CALIB
+
+    from mova_export.components import get_spec
+    from mova_export.source.checkpoint import Checkpoint
 
     assert list(manifest.graphs) == GRAPHS
     assert manifest.export["calibration"]["images"] == sorted(CALIB)   # the folder's images in name order
@@ -171,12 +171,12 @@ def test_every_graph_within_threshold_on_real_images(tiny_checkpoint, export_onl
                                    [t.name for t in spec.outputs(cfg)])
         ort_runner = OrtRunner(export_only / manifest.graphs[name].variants["fp32"].graph)
         for i, feed in enumerate(feeds):
-            compare(torch_runner.infer(feed), ort_runner.infer(feed), component=name, sample=str(i))
+            compare_outputs(torch_runner.infer(feed), ort_runner.infer(feed), component=name, sample=str(i))
 
 
 def test_adapter_graph_matches_skipping_reference_for_all_64_masks(tiny_checkpoint, export_only, manifest, work_dir):
-    from mova_export.checkpoint import Checkpoint
-    from mova_export.slots import fill_slots
+    from mova_export.core.slots import fill_slots
+    from mova_export.source.checkpoint import Checkpoint
 
     routing, slots, dense = (manifest.graphs[n] for n in ("adapter_routing", "adapter_slots3", "adapter"))
     assert (routing.role, slots.role, dense.role) == ("adapter_routing", "adapter_answer", "adapter_fallback")
@@ -191,12 +191,17 @@ def test_adapter_graph_matches_skipping_reference_for_all_64_masks(tiny_checkpoi
     assert swept(routing, first) == [f"{first}/none"]
     assert len(swept(slots, first)) == 63 and len(swept(dense, first)) == 8
     assert len(swept(slots, second)) == 1 and len(swept(dense, second)) == 2   # a top-3 mask; dense: + real unrouted
-    # and again here, independently, on the second image, through the runtime's slot contract; the dense graph's
-    # calibration feeds carry every expert's real features
+    # and again here, independently, on the second image, through the runtime's slot contract, with every tower's
+    # real features of that image (the features units the export read)
     adapter = Checkpoint.open(tiny_checkpoint).build("adapter")
-    feeds = ex.read_feeds(export_unit(work_dir, manifest, "adapter") / "calibration" / "adapter.npz")
-    feats = feeds[1]
     experts = [f"expert_{letter}" for letter in LETTERS]
+
+    def features_of(component: str) -> np.ndarray:
+        [unit] = (work_dir / "features" / component).glob("*/features.npz")
+        return ex.component.read_features(unit)[second]
+
+    feats = {"base": features_of("base"), "text_features": features_of("text_encoder"),
+             **{n: features_of(n) for n in experts}}
     channels = [feats[n].shape[-1] for n in experts]
     runners = {g.name: OrtRunner(export_only / g.variants["fp32"].graph) for g in (routing, slots)}
     checked = 0
@@ -213,7 +218,7 @@ def test_adapter_graph_matches_skipping_reference_for_all_64_masks(tiny_checkpoi
             out = runners["adapter_slots3"].infer(feed)
         else:
             out = runners["adapter_routing"].infer({"base": feats["base"]})
-        compare({"image_tokens": ref[0].numpy(), "routing_tokens": ref[1].numpy()}, out, component="adapter",
+        compare_outputs({"image_tokens": ref[0].numpy(), "routing_tokens": ref[1].numpy()}, out, component="adapter",
                 sample=mask_label(mask, LETTERS))
         checked += 1
     assert checked == 64
@@ -229,8 +234,8 @@ def test_fp16_variants_within_their_threshold_and_smaller(manifest):
 
 
 def test_failed_parity_leaves_no_bundle(tiny_checkpoint, calib_dir, work_dir, export_only, tmp_path, monkeypatch):
-    from mova_export import validate
-    from mova_export.pipeline import export_bundle
+    from mova_export.core import tolerance as validate
+    from mova_export.pipeline import BuildRequest, export_bundle
 
     # a fresh work folder (the session's has the base unit finished, which would be reused, not re-checked), seeded
     # with the session's features units so only the export itself runs
@@ -240,7 +245,8 @@ def test_failed_parity_leaves_no_bundle(tiny_checkpoint, calib_dir, work_dir, ex
     out = tmp_path / "bundle"
     with pytest.raises(ExportError, match=r"parity failed .* base \[fp32\] output '\w+' on sample 'astronaut'.*"
                                           r"no bundle was written") as info:
-        export_bundle(tiny_checkpoint, out, components=["base"], calib=calib_dir, work_dir=work, quiet=True)
+        export_bundle(BuildRequest(checkpoint=tiny_checkpoint, out=out, components=["base"], calib=calib_dir,
+                                   work_dir=work, quiet=True))
     assert "\n" not in str(info.value)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["work"]
     assert not [p for p in (work / "export").rglob("*") if p.is_file()]   # nor a half-written export unit

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from mova_export.errors import ComponentError, LLMError
+from mova_export.components import routing_prompt_lines
+from mova_export.core.errors import ComponentError, LLMError
+from mova_export.core.prompts import routing_prompt
 from mova_export.gguf import QTYPES
 from mova_export.gguf.convert import convert_checkpoint_to_gguf, gguf_from_source, source_from_state_dict
-from mova_export.components import routing_prompt_lines
-from mova_export.llama3 import load_llm_tokenizer, special_token_ids
-from mova_export.prompts import routing_prompt
+from mova_export.source.llama3 import load_llm_tokenizer, special_token_ids
 from mova_export.synth.tokenizers import iter_sample_texts, write_llama3_tokenizer
 
 ROUTING_PROMPT = routing_prompt(routing_prompt_lines())
@@ -76,8 +76,8 @@ def tiny_llm(tmp_path_factory) -> TinyLLM:
     except ComponentError:
         have_component = False
     if have_component:
-        from mova_export.checkpoint import Checkpoint
-        from mova_export.progress import NULL
+        from mova_export.core.progress import NULL
+        from mova_export.source.checkpoint import Checkpoint
         from mova_export.synth import write_synthetic_checkpoint
 
         if not (root / "config.json").exists():
@@ -263,7 +263,7 @@ def test_every_type_loads_in_llama_cpp(tiny, qtype):
 @llamacpp
 @pytest.mark.llamacpp
 def test_gguf_tokenizer_matches_transformers(tiny):
-    from mova_export.prompts import chat_prompt, tokenize_with_image
+    from mova_export.core.prompts import chat_prompt, tokenize_with_image
 
     tok = load_llm_tokenizer(tiny.root)
     with _llm(tiny.gguf("q8_0")) as llm:  # the vocabulary is the same in every type
@@ -284,8 +284,8 @@ def test_gguf_tokenizer_matches_transformers(tiny):
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", list(QTYPES))
 def test_text_logits_match_transformers(tiny, qtype, record_property):
+    from mova_export.core.prompts import chat_prompt
     from mova_export.reference.llm import hf_logits
-    from mova_export.prompts import chat_prompt
 
     tok = load_llm_tokenizer(tiny.root)
     ids = tok(chat_prompt("Describe this image in detail.").replace("<image>\n", "")).input_ids

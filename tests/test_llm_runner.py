@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from mova_export.errors import LLMError
 from mova_export.components import routing_prompt_lines
-from mova_export.llama3 import load_llm_tokenizer
-from mova_export.prompts import IMAGE_TOKEN_INDEX, MAX_ROUTING_TOKENS, chat_prompt, routing_prompt, tokenize_with_image
+from mova_export.core.errors import LLMError
+from mova_export.core.prompts import (
+    IMAGE_TOKEN_INDEX,
+    MAX_ROUTING_TOKENS,
+    chat_prompt,
+    routing_prompt,
+    tokenize_with_image,
+)
 from mova_export.reference.llm import hf_generate, hf_inputs_embeds, hf_logits
 from mova_export.runtime.llm import split_at_marker
+from mova_export.source.llama3 import load_llm_tokenizer
 
 ROUTING_PROMPT = routing_prompt(routing_prompt_lines())
 from test_gguf import HAS_LLAMA_CPP, LOGIT_TOL, clear_margin, tiny  # noqa: F401 - tiny is a fixture

@@ -7,9 +7,8 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from mova_export.errors import BundleError, RecipeError
-from mova_export.pipeline.memory import (GIB, MIB, LLMShape, full_params, plan_from_manifest, plan_from_params,
-                                render_plan)
+from mova_export.core.errors import BundleError, RecipeError
+from mova_export.pipeline.plan import GIB, MIB, LLMShape, full_params, plan_from_manifest, plan_from_params, render_plan
 from mova_export.recipe import graph_components, load_recipe
 
 COMPONENTS = graph_components()
@@ -30,7 +29,7 @@ def test_full_scale_verdicts_from_reference_counts(name, verdict):
 
 
 def test_llm_shape_matches_llama3_8b():
-    from mova_export.config import FULL_LLM
+    from mova_export.source.config import FULL_LLM
 
     shape = LLMShape.from_fields(FULL_LLM)
     assert abs(shape.params - 8.03e9) < 0.01e9
@@ -106,9 +105,9 @@ def test_render_plan_table():
 def _tiny_manifest(gguf: bool = True):
     """A typed bundle manifest of tiny graphs: every component fp32 (2 MB), base also int8 (600 kB)."""
     from mova_export.bundle import GraphEntry, Manifest, Variant
-    from mova_export.config import FULL_LLM
-    from mova_export.facts import facts_from_config
-    from mova_export.spec import TensorSpec
+    from mova_export.components import facts_from_config
+    from mova_export.core.spec import TensorSpec
+    from mova_export.source.config import FULL_LLM
     from mova_export.synth import synthetic_config
 
     llm = {**FULL_LLM, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -167,8 +166,8 @@ def test_manifest_missing_component_refused():
 # ---- from describe_config at full scale (needs every component module) -------------------------------------------
 @pytest.fixture(scope="module")
 def full_config():
-    from mova_export.checkpoint import describe_config
     from mova_export.components import component_names
+    from mova_export.source.checkpoint import describe_config
     from mova_export.synth import synthetic_config
 
     missing = [c for c in (*COMPONENTS, "llm") if c not in component_names()]
@@ -186,7 +185,7 @@ def test_describe_config_counts_match_the_reference_table(full_config):
 
 @pytest.mark.parametrize("name,verdict", sorted(EXPECTED.items()))
 def test_full_scale_verdicts_from_describe_config(full_config, name, verdict):
-    from mova_export.pipeline.memory import plan_from_config
+    from mova_export.pipeline.plan import plan_from_config
 
     cfg, _ = full_config
     plan = plan_from_config(load_recipe(name), cfg)

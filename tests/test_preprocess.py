@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 
 import mova_export
-
 from mova_export.components import image_input_table
 from mova_export.components.clip import CLIP_MEAN, CLIP_STD
-from mova_export.errors import ComponentError
-from mova_export.preprocess import ImageInput, preprocess, preprocess_input, preprocess_kind
+from mova_export.core.errors import ComponentError
+from mova_export.core.image_inputs import ImageInput, preprocess, preprocess_input, preprocess_kind
 from mova_export.reference.preprocess import preprocess_input as reference_input
 
 PAD = SimpleNamespace(image_feat_size=48, image_aspect_ratio="pad", pix2struct_max_patches=2025)
@@ -70,7 +69,7 @@ def _awkward_frames() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def samples() -> dict[str, np.ndarray]:
-    from mova_export.samples import sample_images
+    from mova_export.source.photos import sample_images
 
     return sample_images()
 
@@ -137,7 +136,7 @@ def test_a_new_row_is_one_table_entry(samples):
     from PIL import Image
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from mova_export.preprocess import expand2square
+    from mova_export.core.image_inputs import expand2square
 
     row = ImageInput("siglip384", "resize_crop", 384, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     out = preprocess(samples["rocket"], [row], PAD)
@@ -182,7 +181,7 @@ from types import SimpleNamespace
 sys.modules["torch"] = None          # any import of them now raises ImportError
 sys.modules["transformers"] = None
 import numpy as np
-from mova_export.preprocess import ImageInput, preprocess
+from mova_export.core.image_inputs import ImageInput, preprocess
 rows = [ImageInput.from_json(r) for r in json.loads(sys.argv[1])]
 cfg = SimpleNamespace(image_feat_size=4, image_aspect_ratio="pad", pix2struct_max_patches=64)
 frame = np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8)

@@ -2,8 +2,16 @@
 import pytest
 
 from mova_export.components import expert_letters, routing_prompt_lines
-from mova_export.prompts import (IMAGE_TOKEN_INDEX, adapter_text, chat_prompt, mask_label, parse_routing,
-                                 routed_letters, routing_prompt, tokenize_with_image)
+from mova_export.core.prompts import (
+    IMAGE_TOKEN_INDEX,
+    adapter_text,
+    chat_prompt,
+    mask_label,
+    parse_routing,
+    routed_letters,
+    routing_prompt,
+    tokenize_with_image,
+)
 
 LETTERS = expert_letters()
 ROUTING_PROMPT = routing_prompt(routing_prompt_lines())

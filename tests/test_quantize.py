@@ -14,13 +14,40 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-from mova_export.errors import ExportError, MoVAExportError  # noqa: E402
-from mova_export.quantize import (  # noqa: E402
-    FP8_MAX, QDQ_BASE, _modelopt, accuracy_check, conv_quantizable, node_sensitivity, ort_session,
-    qdq_from_onnx, quantize_with_budget, select_nodes, simulate_fp8, split_feeds, summary, to_fp8,
+from mova_export.core.errors import ExportError, MoVAExportError
+from mova_export.core.tolerance import Tolerance
+from mova_export.export import read_feeds
+from mova_export.quantize import (
+    FP8_MAX,
+    QDQ_BASE,
+    FeedSplit,
+    QuantSettings,
+    accuracy_check,
+    conv_quantizable,
+    modelopt_module,
+    node_sensitivity,
+    qdq_from_onnx,
+    quantize_with_budget,
+    resolve_backend,
+    select_nodes,
+    simulate_fp8,
+    split_calibration,
+    split_feeds,
+    to_fp8,
 )
-from mova_export.export import read_feeds  # noqa: E402
-from mova_export.validate import Tolerance  # noqa: E402
+from mova_export.runners import OrtRunner
+
+
+def _settings(precision: str = "int8", budget: Tolerance | float = -1.0, **kw) -> QuantSettings:
+    """QuantSettings as a recipe would resolve them, for the tiny graphs here (ONNX Runtime writes the Q/DQ)."""
+    budget = budget if isinstance(budget, Tolerance) else Tolerance(float(budget))
+    defaults = dict(method="minmax", base="fp32", backend="onnxruntime", qdq="float")
+    return QuantSettings(precision=precision, budget=budget, **(defaults | kw))
+
+
+def _split(feeds: list[dict], held_out: int) -> FeedSplit:
+    return split_calibration(feeds, [f"img{i}" for i in range(len(feeds))], len(feeds) - held_out, held_out)
+
 
 FP32_ISLANDS = ("Softmax", "LayerNormalization", "Resize")
 
@@ -113,7 +140,7 @@ def _elem_type(model, name: str) -> int:
 def int8(tower, tmp_path_factory):
     dst = tmp_path_factory.mktemp("int8") / "tower.int8.onnx"
     logs: list[str] = []
-    return qdq_from_onnx(tower, dst, "int8", _tower_feeds(6, 1), log=logs.append), logs
+    return qdq_from_onnx(tower, dst, _settings(), _tower_feeds(6, 1), log=logs.append), logs
 
 
 def test_int8_graph_is_explicit_qdq_with_fp32_islands(tower, int8):
@@ -154,7 +181,7 @@ def test_int8_parity_on_held_out(tower, int8):
     report = accuracy_check(tower, result.path, _tower_feeds(3, 99), Tolerance(0.99, 0.2), component="tower",
                             precision="int8")
     assert report.passed, report.failures()
-    figures = summary(report)
+    figures = report.summary()
     assert 0.99 <= figures["cosine"] < 1.0 and 0 < figures["rel_l2"] < 0.2
     assert set(report.per_output()) == {"probs", "hidden"} and len(report.samples) == 3
 
@@ -162,26 +189,34 @@ def test_int8_parity_on_held_out(tower, int8):
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_int8_other_calibrators_are_quiet(tower, tmp_path, method, capfd):
     logs: list[str] = []
-    result = qdq_from_onnx(tower, tmp_path / "t.onnx", "int8", _tower_feeds(3, 1), method=method, log=logs.append)
+    result = qdq_from_onnx(tower, tmp_path / "t.onnx", _settings(method=method), _tower_feeds(3, 1), log=logs.append)
     assert result.method == method and result.num_q > 0
     out, err = capfd.readouterr()
     assert out == "" and err == ""   # onnxruntime's "Number of histogram bins ..." prints, tqdm and logging
     assert not any("histogram" in line.lower() for line in logs)
-    assert summary(accuracy_check(tower, result.path, _tower_feeds(2, 99)))["cosine"] > 0.98
+    assert accuracy_check(tower, result.path, _tower_feeds(2, 99)).summary()["cosine"] > 0.98
 
 
-def test_accuracy_sessions_run_qdq_as_float_math(tower, int8):
-    """ONNX Runtime's fused integer Q/DQ kernels depend on the CPU (VNNI or not); the accuracy sessions run Q/DQ as
-    written instead, so held-out figures are the graph's, not the machine's."""
-    session = ort_session(int8[0].path)
+def test_qdq_runs_as_float_math_or_fused_as_asked(tower, int8):
+    """ONNX Runtime's fused integer Q/DQ kernels depend on the CPU (VNNI or not): qdq="float" runs Q/DQ as written
+    (TensorRT's semantics, the graph's own figures); qdq="fused" runs what the cpu runtime runs. On this AVX2
+    machine the two agree to 1e-4 cosine on the tiny tower."""
+    session = OrtRunner(int8[0].path, qdq="float").session
     assert session.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    fused = OrtRunner(int8[0].path, qdq="fused").session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):   # fused: the entry is not set
+        fused.get_session_config_entry("session.disable_quant_qdq")
+    held = _tower_feeds(3, 99)
+    as_float = accuracy_check(tower, int8[0].path, held, qdq="float").summary()["cosine"]
+    as_fused = accuracy_check(tower, int8[0].path, held, qdq="fused").summary()["cosine"]
+    assert abs(as_float - as_fused) < 1e-4 and 0.99 < as_fused < 1.0
 
 
 def test_excluded_nodes_stay_fp32(tower, tmp_path):
     names, islands = select_nodes(onnx.load(str(tower)))
     assert {n for n in islands if "LayerNorm" in n or "Softmax" in n or "Resize" in n}
     conv = next(n for n in names if "conv" in n.lower())
-    result = qdq_from_onnx(tower, tmp_path / "t.onnx", "int8", _tower_feeds(3, 1), exclude_nodes=[conv])
+    result = qdq_from_onnx(tower, tmp_path / "t.onnx", _settings(), _tower_feeds(3, 1), exclude_nodes=[conv])
     assert conv not in result.quantized_nodes and result.excluded_nodes == [conv]
     model = onnx.load(str(result.path))
     node = next(n for n in model.graph.node if n.name == conv)
@@ -230,7 +265,7 @@ def test_simulation_rounds_exactly_like_float8_qdq(tmp_path):
 @pytest.fixture(scope="module")
 def fp8(tower, tmp_path_factory):
     dst = tmp_path_factory.mktemp("fp8") / "tower.fp8.onnx"
-    return qdq_from_onnx(tower, dst, "fp8", _tower_feeds(6, 1))
+    return qdq_from_onnx(tower, dst, _settings("fp8"), _tower_feeds(6, 1))
 
 
 def test_fp8_graph_is_float8_qdq_at_opset_19(tower, fp8):
@@ -292,7 +327,8 @@ def _float_inputs_of(model, op_type: str) -> set[int]:
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_fp16_base_keeps_fp32_islands_and_parity(tower, tmp_path, precision):
-    result = qdq_from_onnx(tower, tmp_path / f"t.{precision}.onnx", precision, _tower_feeds(6, 1), base="fp16")
+    result = qdq_from_onnx(tower, tmp_path / f"t.{precision}.onnx", _settings(precision, base="fp16"),
+                           _tower_feeds(6, 1))
     model = onnx.load(str(result.path))
     onnx.checker.check_model(model, full_check=True)
     assert result.base == "fp16" and result.opset >= 19 and QDQ_BASE == {"tensorrt": "fp16",
@@ -304,42 +340,46 @@ def test_fp16_base_keeps_fp32_islands_and_parity(tower, tmp_path, precision):
     assert _float_inputs_of(model, "MatMul") == {f16}   # the quantized layers and all between them: fp16
     for op in FP32_ISLANDS:   # the reference's fp32 ops still read fp32
         assert _float_inputs_of(model, op) == {f32}, op
-    assert summary(accuracy_check(tower, result.path, _tower_feeds(3, 99)))["cosine"] > 0.99
+    assert accuracy_check(tower, result.path, _tower_feeds(3, 99)).summary()["cosine"] > 0.99
 
 
 def test_fp8_parity_runs_and_simulation_agrees(tower, fp8, tmp_path):
     held = _tower_feeds(3, 99)
     assert fp8.parity_method == "ort"  # ONNX Runtime CPU 1.32 runs float8 Q/DQ on Conv/MatMul inputs
-    real = summary(accuracy_check(tower, fp8.path, held))
+    real = accuracy_check(tower, fp8.path, held).summary()
     sim_path = simulate_fp8(fp8.path, tmp_path / "sim.onnx")
     sim_model = onnx.load(str(sim_path))
     onnx.checker.check_model(sim_model, full_check=True)
     assert not [t for t in sim_model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
-    simulated = summary(accuracy_check(tower, sim_path, held))
+    simulated = accuracy_check(tower, sim_path, held).summary()
     assert 0.99 <= simulated["cosine"] < 1.0 and 0.99 <= real["cosine"] < 1.0
     assert abs(simulated["cosine"] - real["cosine"]) < 1e-5
     twin = accuracy_check(fp8.path, sim_path, held)  # the simulation reproduces the float8 graph itself
-    assert summary(twin)["rel_l2"] < 1e-5
+    assert twin.summary()["rel_l2"] < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # budget
 
 def test_reachable_budget_keeps_int8(tower, tmp_path):
-    calib, held = split_feeds(_tower_feeds(4, 5), 1)
-    decision = quantize_with_budget(tower, tmp_path, "tower", "int8", calib, held, Tolerance(0.95, 0.5))
+    feeds = _split(_tower_feeds(4, 5), 1)
+    decision = quantize_with_budget(tower, tmp_path, "tower", _settings(budget=Tolerance(0.95, 0.5)), feeds)
     assert decision.final == "int8" and decision.excluded_nodes == [] and decision.tries == 1
     assert decision.budget_met and decision.parity_method == "ort" and decision.measured["cosine"] >= 0.95
     assert decision.path == tmp_path / "tower.int8.onnx" and decision.path.is_file()
-    assert decision.calibration == {"samples": 3, "held_out": 1, "held_out_in_calibration": False,
-                                    "method": "minmax", "base": "fp32"}
+    cal = decision.calibration
+    assert (cal["samples"], cal["held_out"], cal["held_out_in_calibration"], cal["method"], cal["base"],
+            cal["backend"], cal["qdq"], cal["shortfall"]) == (3, 1, False, "minmax", "fp32", "onnxruntime", "float",
+                                                              None)
+    assert decision.gate == "worst held-out sample" and set(decision.held_out) == {"img2"}
+    assert decision.worst_sample == "img2"
     json.dumps(decision.to_json())
 
 
 def test_impossible_budget_excludes_nodes_then_falls_back_to_fp16(tower, tmp_path):
-    calib, held = split_feeds(_tower_feeds(4, 5), 1)
     logs: list[str] = []
-    decision = quantize_with_budget(tower, tmp_path, "tower", "int8", calib, held, 1.0 + 1e-9, log=logs.append)
+    decision = quantize_with_budget(tower, tmp_path, "tower", _settings(budget=1.0 + 1e-9),
+                                    _split(_tower_feeds(4, 5), 1), log=logs.append)
     assert decision.final == "fp16" and decision.requested == "int8" and not decision.budget_met
     assert decision.tries == 3  # all 4 nodes, then 1 and 2 of the 4 left fp32 (never all 4)
     assert [h["excluded"] for h in decision.history] == [0, 1, 2, None]
@@ -352,24 +392,75 @@ def test_impossible_budget_excludes_nodes_then_falls_back_to_fp16(tower, tmp_pat
 
 
 def test_sensitive_node_is_excluded_and_int8_kept_partially(outlier, tmp_path):
-    feeds = _outlier_feeds(5, 3)
-    calib, held = split_feeds(feeds, 2)
+    feeds = _split(_outlier_feeds(5, 3), 2)
     names, _ = select_nodes(onnx.load(str(outlier)))
     fc1 = next(n for n in names if "fc1" in n)
-    full = qdq_from_onnx(outlier, tmp_path / "full.onnx", "int8", calib)
-    ranking = node_sensitivity(outlier, full.path, held, full.quantized_nodes)
+    full = qdq_from_onnx(outlier, tmp_path / "full.onnx", _settings(), feeds.calibration)
+    ranking = node_sensitivity(outlier, full.path, feeds.held_out, full.quantized_nodes)
     assert ranking[0][0] == fc1 and ranking[0][1] > ranking[1][1]
-    decision = quantize_with_budget(outlier, tmp_path, "mlp", "int8", calib, held, Tolerance(0.999, 0.05))
+    decision = quantize_with_budget(outlier, tmp_path, "mlp", _settings(budget=Tolerance(0.999, 0.05)), feeds)
     assert decision.history[0]["cosine"] < 0.999  # the whole graph in int8 misses the budget
     assert decision.final == "int8-partial" and decision.excluded_nodes == [fc1] and decision.tries == 2
     assert decision.budget_met and decision.measured["cosine"] >= 0.999
 
 
 def test_fp8_budget_decision(tower, tmp_path):
-    calib, held = split_feeds(_tower_feeds(3, 5), 1)
-    decision = quantize_with_budget(tower, tmp_path, "tower", "fp8", calib, held, 0.99, augment_calibration=True)
+    settings = _settings("fp8", budget=0.99, augment_calibration=True)
+    decision = quantize_with_budget(tower, tmp_path, "tower", settings, _split(_tower_feeds(3, 5), 1))
     assert decision.final == "fp8" and decision.parity_method == "ort"
-    assert decision.calibration["held_out_in_calibration"] and decision.calibration["samples"] == 3
+    assert decision.calibration["held_out_in_calibration"] and decision.calibration["samples"] == 2
+
+
+def test_the_gate_judges_the_worst_held_out_sample(tower, tmp_path):
+    """A graph good on average but worse on one photo misses the budget: the gate is the worst held-out sample,
+    and the decision names it. Held-out samples here: four ordinary feeds and one whose input is 40x larger."""
+    feeds = _tower_feeds(9, 5)
+    feeds[4]["x"] = feeds[4]["x"] * 40.0     # held out (the split holds out the middle one of each stretch)
+    split = _split(feeds, 5)
+    assert "img4" in split.held_out_labels
+    graph = qdq_from_onnx(tower, tmp_path / "probe.onnx", _settings(), split.calibration)
+    per = accuracy_check(tower, graph.path, split.held_out, labels=split.held_out_labels).per_sample()
+    worst = min(per, key=lambda k: per[k].cosine)
+    others = [f.cosine for k, f in per.items() if k != worst]
+    assert worst == "img4" and per[worst].cosine < min(others)
+    mean = float(np.mean([f.cosine for f in per.values()]))
+    budget = (per[worst].cosine + min(others)) / 2           # every other sample and the mean meet it
+    assert mean > budget
+    decision = quantize_with_budget(tower, tmp_path, "tower", _settings(budget=budget), split)
+    assert decision.history[0]["worst_sample"] == "img4" and decision.history[0]["cosine"] < budget
+    assert decision.final != "int8"                          # not shipped whole: nodes excluded or fp16
+    assert set(decision.held_out) == set(split.held_out_labels)
+    assert decision.held_out[decision.worst_sample]["cosine"] == decision.measured["cosine"]
+
+
+def test_a_short_calibration_set_is_said_and_recorded():
+    feeds = [{"x": np.full((1,), i, np.float32)} for i in range(6)]
+    labels = [f"photo{i}" for i in range(6)]
+    full = split_calibration(feeds, labels, 4, 2)
+    assert full.shortfall is None and len(full.calibration) == 4 and len(full.held_out) == 2
+    short = split_calibration(feeds, labels, 20, 8)
+    assert len(short.held_out) == 2 and len(short.calibration) == 4   # the recipe's proportion, 8 of 28 -> 2 of 6
+    assert short.shortfall == ("the recipe asks for 20 calibration + 8 held-out samples; the calibration set has 6: "
+                               "calibrating on 4, judging on 2 (pass --calib with more images)")
+    assert short.to_json()["asked"] == {"samples": 20, "held_out": 8}
+    assert short.held_out_labels == ["photo1", "photo4"]
+
+
+def test_the_backend_is_resolved_into_the_settings(monkeypatch):
+    """"auto" never reaches a writer: QuantSettings carry the backend that runs, so its JSON (the unit key) differs
+    between a machine with nvidia-modelopt and one without."""
+    from mova_export.quantize import settings as settings_module
+    from mova_export.recipe import load_recipe
+
+    recipe = load_recipe("jetson-orin")
+    assert recipe.calibration.backend == "auto"
+    here = QuantSettings.from_recipe(recipe, "base")
+    assert here.backend == resolve_backend("auto") == ("modelopt" if modelopt_module() else "onnxruntime")
+    monkeypatch.setattr(settings_module, "modelopt_module", lambda: object())
+    other = QuantSettings.from_recipe(recipe, "base")
+    assert other.backend == "modelopt" and other.to_json() != here.to_json() or here.backend == "modelopt"
+    assert (here.qdq, here.base) == ("float", "fp16")
+    assert QuantSettings.from_recipe(load_recipe("cpu"), "base").qdq == "fused"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,24 +492,31 @@ def test_read_feeds_unstacks_the_npz(tmp_path):
 
 def test_bad_inputs_raise_typed_errors(tower, tmp_path):
     feeds = _tower_feeds(2, 1)
+    settings_cases = [(dict(precision="int4"), "unknown quantization precision"),
+                      (dict(method="mse"), "unknown calibration method"),
+                      (dict(backend="tensorrt"), "unknown quantization backend"),
+                      (dict(precision="fp8", method="entropy"), "not 'entropy'")]
+    for change, message in settings_cases:
+        with pytest.raises(ExportError, match=message) as info:
+            _settings(**({"precision": "int8"} | change))
+        assert "\n" not in str(info.value)
+    with pytest.raises(ExportError, match="unknown quantization backend"):
+        resolve_backend("tensorrt")
     cases = [
         (dict(src=tmp_path / "missing.onnx"), "not found"),
         (dict(calibration=[]), "empty"),
-        (dict(precision="int4"), "unknown quantization precision"),
-        (dict(method="mse"), "unknown calibration method"),
-        (dict(backend="tensorrt"), "unknown quantization backend"),
         (dict(calibration=[{"y": feeds[0]["x"]}]), "wrong inputs"),
-        (dict(precision="fp8", method="entropy", backend="onnxruntime"), "not 'entropy'"),
     ]
-    if _modelopt() is None:  # the optional extra is absent here: asking for it names the fix
-        cases.append((dict(backend="modelopt"), "nvidia-modelopt"))
+    if modelopt_module() is None:  # the optional extra is absent here: asking for it names the fix
+        cases.append((dict(settings=_settings(backend="modelopt")), "nvidia-modelopt"))
     for change, message in cases:
-        args = dict(src=tower, dst=tmp_path / "q.onnx", precision="int8", calibration=feeds) | change
+        args = dict(src=tower, dst=tmp_path / "q.onnx", settings=_settings(), calibration=feeds) | change
         with pytest.raises(MoVAExportError, match=message) as info:
-            qdq_from_onnx(args.pop("src"), args.pop("dst"), args.pop("precision"), args.pop("calibration"), **args)
+            qdq_from_onnx(args["src"], args["dst"], args["settings"], args["calibration"])
         assert isinstance(info.value, ExportError) and "\n" not in str(info.value)
     names, _ = select_nodes(onnx.load(str(tower)))
     with pytest.raises(ExportError, match="no Conv/MatMul/Gemm node"):
-        qdq_from_onnx(tower, tmp_path / "q.onnx", "int8", feeds, exclude_nodes=names)
+        qdq_from_onnx(tower, tmp_path / "q.onnx", _settings(), feeds, exclude_nodes=names)
     with pytest.raises(ExportError, match="held-out"):
-        quantize_with_budget(tower, tmp_path, "tower", "int8", feeds, [], 0.9)
+        quantize_with_budget(tower, tmp_path, "tower", _settings(budget=0.9),
+                             FeedSplit(feeds, [], [], (2, 0)))

@@ -1,17 +1,28 @@
 """Recipes: every shipped YAML validates; hardware rules (FP8, DLA), unknown keys and bad values are refused naming
-the field and the file; aliases; per-stage cache keys change only with the fields that matter."""
+the field and the file; aliases; the settings each stage derives from a recipe (its unit key) change only with the
+fields that matter."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mova_export.errors import RecipeError
-from mova_export.recipe import (ALIASES, STAGE_FIELDS, LLMOptions, cache_key, graph_components, list_recipes,
-                                load_recipe, parse_recipe, resolve_target)
+from mova_export.compile import builder_settings
+from mova_export.core.errors import RecipeError
+from mova_export.quantize import QuantSettings
+from mova_export.recipe import (
+    ALIASES,
+    LLMOptions,
+    graph_components,
+    list_recipes,
+    load_recipe,
+    parse_recipe,
+    resolve_target,
+)
 
 COMPONENTS = graph_components()
 
@@ -171,23 +182,27 @@ def test_cpu_recipe_refuses_gpu_layers_and_tensorrt():
 
 def test_recipes_are_frozen():
     recipe = load_recipe("h100")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         recipe.name = "x"  # type: ignore[misc]
 
 
-# ---- cache keys ------------------------------------------------------------------------------------------------------
+# ---- what each stage reads of a recipe -------------------------------------------------------------------------------
 def _keys(recipe) -> dict[str, str]:
-    """Every cache key of a recipe: per component for quantize and compile, one per other stage."""
+    """What every build stage derives from a recipe (each unit's key hashes it): per component the quantize settings
+    (or the shipped float precision) and the TensorRT builder settings, the GGUF type, and the runtime defaults
+    (no unit: they go into the manifest)."""
     out = {}
-    for stage in STAGE_FIELDS:
-        if stage in ("quantize", "compile"):
-            out.update({f"{stage}/{c}": cache_key(recipe, stage, c) for c in COMPONENTS})
-        else:
-            out[stage] = cache_key(recipe, stage)
+    for c in COMPONENTS:
+        p = recipe.precision_of(c)
+        out[f"quantize/{c}"] = QuantSettings.from_recipe(recipe, c).to_json() if p in ("int8", "fp8") else p
+        if recipe.tensorrt is not None:
+            out[f"compile/{c}"] = builder_settings(recipe, c).to_json()
+    out["gguf"] = recipe.llm.quant
+    out["runtime"] = [recipe.to_dict()[k] for k in ("llm", "experts", "memory", "runtime")]
     return out
 
 
-def test_cache_keys_change_only_with_the_fields_that_matter():
+def test_stage_settings_change_only_with_the_fields_that_matter():
     base = load_recipe("jetson-orin-agx-64gb")
     keys = _keys(base)
     assert keys == _keys(load_recipe("jetson-orin"))
@@ -208,16 +223,22 @@ def test_cache_keys_change_only_with_the_fields_that_matter():
     # moving one component onto the DLA: its compile only
     dla = replace(base.tensorrt, dla=replace(base.tensorrt.dla, components=(*base.tensorrt.dla.components, "base")))
     assert changed(replace(base, tensorrt=dla)) == {"compile/base"}
-    # calibration samples: every quantize
-    assert changed(replace(base, calibration=replace(base.calibration, samples=64))) == {
-        f"quantize/{c}" for c in COMPONENTS}
+    # calibration samples, held-out samples, the quantization backend: every quantized component
+    quantized = {f"quantize/{c}" for c in COMPONENTS if base.precision[c] == "int8"}
+    for change in (dict(samples=64), dict(held_out=16), dict(backend="onnxruntime" if
+                                                               base.calibration.backend != "onnxruntime" else "auto")):
+        calibration = replace(base.calibration, **change)
+        got = changed(replace(base, calibration=calibration))
+        assert got == quantized or (change.get("backend") and got == set()), (change, got)
     # the int8 budget: the int8 components' quantize only (the adapter is fp16 here)
     accuracy = {**base.accuracy, "int8": replace(base.accuracy["int8"], min_cosine=0.99)}
-    assert changed(replace(base, accuracy=accuracy)) == {f"quantize/{c}" for c in COMPONENTS
-                                                         if base.precision[c] == "int8"}
+    assert changed(replace(base, accuracy=accuracy)) == quantized
     # the source file path and description are in no key
     assert changed(replace(base, source="elsewhere.yaml", description="x")) == set()
-    assert cache_key(base, "export") == cache_key(load_recipe("cpu"), "export")
+    # the runtime decides how the gate runs Q/DQ and the float base around the pairs
+    cpu = load_recipe("cpu")
+    assert QuantSettings.from_recipe(cpu, "base").to_json() != QuantSettings.from_recipe(base, "base").to_json()
+    assert isinstance(LLMOptions("q8_0", -1, 4096, 8), LLMOptions)
 
 
 def test_recipe_precision_groups_cover_new_components():
@@ -230,15 +251,6 @@ def test_recipe_precision_groups_cover_new_components():
     assert recipe.precision["expert_C"] == "int8" and recipe.precision["adapter"] == "fp16"
     raw["precision"] = {"base": "int8"}
     _refused(raw, "precision.expert_A", "is missing", "experts:")
-
-
-def test_cache_key_unknown_stage():
-    with pytest.raises(RecipeError, match="unknown build stage 'link'"):
-        cache_key(load_recipe("cpu"), "link")
-    with pytest.raises(RecipeError, match="per component"):
-        cache_key(load_recipe("cpu"), "quantize")
-    assert isinstance(LLMOptions("q8_0", -1, 4096, 8), LLMOptions)
-
 
 
 def test_entropy_calibration_cannot_calibrate_fp8():

@@ -14,8 +14,16 @@ import torch
 from torch import nn
 
 import mova_export
-from mova_export.components import (ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, expert_letters, register,
-                                    unregister)
+from mova_export.components import (
+    ComponentSpec,
+    ExpertInfo,
+    MemoryFigures,
+    TensorSpec,
+    arch,
+    expert_letters,
+    register,
+    unregister,
+)
 from mova_export.components.clip import CLIP672, CLIP_MEAN, CLIP_STD, image_side, smooth_image_sample
 
 PACKAGE = Path(mova_export.__file__).parent
@@ -37,9 +45,9 @@ def _toy_spec() -> ComponentSpec:
     return ComponentSpec(
         name="expert_H", kind="tower", prefix="model.vision_tower.vision_tower_8.",
         presets={"full": {"width": 64}, "tiny": {"width": 8}},
-        build=lambda cfg: ToyTower(int(cfg.arch("expert_H")["width"])).eval(),
+        build=lambda cfg: ToyTower(int(arch(cfg, "expert_H")["width"])).eval(),
         inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
-        outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, int(cfg.arch("expert_H")["width"]))),),
+        outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, int(arch(cfg, "expert_H")["width"]))),),
         sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), CLIP_MEAN,
                                                                              CLIP_STD)},
         memory=MemoryFigures(params=1_000_000, activation=(2304, 64)), image_inputs=(CLIP672,),
@@ -57,14 +65,14 @@ def eighth_expert():
 
 
 def test_an_eighth_expert_is_one_spec_and_runs_from_export_to_runtime(eighth_expert, tmp_path):
-    from mova_export.facts import facts_from_config
-    from mova_export.pipeline import attach_llm, export_bundle
-    from mova_export.pipeline.memory import plan_from_params, full_params
-    from mova_export.progress import NULL
+    from mova_export.components import facts_from_config
+    from mova_export.core.progress import NULL
+    from mova_export.pipeline import BuildRequest, attach_llm, export_bundle
+    from mova_export.pipeline.plan import full_params, plan_from_params
     from mova_export.recipe import load_recipe
     from mova_export.reference import ReferencePipeline
     from mova_export.runtime import MoVARuntime
-    from mova_export.samples import sample_images
+    from mova_export.source.photos import sample_images
     from mova_export.synth import synthetic_config, write_synthetic_checkpoint
 
     assert expert_letters() == tuple("ABCDEFGH")
@@ -86,8 +94,9 @@ def test_an_eighth_expert_is_one_spec_and_runs_from_export_to_runtime(eighth_exp
     for name, rgb in pictures.items():
         Image.fromarray(rgb).save(calib / f"{name}.png")
     bundle = tmp_path / "bundle"
-    manifest = export_bundle(ckpt, bundle, components=["base", "expert_H", "text_encoder", "adapter"], calib=calib,
-                             work_dir=tmp_path / "work", quiet=True, full_sweep=False)
+    manifest = export_bundle(BuildRequest(checkpoint=ckpt, out=bundle,
+                                          components=["base", "expert_H", "text_encoder", "adapter"], calib=calib,
+                                          work_dir=tmp_path / "work", quiet=True, full_sweep=False))
     adapter = manifest.graph_of_role("adapter_answer")
     assert len(manifest.model.experts) == 8 and manifest.model.experts[-1].component == "expert_H"
     assert "expert_H" in manifest.graphs and manifest.graphs["expert_H"].proven["fp32"] >= 0.99999
@@ -184,7 +193,7 @@ def test_the_device_side_imports_neither_torch_nor_transformers():
 import sys
 sys.modules["torch"] = None
 sys.modules["transformers"] = None
-import mova_export.runtime, mova_export.bundle, mova_export.preprocess, mova_export.text, mova_export.facts
+import mova_export.runtime, mova_export.bundle, mova_export.core
 import mova_export.cli
 from click.testing import CliRunner
 result = CliRunner().invoke(mova_export.cli.main, ["run", "--help"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import mova_export
-from mova_export.progress import NULL
+from mova_export.core.progress import NULL
 
 REPO = Path(mova_export.__file__).resolve().parents[1]
 COMPONENTS = "base,expert_F,expert_D,text_encoder"   # no adapter: no features of every tower, a quick build
@@ -36,7 +36,7 @@ def _build_command(checkpoint: Path, out: Path, work: Path) -> list[str]:
 
 def test_sigterm_mid_export_leaves_no_partial_bundle_and_the_rerun_resumes(checkpoint, tmp_path):
     from mova_export.bundle import load_bundle
-    from mova_export.pipeline import build
+    from mova_export.pipeline import BuildRequest, build
 
     work, out = tmp_path / "work", tmp_path / "out" / "bundle-cpu"
     out.parent.mkdir()
@@ -57,15 +57,16 @@ def test_sigterm_mid_export_leaves_no_partial_bundle_and_the_rerun_resumes(check
     assert not [p for p in work.rglob("*") if ".partial-" in p.name]
     assert set(first_units) <= set(_finished(work, "export"))
 
-    resumed = build(checkpoint, "cpu", out, components=COMPONENTS.split(","), work_dir=work, quiet=True)
+    resumed = build(BuildRequest(checkpoint=checkpoint, target="cpu", out=out, components=COMPONENTS.split(","),
+                                 work_dir=work, quiet=True))
     status = {(r.stage, r.name): r.status for r in resumed.records}
     assert all(status[("export", name)] == "reused" for name in first_units), status
     assert any(s == "computed" for (stage, _), s in status.items() if stage in ("export", "quantize"))
     assert "unit(s) reused from the work folder" in (out / "build.log").read_text()
 
     # an uninterrupted build from scratch (its own work folder) gives the same files, byte for byte
-    fresh = build(checkpoint, "cpu", tmp_path / "fresh", components=COMPONENTS.split(","),
-                  work_dir=tmp_path / "work-fresh", quiet=True)
+    fresh = build(BuildRequest(checkpoint=checkpoint, target="cpu", out=tmp_path / "fresh",
+                               components=COMPONENTS.split(","), work_dir=tmp_path / "work-fresh", quiet=True))
     assert all(r.status == "computed" for r in fresh.records)
     shipped = {rel: meta["sha256"] for rel, meta in load_bundle(out).manifest.files.items()
                if not rel.startswith("report.")}

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import RUNTIME_EXACT
 from helpers import cli_error
-from mova_export.errors import BundleError, RuntimeInputError
-from mova_export.samples import SAMPLE_QUESTIONS, demo_questions
+
+from mova_export.core.errors import BundleError, RuntimeInputError
+from mova_export.core.tolerance import compare_outputs
+from mova_export.source.photos import SAMPLE_QUESTIONS, demo_questions
 from mova_export.synth.trained import kind_of
-from mova_export.validate import compare
 
 pytest.importorskip("llama_cpp")
 
@@ -73,13 +73,13 @@ def test_routed_experts_and_their_tensors_match_the_reference(rt, reference, ima
     assert got.experts == want.experts == experts
     assert set(got.tensors) == set(want.tensors) == {"base", "text_features", "routing_tokens", "image_tokens",
                                                      *(f"expert_{e}" for e in experts)}
-    compare(want.tensors, got.tensors, component=f"runtime vs reference ({name}, experts {''.join(experts)})")
+    compare_outputs(want.tensors, got.tensors, component=f"runtime vs reference ({name}, experts {''.join(experts)})")
     _same_answer(got, want)
 
 
 def _question_of_length(rt, target: int) -> tuple[str, int]:
     """A question of about `target` BERT tokens (the runtime's own tokenizer counts)."""
-    from mova_export.text import text_inputs
+    from mova_export.core.bert_inputs import text_inputs
 
     tokenizer = rt.vision._tokenizer
     words = "what colour is the small object on the left side of the table near the window".split()
@@ -101,7 +101,7 @@ def test_long_questions_are_answered_like_the_reference(rt, reference, images, t
     got = rt.ask(images["coffee"], question, MAX_NEW, experts=["B", "D"], keep_tensors=True)
     want = reference.run(images["coffee"], question, max_new_tokens=MAX_NEW, force_experts=["B", "D"],
                          keep_tensors=True)
-    compare({"text_features": want.tensors["text_features"]}, {"text_features": got.tensors["text_features"]},
+    compare_outputs({"text_features": want.tensors["text_features"]}, {"text_features": got.tensors["text_features"]},
             component=f"text encoder, {used}-token question")
     _same_answer(got, want)
 
@@ -378,7 +378,7 @@ TORCH_FREE = textwrap.dedent("""
     for name in ("torch", "transformers", "torchvision"):
         sys.modules[name] = None          # any import of them now raises ImportError
     from mova_export.runtime import MoVARuntime
-    from mova_export.samples import sample_images
+    from mova_export.source.photos import sample_images
     bundle, question, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     with MoVARuntime.from_bundle(bundle, **options) as rt:
         answer = rt.ask(sample_images(["coffee"])["coffee"], question, 8, experts=["A", "C"])

@@ -8,12 +8,12 @@ import safetensors.torch
 import torch
 
 from mova_export import synth
-from mova_export.checkpoint import Checkpoint, build_on_meta
-from mova_export.components import component_names, expert_index, expert_specs, get_spec
-from mova_export.config import MoVAConfig
-from mova_export.errors import CheckpointError
-from mova_export.progress import NULL
-from mova_export.synth import (DEFAULT_SHARD_SIZE, plan_tensors, synthetic_config, write_synthetic_checkpoint)
+from mova_export.components import arch, component_names, expert_index, expert_specs, get_spec
+from mova_export.core.errors import CheckpointError
+from mova_export.core.progress import NULL
+from mova_export.source.checkpoint import Checkpoint, build_on_meta
+from mova_export.source.config import MoVAConfig
+from mova_export.synth import DEFAULT_SHARD_SIZE, plan_tensors, synthetic_config, write_synthetic_checkpoint
 
 REAL_COMPONENTS = component_names()
 
@@ -87,9 +87,9 @@ def test_layout_config_and_index(tiny_bin):
     assert raw["model_type"] == "mova_llama" and raw["mova_export"]["scale"] == "tiny"
     assert raw["torch_dtype"] == "bfloat16" and raw["mm_projector_text_encoder"] == "text_encoder"
     for spec in expert_specs():
-        assert cfg.expert_channels[expert_index(spec.name)] == spec.out_channels(cfg.arch(spec.name)), spec.name
+        assert cfg.expert_channels[expert_index(spec.name)] == spec.out_channels(arch(cfg, spec.name)), spec.name
     if "base" in REAL_COMPONENTS and get_spec("base").out_channels:
-        assert cfg.mm_hidden_size == get_spec("base").out_channels(cfg.arch("base"))
+        assert cfg.mm_hidden_size == get_spec("base").out_channels(arch(cfg, "base"))
     generation = json.loads((tiny_bin / "generation_config.json").read_text())
     assert generation == {"bos_token_id": cfg.llm["bos_token_id"], "eos_token_id": cfg.llm["eos_token_id"]}
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 import mova_export
-from mova_export.errors import BundleError, CheckpointError, RuntimeInputError
-from mova_export.prompts import adapter_text
-from mova_export.text import MAX_TEXT_TOKENS, TEXT_BUCKETS, BertTextTokenizer, bucket_for, text_inputs
+from mova_export.components import arch
+from mova_export.core.bert_inputs import MAX_TEXT_TOKENS, TEXT_BUCKETS, BertTextTokenizer, bucket_for, text_inputs
+from mova_export.core.errors import BundleError, CheckpointError, RuntimeInputError
+from mova_export.core.prompts import adapter_text
 from mova_export.synth.tokenizers import iter_sample_texts, write_bert_vocab
 
 REPO = Path(mova_export.__file__).resolve().parents[1]   # the subprocess imports this checkout's package
@@ -167,7 +168,7 @@ def test_runs_without_torch_and_transformers(vocab_folder, ours):
 import json, sys
 sys.modules["torch"] = None          # any import of them now raises ImportError
 sys.modules["transformers"] = None
-from mova_export.text import BertTextTokenizer, text_inputs
+from mova_export.core.bert_inputs import BertTextTokenizer, text_inputs
 tok = BertTextTokenizer.from_folder({str(vocab_folder)!r})
 ids, mask = text_inputs(tok, "What is in the cup?")
 print(json.dumps([ids.tolist(), mask.tolist()]))
@@ -186,8 +187,8 @@ def test_cls_feature_is_the_same_in_every_bucket(tmp_path):
     from mova_export.synth import synthetic_config
 
     cfg = synthetic_config("tiny")
-    assert cfg.arch("text_encoder")["max_position_embeddings"] >= max(TEXT_BUCKETS)
-    tokenizer = BertTextTokenizer.from_folder(write_bert_vocab(tmp_path, cfg.arch("text_encoder")["vocab_size"]))
+    assert arch(cfg, "text_encoder")["max_position_embeddings"] >= max(TEXT_BUCKETS)
+    tokenizer = BertTextTokenizer.from_folder(write_bert_vocab(tmp_path, arch(cfg, "text_encoder")["vocab_size"]))
     torch.manual_seed(0)
     encoder = get_spec("text_encoder").build(cfg)
     with torch.no_grad():
@@ -202,6 +203,6 @@ def test_cls_feature_is_the_same_in_every_bucket(tmp_path):
         unpadded = encoder(torch.from_numpy(feeds[64][0][:, :used]), torch.from_numpy(feeds[64][1][:, :used]))
         unmasked = encoder(torch.from_numpy(feeds[512][0]), torch.ones(1, 512, dtype=torch.int64))
     for bucket, feature in features.items():
-        assert feature.shape == (1, cfg.arch("text_encoder")["hidden_size"])
+        assert feature.shape == (1, arch(cfg, "text_encoder")["hidden_size"])
         assert float((feature - unpadded).abs().max()) <= 1e-5, bucket
     assert float((unmasked - features[512]).abs().max()) > 1e-3                   # the mask is what makes it so

@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 
-from mova_export.components import get_spec
+from mova_export.components import arch, get_spec
+from mova_export.core.bert_inputs import TEXT_BUCKETS, BertTextTokenizer, text_inputs
 from mova_export.synth import synthetic_config
 from mova_export.synth.tokenizers import write_bert_vocab
-from mova_export.text import TEXT_BUCKETS, BertTextTokenizer, text_inputs
 
 CFG = synthetic_config("tiny")
 # ~10, ~100 and ~400 BERT tokens: one question per bucket
@@ -20,7 +20,7 @@ QUESTIONS = ("What is in the cup?", "Describe every object on the table, " * 14 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    folder = write_bert_vocab(tmp_path_factory.mktemp("bert"), vocab_size=CFG.arch("text_encoder")["vocab_size"])
+    folder = write_bert_vocab(tmp_path_factory.mktemp("bert"), vocab_size=arch(CFG, "text_encoder")["vocab_size"])
     return BertTextTokenizer.from_folder(folder)
 
 
@@ -50,7 +50,7 @@ def test_padding_does_not_change_the_cls_output(tokenizer, encoder):
         garbage = ids.clone()
         garbage[0, used:] = 7  # whatever sits behind the mask must not matter either
         other = encoder(garbage, mask)
-    assert padded.shape == (1, CFG.arch("text_encoder")["hidden_size"])
+    assert padded.shape == (1, arch(CFG, "text_encoder")["hidden_size"])
     assert float((padded - unpadded).abs().max()) <= 1e-5
     assert float((padded - other).abs().max()) <= 1e-5
     with torch.no_grad():  # and the mask really is used: unmasking the padding changes the output
@@ -58,10 +58,10 @@ def test_padding_does_not_change_the_cls_output(tokenizer, encoder):
 
 
 def test_onnx_graph_matches_at_every_bucket(tokenizer, encoder, tmp_path):
+    from mova_export.core.tolerance import compare_outputs
     from mova_export.export import onnx_from_component
-    from mova_export.reference.runners import TorchRunner
-    from mova_export.runtime.runners import OrtRunner
-    from mova_export.validate import compare
+    from mova_export.runners.ort import OrtRunner
+    from mova_export.runners.pytorch import TorchRunner
 
     spec = get_spec("text_encoder")
     path = tmp_path / "text.onnx"
@@ -76,7 +76,7 @@ def test_onnx_graph_matches_at_every_bucket(tokenizer, encoder, tmp_path):
         for bucket in (b for b in TEXT_BUCKETS if b >= used):
             ids, mask = text_inputs(tokenizer, question, (bucket,))
             feed = {"input_ids": ids, "attention_mask": mask}
-            compare(torch_runner.infer(feed), ort_runner.infer(feed), component="text_encoder",
+            compare_outputs(torch_runner.infer(feed), ort_runner.infer(feed), component="text_encoder",
                     sample=f"{used} tokens @ {bucket}")
             unpadded = torch_runner.infer({"input_ids": ids[:, :used], "attention_mask": mask[:, :used]})
             assert np.abs(unpadded["text_features"] - ort_runner.infer(feed)["text_features"]).max() <= 1e-5

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mova_export.prompts import chat_prompt
-from mova_export.samples import demo_questions
+from mova_export.core.prompts import chat_prompt
+from mova_export.source.photos import demo_questions
 from mova_export.synth.trained import KINDS_BY_NAME, QUESTION_KINDS, kind_of
 
 ROUTING_IMAGES = ("astronaut", "page", "immunohistochemistry")
@@ -22,7 +22,7 @@ def trained_reference(reference):
 
 @pytest.fixture(scope="module")
 def random_tiny(session_root) -> Path:
-    from mova_export.progress import NULL
+    from mova_export.core.progress import NULL
     from mova_export.synth import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint(session_root / "tiny-random", scale="tiny", console=NULL)
@@ -81,7 +81,7 @@ def test_reference_routes_and_answers_every_demo_question(trained_reference, ima
 def test_trained_checkpoint_differs_from_tiny_only_in_the_llm(random_tiny, trained_reference):
     import torch
 
-    from mova_export.checkpoint import Checkpoint
+    from mova_export.source.checkpoint import Checkpoint
 
     tiny, trained = Checkpoint.open(random_tiny), trained_reference.checkpoint
     assert tiny.config.to_dict() == trained.config.to_dict()

@@ -5,12 +5,19 @@ import json
 
 import pytest
 
-from mova_export.errors import CheckpointError
 from mova_export.components import routing_prompt_lines
-from mova_export.llama3 import llama3_special_tokens, load_llm_tokenizer, special_token_ids
-from mova_export.prompts import (ASSISTANT_ROLE, SEP, SYSTEM, USER_ROLE, chat_prompt, routing_prompt,
-                                 tokenize_with_image)
+from mova_export.core.errors import CheckpointError
+from mova_export.core.prompts import (
+    ASSISTANT_ROLE,
+    SEP,
+    SYSTEM,
+    USER_ROLE,
+    chat_prompt,
+    routing_prompt,
+    tokenize_with_image,
+)
 from mova_export.reference import load_text_tokenizer
+from mova_export.source.llama3 import llama3_special_tokens, load_llm_tokenizer, special_token_ids
 from mova_export.synth.tokenizers import BERT_SPECIALS, iter_sample_texts, write_bert_vocab, write_llama3_tokenizer
 
 ROUTING_PROMPT = routing_prompt(routing_prompt_lines())

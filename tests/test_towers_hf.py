@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize
 from torch import nn
 
-from mova_export.components import expert_index, get_spec
-from mova_export.config import FULL_LLM, MoVAConfig
-from mova_export.errors import ComponentError, RuntimeInputError
-from helpers import randomize
+from mova_export.components import arch, expert_index, get_spec
+from mova_export.core.errors import ComponentError, RuntimeInputError
+from mova_export.source.config import FULL_LLM, MoVAConfig
 
 NAMES = ("base", "expert_A", "expert_D", "expert_E", "expert_F")
 TOWER = {"base": "vision_tower_0", "expert_A": "vision_tower_1", "expert_D": "vision_tower_4",
@@ -74,10 +74,10 @@ def test_spec_declares_the_upstream_tower(name):
     assert spec.prefix == f"model.vision_tower.{TOWER[name]}."
     if name == "base":
         assert spec.expert is None
-        assert spec.out_channels(FULL.arch(name)) == FULL.mm_hidden_size == 1024
+        assert spec.out_channels(arch(FULL, name)) == FULL.mm_hidden_size == 1024
     else:
         assert spec.expert.letter == name[-1] and [r.kind for r in spec.image_inputs] == [KIND[name]]
-        assert spec.out_channels(FULL.arch(name)) == FULL.expert_channels[expert_index(name)] == FULL_CHANNELS[name]
+        assert spec.out_channels(arch(FULL, name)) == FULL.expert_channels[expert_index(name)] == FULL_CHANNELS[name]
     if KIND[name] == "pix2struct":
         want = [("flattened_patches", (1, 2025, 770), "float32"), ("attention_mask", (1, 2025), "float32")]
     else:
@@ -94,7 +94,7 @@ def test_tiny_output_shape_and_token_grid(name, tiny):
     assert not module.training
     assert [tuple(a.shape) for a in args] == [t.shape for t in spec.inputs(TINY)] == \
         [t.shape for t in spec.inputs(FULL)]                              # tiny keeps the real input sizes
-    assert y.shape == spec.outputs(TINY)[0].shape == (1, 2304, spec.out_channels(TINY.arch(name)))
+    assert y.shape == spec.outputs(TINY)[0].shape == (1, 2304, spec.out_channels(arch(TINY, name)))
     assert y.dtype == torch.float32 and torch.isfinite(y).all() and y.std() > 1e-2
     assert sum(p.numel() for p in module.parameters()) * 4 < 4 << 20     # a few MB at most
 
@@ -200,7 +200,7 @@ def test_full_state_dict_is_the_checkpoint_layout(name, full_meta):
 
 
 def test_unused_keys_and_meta_builds_for_synthetic_checkpoints():
-    from mova_export.checkpoint import build_on_meta
+    from mova_export.source.checkpoint import build_on_meta
     from mova_export.synth import plan_tensors
 
     biomed = get_spec("expert_F")
@@ -222,7 +222,7 @@ def test_checkpoint_build_loads_every_tower_strictly(tiny, tmp_path):
 
     from safetensors.torch import save_file
 
-    from mova_export.checkpoint import Checkpoint
+    from mova_export.source.checkpoint import Checkpoint
 
     state = {get_spec(n).prefix + k: v.contiguous() for n in NAMES for k, v in tiny[n][0].state_dict().items()}
     state["model.vision_tower.vision_tower_0.vision_model.embeddings.position_ids"] = torch.arange(2305)[None]
@@ -299,7 +299,7 @@ def _hf_dinov2(module: nn.Module, arch: dict) -> nn.Module:
 
 def test_dinov2_matches_transformers_dinov2(tiny):
     module, (x,), y = tiny["expert_A"]
-    hf = _hf_dinov2(module, TINY.arch("expert_A"))
+    hf = _hf_dinov2(module, arch(TINY, "expert_A"))
     with torch.no_grad():
         x518 = F.interpolate(x, size=(518, 518), mode="bilinear")           # upstream's call (align_corners unset)
         out = hf(pixel_values=x518, output_hidden_states=True)
@@ -329,10 +329,10 @@ def test_pix2struct_matches_transformers_without_a_mask(name, tiny):
     module, (patches, mask), y = tiny[name]
     assert 0 < (mask == 0).sum() < 2025                                      # padding rows present
     assert torch.equal(mask, (patches.abs().sum(-1) != 0).float())
-    hf = _hf_pix2struct(module, TINY.arch(name))
+    hf = _hf_pix2struct(module, arch(TINY, name))
     with torch.no_grad():
         ref = hf(flattened_patches=patches).last_hidden_state
-        assert ref.shape == (1, 2025, TINY.arch(name)["hidden_size"])
+        assert ref.shape == (1, 2025, arch(TINY, name)["hidden_size"])
         assert (y - _align(ref, 45)).abs().max() < 1e-5
         unmasked = module(patches, torch.ones_like(mask))                    # the mask matters
     assert (unmasked - y).abs().max() > 1e-3
@@ -413,14 +413,14 @@ def _rows():
 
 
 def pixel_values(image, kind, cfg):
-    from mova_export.preprocess import preprocess_input
+    from mova_export.core.image_inputs import preprocess_input
 
     return preprocess_input(image, _rows()[kind], cfg)[0]
 
 
 @pytest.fixture(scope="module")
 def coffee_inputs(pictures):
-    from mova_export.preprocess import preprocess
+    from mova_export.core.image_inputs import preprocess
 
     return preprocess(pictures["coffee"], _rows().values(), TINY)
 
@@ -458,7 +458,7 @@ def test_pad_to_square_keeps_the_aspect_ratio(coffee_inputs):
 def test_normalisation_means_map_to_zero():
     from mova_export.components.clip import CLIP_MEAN
     from mova_export.components.dinov2 import IMAGENET_MEAN
-    from mova_export.preprocess import pad_color
+    from mova_export.core.image_inputs import pad_color
 
     clip_grey = np.full((300, 200, 3), pad_color(CLIP_MEAN), dtype=np.uint8)
     for kind in ("clip672", "sam1024"):
@@ -472,7 +472,7 @@ def test_normalisation_means_map_to_zero():
 
 
 def test_pix2struct_patches_without_pad_leave_masked_rows(pictures):
-    from mova_export.preprocess import preprocess_input
+    from mova_export.core.image_inputs import preprocess_input
 
     patches, mask = preprocess_input(pictures["coffee"], _rows()["pix2struct"], _cfg("tiny", image_aspect_ratio="none"))
     rows, cols = int(patches[0, :, 0].max()), int(patches[0, :, 1].max())
@@ -485,7 +485,7 @@ def test_pix2struct_patches_without_pad_leave_masked_rows(pictures):
 def test_load_image_accepts_paths_pil_and_arrays(pictures, tmp_path):
     from PIL import Image
 
-    from mova_export.preprocess import load_image
+    from mova_export.core.image_inputs import load_image
 
     rgb = pictures["astronaut"][:40, :60]
     Image.fromarray(rgb).save(tmp_path / "a.png")
@@ -510,7 +510,7 @@ def test_load_image_accepts_paths_pil_and_arrays(pictures, tmp_path):
     ([[0, 0], [0, 0]], r"cannot read an image from a list"),
 ])
 def test_load_image_errors_name_the_problem(bad, message, tmp_path):
-    from mova_export.preprocess import load_image, preprocess
+    from mova_export.core.image_inputs import load_image, preprocess
 
     if isinstance(bad, str) and bad == "missing":
         bad = tmp_path / "missing.png"

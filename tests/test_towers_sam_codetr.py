@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize
 from torch import nn
 
-from mova_export.components import expert_index, get_spec
-from mova_export.config import FULL_LLM, MoVAConfig
-from helpers import randomize
+from mova_export.components import arch, expert_index, get_spec
+from mova_export.source.config import FULL_LLM, MoVAConfig
 
 NAMES = ("expert_B", "expert_C", "expert_G")
 TOWER = {"expert_B": "vision_tower_2", "expert_C": "vision_tower_3", "expert_G": "vision_tower_7"}
@@ -59,7 +59,7 @@ def test_spec_declares_the_upstream_tower(name):
     assert spec.expert.letter == name[-1] and [r.kind for r in spec.image_inputs] == ["sam1024"]
     assert [(t.name, t.shape, t.dtype) for t in spec.inputs(FULL)] == [("pixel_values", (1, 3, 1024, 1024), "float32")]
     channels = {"expert_B": 512, "expert_C": 256, "expert_G": 256}[name]
-    assert spec.out_channels(FULL.arch(name)) == channels == FULL.expert_channels[expert_index(name)]
+    assert spec.out_channels(arch(FULL, name)) == channels == FULL.expert_channels[expert_index(name)]
     assert [(t.name, t.shape) for t in spec.outputs(FULL)] == [("features", (1, 2304, channels))]
     assert spec.unused_keys == () and spec.exclude_prefixes == ()
 
@@ -67,7 +67,7 @@ def test_spec_declares_the_upstream_tower(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_tiny_keeps_the_full_spatial_shapes(name, tiny):
     spec = get_spec(name)
-    full, small = FULL.arch(name), TINY.arch(name)
+    full, small = arch(FULL, name), arch(TINY, name)
     for key in ("img_size", "patch_size", "window_size") + (("pretrain_img_size", "out_size") if name == "expert_C"
                                                              else ()):
         assert small[key] == full[key], key
@@ -326,11 +326,11 @@ def _hf_sam_encoder(module: nn.Module, arch: dict) -> nn.Module:
 @pytest.mark.parametrize("name", ["expert_B", "expert_G"])
 def test_sam_encoder_matches_transformers(name, tiny):
     module, x, y = tiny[name]
-    hf = _hf_sam_encoder(module, TINY.arch(name))
+    hf = _hf_sam_encoder(module, arch(TINY, name))
     with torch.no_grad():
         ref = hf(pixel_values=x).last_hidden_state
         ours = module.neck_features(x)
-        assert ours.shape == ref.shape == (1, TINY.arch(name)["out_chans"], 64, 64)
+        assert ours.shape == ref.shape == (1, arch(TINY, name)["out_chans"], 64, 64)
         assert (ours - ref).abs().max() < 1e-4
         if name == "expert_B":   # net_2 (3x3 s2) -> 32x32 -> bilinear 48x48, in fp32
             ref = F.conv2d(ref, module.net_2.weight, stride=2, padding=1)

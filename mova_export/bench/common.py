@@ -9,22 +9,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..bundle import MANIFEST, load_bundle, sha256_file
-from ..errors import RuntimeInputError
+from ..core.errors import RuntimeInputError
+from ..core.progress import Log, quiet  # noqa: F401  (re-exported for latency and parity)
 
-Log = Callable[[str], None]
 DEFAULT_QUESTION = "Describe the image."
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 def load_images(specs: Sequence[Any] | None, default: Sequence[tuple[str, str]],
                 question: str | None = None) -> list[tuple[str, np.ndarray, str]]:
     """(label, HxWx3 uint8, question) per image: scikit-image sample names (with their questions) or paths
     (with `question`, else DEFAULT_QUESTION). default: (sample name, question) pairs used when specs is empty."""
-    from ..preprocess import load_image
-    from ..samples import SAMPLE_QUESTIONS, sample_images
+    from ..core.image_inputs import load_image
+    from ..source.photos import SAMPLE_QUESTIONS, sample_images
 
     if not specs:
         pictures = sample_images(dict.fromkeys(name for name, _ in default))
@@ -62,7 +58,7 @@ def rounded(obj: Any, nd: int = 3) -> Any:
 
 
 def gpu_name() -> str | None:
-    from ..gpu import nvidia_smi
+    from ..core.gpu import nvidia_smi
 
     values = nvidia_smi(["name"])
     return values[0] if values else None
@@ -70,7 +66,7 @@ def gpu_name() -> str | None:
 
 def gpu_memory_mib() -> dict[str, float] | None:
     """Device-wide used GPU memory (covers ONNX Runtime, TensorRT and llama.cpp), from nvidia-smi."""
-    from ..gpu import nvidia_smi
+    from ..core.gpu import nvidia_smi
 
     values = nvidia_smi(["memory.used", "memory.total"])
     try:

@@ -15,10 +15,22 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import RuntimeInputError
+from ..core.errors import RuntimeInputError
 from ..runtime.two_pass import STAGES
-from .common import (Log, barh, bundle_info, gpu_memory_mib, load_images, machine, quiet, reference_pipeline,
-                     rounded, run_title, stats, write_figure)
+from .common import (
+    Log,
+    barh,
+    bundle_info,
+    gpu_memory_mib,
+    load_images,
+    machine,
+    quiet,
+    reference_pipeline,
+    rounded,
+    run_title,
+    stats,
+    write_figure,
+)
 
 # The stages both sides measure the same way (experts: the sum of the routed towers).
 COMPARED = ("preprocess", "base", "adapter_routing", "llm_routing", "experts", "text_encoder", "adapter_answer",
@@ -31,14 +43,14 @@ def _per_stage(timings: Mapping[str, float]) -> dict[str, float]:
     return t
 
 
-def latency_benchmark(bundle: str | Path, *, runs: int = 5, warmup: int = 1, images: Sequence[Any] | None = None,
+def latency_benchmark(bundle: str | Path, *, runs: int = 5, warmup: int = 1, images: Sequence[Any] | None = None,  # noqa: PLR0913 (an option each)
                       question: str | None = None, max_new_tokens: int = 16, options: Any = None,
                       experts: Sequence[str] | None = None, reference: bool = True, towers: bool = True,
                       out_dir: str | Path | None = None, log: Log = quiet) -> dict[str, Any]:
     """Run the latency benchmark; returns the result and writes latency.{json,md,png} when out_dir is given.
     options: runtime.RuntimeOptions for the bundle side."""
     from ..runtime import MoVARuntime, RuntimeOptions, peak_rss_mib
-    from ..samples import demo_questions
+    from ..source.photos import demo_questions
 
     if runs < 1 or warmup < 0:
         raise RuntimeInputError(f"runs={runs}, warmup={warmup}; pass runs >= 1 and warmup >= 0")
@@ -155,7 +167,7 @@ def _adapter_latency(vision: Any, feeds: Mapping[str, Any], runs: int, bundle_si
     return out
 
 
-def _reference_latency(bundle: Path, frames: list, runs: int, warmup: int, max_new_tokens: int,
+def _reference_latency(bundle: Path, frames: list, runs: int, warmup: int, max_new_tokens: int,  # noqa: PLR0913 (an option each)
                        routed: list[list[str]], towers: bool, log: Log,
                        adapter_feeds: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     ref = reference_pipeline(bundle, log)

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from ..bundle import load_bundle
-from ..errors import BundleError, RuntimeInputError
+from ..core.errors import BundleError, RuntimeInputError
 from .common import Log, barh, bundle_info, load_images, machine, quiet, reference_pipeline, rounded, write_figure
 
 PARITY_QUESTIONS = 6
@@ -67,15 +65,15 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def parity_benchmark(bundle: str | Path, *, images: Sequence[Any] | None = None, question: str | None = None,
+def parity_benchmark(bundle: str | Path, *, images: Sequence[Any] | None = None, question: str | None = None,  # noqa: PLR0913 (an option each)
                      configs: Sequence[ParityConfig] | None = None, max_new_tokens: int = 16, device: str = "cpu",
                      llm_threads: int | None = None, experts: Sequence[str] | None = None,
                      out_dir: str | Path | None = None, log: Log = quiet) -> dict[str, Any]:
     """Run the parity benchmark; returns the result and writes parity.{json,md,png} when out_dir is given.
     experts: force this routing on both sides (the expert graphs then get cosines even where the LLM routes none)."""
+    from ..core.tolerance import parity
     from ..runtime import MoVARuntime
-    from ..samples import demo_questions
-    from ..validate import parity
+    from ..source.photos import demo_questions
 
     bundle = Path(bundle)
     frames = load_images(images, demo_questions()[:PARITY_QUESTIONS], question)

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..core.errors import CheckpointError
 
 # What `tool_versions` records: the build side's libraries where installed (the device side records its own).
 TOOL_DISTRIBUTIONS = ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "onnxslim", "transformers", "numpy",
@@ -28,8 +28,34 @@ def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
 
 def file_table(root: Path, skip: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """{bundle-relative path: {sha256, bytes}} of every file under root except the names in `skip`."""
-    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+    return FileTable(root).scan(skip).entries
+
+
+class FileTable:
+    """The manifest's file table, filled once per build: each file is hashed the first time it is added and never
+    again (a rescan adds only files it has not seen, e.g. engines and the report written after the graphs)."""
+
+    def __init__(self, root: Path, entries: dict[str, dict[str, Any]] | None = None):
+        self.root = Path(root)
+        self.entries: dict[str, dict[str, Any]] = dict(entries or {})
+
+    def add(self, rel: str, sha256: str | None = None) -> dict[str, Any]:
+        """Record one file (hashing it unless its sha256 is known) and return its entry."""
+        path = self.root / rel
+        self.entries[rel] = {"sha256": sha256 or sha256_file(path), "bytes": path.stat().st_size}
+        return self.entries[rel]
+
+    def scan(self, skip: tuple[str, ...] = ()) -> "FileTable":
+        """Add every file under root not yet in the table, except the names in `skip`."""
+        for p in sorted(self.root.rglob("*")):
+            rel = p.relative_to(self.root).as_posix()
+            if p.is_file() and p.name not in skip and rel not in self.entries:
+                self.add(rel)
+        self.entries = dict(sorted(self.entries.items()))
+        return self
+
+    def sha256(self, rel: str) -> str:
+        return self.entries[rel]["sha256"] if rel in self.entries else self.add(rel)["sha256"]
 
 
 def checkpoint_fingerprint(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -21,17 +21,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import BundleError
-from ..facts import ModelFacts
-from ..spec import TensorSpec
-from .files import file_table, sha256_file
+from ..core.errors import BundleError
+from ..core.facts import ModelFacts
+from ..core.spec import (
+    PRECISIONS,  # noqa: F401  (re-exported by bundle)
+    TensorSpec,
+)
+from .files import FileTable, sha256_file
 
 FORMAT = "mova-export-bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 BUILD_LOG = "build.log"     # appended to until the build ends, so not hashed
 ARTIFACT_DIRS = ("graphs", "llm", "engines", "checks")  # every file under these must be in the file table
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
 
 def _from(cls: type, raw: Mapping[str, Any]) -> Any:
@@ -213,9 +215,11 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{source} is malformed ({type(exc).__name__}: {exc}); rebuild the bundle") from None
 
-    def write(self, root: Path) -> None:
-        """Recompute the file table over root and write manifest.json through a temp file (atomic)."""
-        self.files = file_table(root, skip=(MANIFEST, BUILD_LOG))
+    def write(self, root: Path, files: "FileTable | None" = None) -> None:
+        """Write manifest.json through a temp file (atomic). The file table is `files` with every file under root it
+        lacks added (files it holds are not hashed again), or, without one, a fresh scan of root."""
+        table = files if files is not None else FileTable(root)
+        self.files = table.scan(skip=(MANIFEST, BUILD_LOG)).entries
         tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         os.replace(tmp, root / MANIFEST)

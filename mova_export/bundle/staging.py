@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import BundleError
+from ..core.errors import BundleError
 
 PARTIAL_MARK = ".partial-"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..gguf.qtypes import QTYPES
+from ..core.qtypes import QTYPES
 from .common import console, one_line_errors, parse_components, parse_letters, resolve_image
 from .run import bench, run
 
@@ -116,10 +116,11 @@ def reference(checkpoint: Path, image: str, question: str, max_new_tokens: int, 
 def export(checkpoint: Path, out_dir: Path, components: str | None, precisions: tuple[str, ...], calib: Path | None,
            overwrite: bool, work_dir: Path | None, quiet: bool) -> None:
     """Export each component to a static ONNX graph, prove parity with PyTorch, and write a bundle (no LLM)."""
-    from ..pipeline import export_bundle
+    from ..pipeline import BuildRequest, export_bundle
 
-    export_bundle(checkpoint, out_dir, components=parse_components(components), precisions=precisions, calib=calib,
-                  overwrite=overwrite, work_dir=work_dir, quiet=quiet)
+    export_bundle(BuildRequest(checkpoint=checkpoint, out=out_dir, components=parse_components(components),
+                               export_precisions=precisions, calib=calib, overwrite=overwrite, work_dir=work_dir,
+                               quiet=quiet))
     click.echo(f"bundle written to {out_dir} (inspect it with `mova-export inspect {out_dir}`)")
 
 
@@ -136,7 +137,7 @@ def export(checkpoint: Path, out_dir: Path, components: str | None, precisions: 
 def gguf(checkpoint: Path, out_file: Path | None, bundle_dir: Path | None, qtype: str, threads: int | None,
          work_dir: Path | None) -> None:
     """Convert the checkpoint's Llama LLM (weights + Llama-3 tokenizer) to a GGUF that stock llama.cpp loads."""
-    from ..progress import Console
+    from ..core.progress import Console
 
     if (out_file is None) == (bundle_dir is None):
         raise click.UsageError("pass exactly one of --out FILE or --bundle BUNDLE")
@@ -175,12 +176,14 @@ def build(target: str, checkpoint: Path, out_dir: Path, calib: Path | None, comp
           work_dir: Path | None, no_reuse: bool, no_compile: bool, allow_over_budget: bool,
           also_precisions: tuple[str, ...], also_llm: tuple[str, ...], quiet: bool) -> None:
     """Checkpoint -> device bundle: export, calibrate/quantize, GGUF, plan, compile (where possible), report."""
+    from ..pipeline import BuildRequest
     from ..pipeline import build as build_bundle
     from .render import print_build
 
-    result = build_bundle(checkpoint, target, out_dir, calib=calib, components=parse_components(components),
-                          reuse=not no_reuse, compile_engines=not no_compile, allow_over_budget=allow_over_budget,
-                          work_dir=work_dir, quiet=quiet, also_precisions=also_precisions, also_llm=also_llm)
+    result = build_bundle(BuildRequest(checkpoint=checkpoint, target=target, out=out_dir, calib=calib,
+                                       components=parse_components(components), reuse=not no_reuse,
+                                       compile=not no_compile, allow_over_budget=allow_over_budget, work_dir=work_dir,
+                                       quiet=quiet, also_precisions=also_precisions, also_llm=also_llm))
     if not quiet:
         print_build(result, console())
 
@@ -191,7 +194,8 @@ def build(target: str, checkpoint: Path, out_dir: Path, calib: Path | None, comp
 @one_line_errors
 def clean(work_dir: Path | None, partials: bool) -> None:
     """Remove the build's work folder (finished units are recomputed by the next build)."""
-    from ..pipeline import clean as clean_work, default_work_dir
+    from ..pipeline import clean as clean_work
+    from ..pipeline import default_work_dir
 
     count, freed = clean_work(work_dir, partials_only=partials)
     where = work_dir or default_work_dir()
@@ -207,7 +211,7 @@ def compile_cmd(bundle: Path, target: str | None, components: str | None) -> Non
     """Compile a bundle's graphs to TensorRT engines (on the device, or ahead of time with TensorRT for RTX)."""
     from ..bundle import load_bundle
     from ..compile import can_compile_here, compile_bundle
-    from ..errors import CompileError
+    from ..core.errors import CompileError
     from ..recipe import load_recipe
 
     loaded = load_bundle(bundle)
@@ -232,7 +236,7 @@ def compile_cmd(bundle: Path, target: str | None, components: str | None) -> Non
 @one_line_errors
 def plan(target: str, bundle_dir: Path | None, policy: str | None, llm_quant: str | None, as_json: bool) -> None:
     """Predict peak memory on a target; exit 1 when MoVA would not fit (the message says what to change)."""
-    from ..pipeline.memory import plan_bundle, plan_from_config, render_plan
+    from ..pipeline.plan import plan_bundle, plan_from_config, render_plan
     from ..recipe import load_recipe
 
     recipe = load_recipe(target)

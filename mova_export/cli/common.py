@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from ..errors import MoVAExportError
+from ..core.errors import MoVAExportError
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,12 +50,12 @@ def resolve_image(image: str) -> Any:
     """A path, or the name of a scikit-image sample photo (lets the demo run with no files)."""
     if Path(image).exists():
         return Path(image)
-    from ..samples import SAMPLE_QUESTIONS
+    from ..source.photos import SAMPLE_QUESTIONS
 
     if image in SAMPLE_QUESTIONS:
-        from ..samples import sample_images
+        from ..source.photos import sample_images
 
         return sample_images([image])[image]
-    from ..errors import RuntimeInputError
+    from ..core.errors import RuntimeInputError
 
     raise RuntimeInputError(f"image {image!r} not found; pass an image file or one of {sorted(SAMPLE_QUESTIONS)}")

@@ -18,10 +18,10 @@ def run_demo(demo_dir: Path, target: str, work_dir: Path | None, console: Any) -
     """True when the bundle agreed with the reference on every question (routing and answer)."""
     from rich.table import Table
 
-    from ..pipeline import build
+    from ..pipeline import BuildRequest, build
     from ..reference import ReferencePipeline
     from ..runtime import MoVARuntime
-    from ..samples import demo_questions, sample_images
+    from ..source.photos import demo_questions, sample_images
     from ..synth import DEMO_SCALE, write_synthetic_checkpoint
     from .render import print_build
 
@@ -30,7 +30,7 @@ def run_demo(demo_dir: Path, target: str, work_dir: Path | None, console: Any) -
         write_synthetic_checkpoint(checkpoint, scale=DEMO_SCALE, seed=0, overwrite=True)
     console.print(f"[bold]checkpoint[/bold] {checkpoint} ({DEMO_SCALE} MoVA: random vision towers and adapter, an LLM "
                   "trained to route by question kind)")
-    result = build(checkpoint, target, bundle, work_dir=work_dir)
+    result = build(BuildRequest(checkpoint=checkpoint, target=target, out=bundle, work_dir=work_dir))
     print_build(result, console)
     questions = demo_questions()
     images = sample_images(dict.fromkeys(name for name, _ in questions))

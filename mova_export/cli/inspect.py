@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import MoVAExportError
+from ..core.errors import MoVAExportError
 
 
 def describe_path(path: str | Path, verify: bool = True) -> dict[str, Any]:
@@ -13,7 +13,7 @@ def describe_path(path: str | Path, verify: bool = True) -> dict[str, Any]:
     if (path / "manifest.json").is_file():
         return describe_bundle(path, verify)
     if (path / "config.json").is_file():
-        from ..checkpoint import describe
+        from ..source.checkpoint import describe
 
         return {"kind": "checkpoint", **describe(path)}
     if not path.exists():

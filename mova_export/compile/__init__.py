@@ -1,7 +1,7 @@
 """TensorRT compile: a bundle's ONNX graphs -> serialized engines, with one builder for three flavors.
 
 Modules (imports go one way, top to bottom; the flavor table - tensorrt-10, tensorrt >= 10.12 / 11.x, tensorrt-rtx,
-and the API facts behind it - is mova_export.tensorrt_flavors, which the device runtime reads too):
+and the API facts behind it - is mova_export.core.tensorrt_flavors, which the device runtime reads too):
   graph     GraphInfo / inspect_graph: Q/DQ and float types of an ONNX graph (onnx only)
   settings  BuilderSettings (frozen) from recipe + component + graph + flavor; resolution against a module's enums
   host      DeviceInfo / current_device, select_flavor, can_compile_here
@@ -14,10 +14,10 @@ and the API facts behind it - is mova_export.tensorrt_flavors, which the device 
 Everything but `build`, `layers.parse_onnx/profile_onnx` and `parity.engine_parity` is pure Python and runs without
 TensorRT; those import the flavor's module lazily.
 """
-from ..errors import CompileError
+from ..core.errors import CompileError
+from ..core.tensorrt_flavors import FLAVORS, RTX_COMPUTE_CAPABILITIES, Flavor, import_flavor, installed_flavors
 from .build import BuildResult, engine_from_onnx, timing_cache_path
-from .engines import ENGINE_DIR, compile_bundle, compile_engines, engine_path_for
-from ..tensorrt_flavors import FLAVORS, RTX_COMPUTE_CAPABILITIES, Flavor, import_flavor, installed_flavors
+from .engines import ENGINE_DIR, EngineTools, compile_bundle, compile_engines, engine_key, engine_path_for
 from .graph import GraphInfo, inspect_graph
 from .host import CompileCheck, DeviceInfo, FlavorChoice, can_compile_here, current_device, select_flavor
 from .layers import LayerProfile, layer_profile, profile_onnx
@@ -26,9 +26,9 @@ from .parity import EngineParity, check_engine_parity, engine_parity
 from .settings import BuilderSettings, builder_settings, default_flavor, resolve_settings
 
 __all__ = ["BuildResult", "BuilderSettings", "CompileCheck", "CompileError", "DeviceInfo", "ENGINE_DIR",
-           "EngineMetadata", "EngineParity", "FLAVORS", "Flavor", "FlavorChoice", "GraphInfo", "LayerProfile",
-           "METADATA_SUFFIX", "RTX_COMPUTE_CAPABILITIES", "builder_settings", "can_compile_here",
-           "check_engine_metadata", "check_engine_parity", "compile_bundle", "compile_engines", "current_device", "default_flavor",
-           "engine_from_onnx", "engine_parity", "engine_path_for", "import_flavor", "inspect_graph",
-           "installed_flavors", "layer_profile", "profile_onnx", "read_engine_metadata", "resolve_settings",
-           "select_flavor", "timing_cache_path"]
+           "EngineMetadata", "EngineParity", "EngineTools", "FLAVORS", "Flavor", "FlavorChoice", "GraphInfo",
+           "LayerProfile", "METADATA_SUFFIX", "RTX_COMPUTE_CAPABILITIES", "builder_settings", "can_compile_here",
+           "check_engine_metadata", "check_engine_parity", "compile_bundle", "compile_engines", "current_device",
+           "default_flavor", "engine_from_onnx", "engine_key", "engine_parity", "engine_path_for", "import_flavor",
+           "inspect_graph", "installed_flavors", "layer_profile", "profile_onnx", "read_engine_metadata",
+           "resolve_settings", "select_flavor", "timing_cache_path"]

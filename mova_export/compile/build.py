@@ -10,14 +10,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from ..errors import CompileError
-from ..tensorrt_flavors import has_fp8, import_flavor
+from ..core.errors import CompileError
+from ..core.progress import Log, quiet
+from ..core.tensorrt_flavors import has_fp8, import_flavor
 from .layers import LayerProfile, layer_profile, parse_onnx
 from .settings import BuilderSettings, resolve_settings
 
-Log = Callable[[str], None]
 TIMING_CACHE_DIR = "engines/timing"
 
 
@@ -38,12 +37,8 @@ def timing_cache_path(gpu_name: str, flavor: str, version: str) -> str:
     return f"{TIMING_CACHE_DIR}/{_slug(gpu_name)}.{flavor}-{_slug(version)}.cache"
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
 def engine_from_onnx(onnx_path: str | Path, engine_path: str | Path, settings: BuilderSettings,
-                     timing_cache: str | Path | None = None, log: Log = _quiet) -> BuildResult:
+                     timing_cache: str | Path | None = None, log: Log = quiet) -> BuildResult:
     """Parse the ONNX graph with TensorRT's parser, configure the builder from `settings`, build and write the
     serialized engine (and the timing cache when given and the flavor has one). CompileError for parser errors
     (all listed), a DLA core the device lacks, a compute capability the flavor cannot target, a failed build."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CompileError
+from ..core.errors import CompileError
 
 # ONNX element types -> our names. UINT8 is absent on purpose: our Q/DQ are signed symmetric (INT8 with zero points
 # 0, FP8 E4M3), and an unsigned zero point means the graph came from elsewhere with asymmetric activations.

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..errors import CompileError
+from ..core.errors import CompileError
 
 COMPUTE_LAYERS = ("CONVOLUTION", "MATRIX_MULTIPLY", "ELEMENTWISE", "NORMALIZATION", "SOFTMAX", "ACTIVATION", "UNARY",
                   "REDUCE")
@@ -92,7 +92,7 @@ def parse_onnx(trt: ModuleType, path: str | Path, network_flags: int = 0, logger
 
 def profile_onnx(path: str | Path, flavor: str = "tensorrt-rtx") -> LayerProfile:
     """Parse `path` with `flavor`'s parser as a strongly typed network and profile its layers (no build, no GPU)."""
-    from ..tensorrt_flavors import FLAVORS, import_flavor
+    from ..core.tensorrt_flavors import FLAVORS, import_flavor
 
     trt = import_flavor(flavor)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if FLAVORS[flavor].strongly_typed_flag else 0

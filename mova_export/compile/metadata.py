@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import BundleError
-from ..tensorrt_flavors import FLAVORS
+from ..core.errors import BundleError
+from ..core.tensorrt_flavors import FLAVORS
 from .host import DeviceInfo
 
 METADATA_SUFFIX = ".json"
@@ -33,7 +33,7 @@ class EngineMetadata:
     dla_core: int | None = None
     builder: Mapping[str, Any] = field(default_factory=dict)     # BuilderSettings.to_json()
     recipe: str = ""
-    compile_key: str = ""                # recipe.cache_key(recipe, "compile")
+    compile_key: str = ""                # engines.engine_key: settings, graph sha256, flavor and version
     engine_sha256: str = ""
     engine_bytes: int = 0
     build_s: float = 0.0

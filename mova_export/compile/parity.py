@@ -1,9 +1,9 @@
 """Engine parity: each engine against the ONNX graph it was built from, on the bundle's real feeds.
 
 Where a CUDA GPU of the engine's compute capability is present, `engine_parity` runs the engine (TensorRTRunner) and
-the graph (ONNX Runtime CPU, Q/DQ as float math: quantize.ort_session) on the same feeds and returns the worst cosine
-and max abs over outputs and feeds; elsewhere it returns an "unverified" record saying why. `check_engine_parity`
-refuses a verified engine below the budget.
+the graph (ONNX Runtime CPU, Q/DQ as float math: runners.OrtRunner(qdq="float")) on the same feeds through
+runners.compare_runners and keeps the report's worst cosine and max abs; elsewhere it returns an "unverified" record
+saying why. `check_engine_parity` refuses a verified engine below the budget.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import CompileError
+from ..core.errors import CompileError
+from ..core.tolerance import ParityReport
+from ..runners import OrtRunner, TensorRTRunner, compare_runners
 from .host import DeviceInfo
 
 
@@ -29,6 +31,15 @@ class EngineParity:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_report(cls, report: ParityReport) -> "EngineParity":
+        """A verified record from the engine-vs-graph report: its worst cosine and max abs (-1 / inf when an output
+        is non-finite)."""
+        worst = report.summary()
+        finite = all(f.finite for f in report.per_output().values())
+        return cls("verified", worst["cosine"] if finite else -1.0, worst["max_abs"] if finite else math.inf,
+                   len(report.samples))
+
 
 def engine_parity(engine_path: str | Path, onnx_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]], *,
                   compute_capability: str, device: DeviceInfo, flavor: str, dla_core: int | None = None,
@@ -40,23 +51,12 @@ def engine_parity(engine_path: str | Path, onnx_path: str | Path, feeds: Sequenc
         return EngineParity("unverified", reason=f"{found} here; `mova-export compile` on a GPU of compute "
                             f"capability {compute_capability} verifies it")
     if not feeds:
-        return EngineParity("unverified", reason="no feeds to compare on (bundle calibration/ is empty)")
-    from ..quantize import OrtGraph
-    from ..runtime.runners import TensorRTRunner
-    from ..validate import parity
-
+        return EngineParity("unverified", reason="no feeds to compare on (the bundle's checks/ has none)")
     engine = TensorRTRunner(engine_path, flavor=flavor, dla_core=dla_core, runtime_cache=runtime_cache)
-    graph = OrtGraph(Path(onnx_path))
-    cosine, max_abs = 1.0, 0.0
-    for feed in feeds:
-        feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
-        expected, got = graph.infer(feed), engine.infer(feed)
-        for name, value in expected.items():
-            fig = parity(value, got[name])
-            cosine = min(cosine, fig.cosine if fig.finite else -1.0)
-            max_abs = max(max_abs, fig.max_abs if fig.finite else math.inf)
+    graph = OrtRunner(Path(onnx_path), qdq="float")
+    report = compare_runners(engine, feeds, graph, graph=Path(engine_path).name, precision="engine")
     engine.save_runtime_cache()
-    return EngineParity("verified", cosine, max_abs, len(feeds))
+    return EngineParity.from_report(report)
 
 
 def check_engine_parity(result: EngineParity, component: str, precision: str, min_cosine: float) -> None:

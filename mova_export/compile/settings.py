@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any, Mapping, Sequence
 
-from ..errors import CompileError, RecipeError
+from ..core.errors import CompileError, RecipeError
+from ..core.tensorrt_flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT10, has_fp8, sm_name
 from ..recipe import Recipe, graph_components
-from ..tensorrt_flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT10, has_fp8, sm_name
 from .graph import GraphInfo
 
 

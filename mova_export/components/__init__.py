@@ -24,14 +24,17 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..errors import ComponentError
-from ..spec import GraphForm, TensorSpec
+from ..core.bert_inputs import TEXT_BUCKETS
+from ..core.errors import ComponentError, ConfigError, RuntimeInputError
+from ..core.facts import ModelFacts, TowerFacts
+from ..core.prompts import routing_prompt
+from ..core.spec import GraphForm, TensorSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..config import MoVAConfig
-    from ..preprocess import ImageInput
+    from ..core.image_inputs import ImageInput
+    from ..source.config import MoVAConfig
 
 KINDS = ("tower", "text", "adapter", "llm")
 
@@ -88,6 +91,13 @@ class ComponentSpec:
         if self.include_prefixes and not any(rel.startswith(p) for p in self.include_prefixes):
             return False
         return not any(rel.startswith(p) for p in self.exclude_prefixes)
+
+    def arch(self, cfg: "MoVAConfig") -> dict[str, Any]:
+        """Architecture hyper-parameters at the config's scale: this component's preset, then the config's
+        overrides for it."""
+        if cfg.scale not in self.presets:
+            raise ConfigError(f"component {self.name!r} has no {cfg.scale!r} preset; use scale full or tiny")
+        return {**self.presets[cfg.scale], **dict(cfg.arch_overrides.get(self.name, {}))}
 
     def is_unused(self, rel_key: str) -> bool:
         return any(fnmatch.fnmatchcase(rel_key, pat) for pat in self.unused_keys)
@@ -167,6 +177,22 @@ def expert_index(name: str) -> int:
     return names.index(name)
 
 
+def arch(cfg: "MoVAConfig", name: str) -> dict[str, Any]:
+    """The architecture of component `name` at the config's scale (ComponentSpec.arch)."""
+    return get_spec(name).arch(cfg)
+
+
+def check_config(cfg: "MoVAConfig", source: str = "config") -> None:
+    """What a config must agree on with the registry: one expert_channels entry per registered expert, and a top-k
+    within the expert count."""
+    letters = expert_letters()
+    if len(cfg.expert_channels) != len(letters):
+        raise ConfigError(f"{source}: expert_channels has {len(cfg.expert_channels)} entries, the registry has "
+                          f"{len(letters)} experts ({', '.join(letters)})")
+    if not 0 <= cfg.topk_experts <= len(letters):
+        raise ConfigError(f"{source}: topk_experts={cfg.topk_experts} must be within 0..{len(letters)}")
+
+
 def specs_of_kind(kind: str) -> list[ComponentSpec]:
     return [s for s in all_specs() if s.kind == kind]
 
@@ -202,3 +228,25 @@ def image_input_table() -> dict[str, "ImageInput"]:
                 raise ComponentError(f"component {spec.name} declares image input {row.kind!r} differently from "
                                      "another tower; give it another kind name")
     return table
+
+
+def facts_from_config(cfg: "MoVAConfig") -> ModelFacts:
+    """The facts of a checkpoint: its config plus the registry's towers (build side)."""
+    def tower(name: str) -> TowerFacts:
+        spec = get_spec(name)
+        return TowerFacts(name, spec.expert.letter if spec.expert else None, tuple(r.kind for r in spec.image_inputs))
+
+    towers = specs_of_kind("tower")
+    bases = [s for s in towers if s.expert is None]
+    if len(bases) != 1:
+        raise RuntimeInputError(f"the registry holds {len(bases)} non-expert towers; MoVA has one base encoder")
+    one_of_kind("adapter")
+    text = one_of_kind("text")
+    longest = int(text.arch(cfg)["max_position_embeddings"])
+    return ModelFacts(
+        base=tower(bases[0].name), experts=tuple(tower(s.name) for s in towers if s.expert is not None),
+        image_inputs=image_input_table(), image_feat_size=int(cfg.image_feat_size),
+        image_aspect_ratio=str(cfg.image_aspect_ratio), pix2struct_max_patches=int(cfg.pix2struct_max_patches),
+        topk_experts=int(cfg.topk_experts), num_routing_tokens=int(cfg.num_routing_tokens),
+        mm_use_im_start_end=bool(cfg.mm_use_im_start_end), routing_prompt=routing_prompt(routing_prompt_lines()),
+        text_buckets=tuple(b for b in TEXT_BUCKETS if b <= longest))

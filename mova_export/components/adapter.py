@@ -76,10 +76,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ComponentError
-from ..slots import SLOT_INPUTS, fill_slots
-from ..spec import GraphForm
-from . import ComponentSpec, MemoryFigures, TensorSpec, component_names, expert_letters, num_experts, register
+from ..core.errors import ComponentError
+from ..core.slots import SLOT_INPUTS, fill_slots
+from ..core.spec import GraphForm
+from . import ComponentSpec, MemoryFigures, TensorSpec, arch, component_names, expert_letters, num_experts, register
 from .codetr import Rope, SwiGLU, rotate_half
 
 NAME = "adapter"
@@ -97,8 +97,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def text_width(cfg) -> int:
     """Width of the BERT [CLS] feature the gate reads: the text_encoder component's hidden size when it exists."""
     if "text_encoder" in component_names():
-        return int(cfg.arch("text_encoder")["hidden_size"])
-    return int(cfg.arch(NAME)["text_width"])
+        return int(arch(cfg, "text_encoder")["hidden_size"])
+    return int(arch(cfg, NAME)["text_width"])
 
 
 # ---- attention and block ---------------------------------------------------------------------------------------
@@ -540,7 +540,7 @@ def _wide_sample(cfg, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _build(cfg) -> nn.Module:
-    return MoVAdapter(cfg, cfg.arch(NAME)).eval()
+    return MoVAdapter(cfg, arch(cfg, NAME)).eval()
 
 
 def _reference(module: "MoVAdapter", base: Any, experts: Sequence[Any], text: Any, mask: Any) -> dict[str, Any]:

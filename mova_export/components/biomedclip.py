@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ComponentError
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
+from ..core.errors import ComponentError
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
 from ._common import Mlp, align_to_grid
 from .clip import CLIP672, CLIP_MEAN, CLIP_STD, image_side, smooth_image_sample
 
@@ -139,9 +139,9 @@ register(ComponentSpec(
     kind="tower",
     prefix="model.vision_tower.vision_tower_6.",
     presets=PRESETS,
-    build=lambda cfg: BiomedClipTower(cfg.arch(NAME), cfg.image_feat_size).eval(),
+    build=lambda cfg: BiomedClipTower(arch(cfg, NAME), cfg.image_feat_size).eval(),
     inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
-    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(NAME)))),),
+    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, NAME)))),),
     sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), CLIP_MEAN, CLIP_STD)},
     unused_keys=("head.*",),
     expert=ExpertInfo("F", "This model is a foundation model designed for biomedical vision-language processing."),

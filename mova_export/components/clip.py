@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ComponentError
-from ..preprocess import ImageInput
-from . import ComponentSpec, MemoryFigures, TensorSpec, register
+from ..core.errors import ComponentError
+from ..core.image_inputs import ImageInput
+from . import ComponentSpec, MemoryFigures, TensorSpec, arch, register
 from ._common import align_to_grid
 
 NAME = "base"
@@ -100,12 +100,12 @@ def _out_channels(arch: Mapping[str, Any]) -> int:
 
 
 def _build(cfg) -> nn.Module:
-    arch = cfg.arch(NAME)
+    hp = arch(cfg, NAME)
     side = image_side(cfg)
-    if int(arch["patch_size"]) != PATCH:
-        raise ComponentError(f"component {NAME}: patch_size={arch['patch_size']}; upstream sizes the image as "
+    if int(hp["patch_size"]) != PATCH:
+        raise ComponentError(f"component {NAME}: patch_size={hp['patch_size']}; upstream sizes the image as "
                              f"image_feat_size * 14, so the CLIP tower must keep patch 14")
-    return ClipTower(arch, side, cfg.mm_vision_select_layer, cfg.image_feat_size).eval()
+    return ClipTower(hp, side, cfg.mm_vision_select_layer, cfg.image_feat_size).eval()
 
 
 register(ComponentSpec(
@@ -115,7 +115,7 @@ register(ComponentSpec(
     presets=PRESETS,
     build=_build,
     inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
-    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(NAME)))),),
+    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, NAME)))),),
     sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), CLIP_MEAN, CLIP_STD)},
     image_inputs=(CLIP672,),
     memory=MemoryFigures(params=304_000_000, activation=(2305, 1024)),

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ComponentError
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
+from ..core.errors import ComponentError
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
 from ._common import align_to_grid
 from .sam import SAM1024, SAM_INPUT, LayerNorm2d, PatchEmbed, sam1024_sample, window_partition, window_unpartition
 
@@ -210,7 +210,7 @@ def _out_channels(arch: Mapping[str, Any]) -> int:
 
 
 def _build(cfg) -> nn.Module:
-    return CoDetrViT(cfg.arch(NAME), cfg.image_feat_size).eval()
+    return CoDetrViT(arch(cfg, NAME), cfg.image_feat_size).eval()
 
 
 register(ComponentSpec(
@@ -220,7 +220,7 @@ register(ComponentSpec(
     presets=PRESETS,
     build=_build,
     inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, SAM_INPUT, SAM_INPUT)),),
-    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(NAME)))),),
+    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, NAME)))),),
     sample_inputs=sam1024_sample,
     expert=ExpertInfo("C", "This model is a state-of-the-art object detector that can identify objects in "
                           "images."),

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ComponentError
-from ..preprocess import ImageInput
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
+from ..core.errors import ComponentError
+from ..core.image_inputs import ImageInput
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
 from ._common import Mlp, align_to_grid
 from .clip import image_side, layers_to_run, smooth_image_sample
 
@@ -202,9 +202,9 @@ register(ComponentSpec(
     kind="tower",
     prefix="model.vision_tower.vision_tower_1.",
     presets=PRESETS,
-    build=lambda cfg: Dinov2Tower(cfg.arch(NAME), cfg.mm_vision_select_layer, cfg.image_feat_size).eval(),
+    build=lambda cfg: Dinov2Tower(arch(cfg, NAME), cfg.mm_vision_select_layer, cfg.image_feat_size).eval(),
     inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
-    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(NAME)))),),
+    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, NAME)))),),
     sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), IMAGENET_MEAN,
                                                                          IMAGENET_STD)},
     expert=ExpertInfo("A", "This model can effectively extract the accurate spatial and semantic information from "

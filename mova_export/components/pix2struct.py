@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ComponentError
-from ..preprocess import ImageInput
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
-from .clip import CLIP_MEAN
+from ..core.errors import ComponentError
+from ..core.image_inputs import ImageInput
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
 from ._common import align_to_grid
+from .clip import CLIP_MEAN
 
 PATCH = 16
 PATCH_DIM = 2 + PATCH * PATCH * 3   # 770
@@ -91,7 +91,7 @@ class Pix2StructTower(nn.Module):
 def pix2struct_sample(cfg, seed: int) -> dict[str, torch.Tensor]:
     """Real processor output for a smooth random 3:2 picture, not padded to a square, so that the patch grid leaves
     zero rows and the attention mask matters (with image_aspect_ratio "pad" every patch is valid)."""
-    from ..preprocess import preprocess_input
+    from ..core.image_inputs import preprocess_input
 
     rng = np.random.default_rng(seed)
     low = rng.uniform(0, 255, size=(4, 6, 3))
@@ -119,7 +119,7 @@ def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict
         if side * side != p:
             raise ComponentError(f"component {name}: pix2struct_max_patches={p} is not a square; upstream reshapes "
                                  "the tokens to sqrt(L) x sqrt(L), use e.g. 2025 (45x45)")
-        return Pix2StructTower(name, cfg.arch(name), cfg.image_feat_size).eval()
+        return Pix2StructTower(name, arch(cfg, name), cfg.image_feat_size).eval()
 
     register(ComponentSpec(
         name=name,
@@ -128,7 +128,7 @@ def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict
         presets=presets,
         build=build,
         inputs=_inputs,
-        outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(cfg.arch(name)))),),
+        outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, name)))),),
         sample_inputs=pix2struct_sample,
         expert=expert,
         image_inputs=(PIX2STRUCT,),

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ComponentError
-from ..preprocess import ImageInput
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, register
-from .clip import CLIP_MEAN, CLIP_STD
+from ..core.errors import ComponentError
+from ..core.image_inputs import ImageInput
+from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
 from ._common import align_to_grid
+from .clip import CLIP_MEAN, CLIP_STD
 
 SAM_INPUT = 1024   # high_images side (upstream img_size)
 SAM_PATCH = 16
@@ -236,12 +236,12 @@ def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict
         return int(arch.get("net2_chans") or 0) or int(arch["out_chans"])
 
     def build(cfg) -> nn.Module:
-        arch = cfg.arch(name)
-        if int(arch["img_size"]) != SAM_INPUT or SAM_INPUT % int(arch["patch_size"]):
-            raise ComponentError(f"component {name}: img_size={arch['img_size']}, patch_size={arch['patch_size']}; "
+        hp = arch(cfg, name)
+        if int(hp["img_size"]) != SAM_INPUT or SAM_INPUT % int(hp["patch_size"]):
+            raise ComponentError(f"component {name}: img_size={hp['img_size']}, patch_size={hp['patch_size']}; "
                                  f"the tower reads high_images at {SAM_INPUT}x{SAM_INPUT}: keep img_size {SAM_INPUT} "
                                  "and a patch size that divides it")
-        return SamImageEncoder(arch, cfg.image_feat_size).eval()
+        return SamImageEncoder(hp, cfg.image_feat_size).eval()
 
     register(ComponentSpec(
         name=name,
@@ -250,7 +250,7 @@ def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict
         presets=presets,
         build=build,
         inputs=_sam1024_inputs,
-        outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, out_channels(cfg.arch(name)))),),
+        outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, out_channels(arch(cfg, name)))),),
         sample_inputs=sam1024_sample,
         expert=expert,
         image_inputs=(SAM1024,),

@@ -17,8 +17,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..text import TEXT_BUCKETS
-from . import ComponentSpec, MemoryFigures, TensorSpec, register
+from ..core.bert_inputs import TEXT_BUCKETS
+from . import ComponentSpec, MemoryFigures, TensorSpec, arch, register
 
 NAME = "text_encoder"
 TEXT_AXIS = "text_length"   # the one symbolic dimension: the question padded to a length bucket
@@ -61,7 +61,7 @@ def _sample(cfg: Any, seed: int) -> dict[str, torch.Tensor]:
     """Random ids (a [CLS]-like first id, then words) over a random length, right-padded with mask 0."""
     gen = torch.Generator().manual_seed(seed)
     length = TEXT_BUCKETS[0]
-    vocab = int(cfg.arch(NAME)["vocab_size"])
+    vocab = int(arch(cfg, NAME)["vocab_size"])
     used = int(torch.randint(4, max(5, length // 2), (1,), generator=gen))
     ids = torch.zeros(1, length, dtype=torch.int64)
     ids[0, :used] = torch.randint(5, vocab, (used,), generator=gen)
@@ -76,9 +76,9 @@ register(ComponentSpec(
     prefix=PREFIX,
     memory=MemoryFigures(params=335_000_000, activation=(64, 1024)),
     presets=PRESETS,
-    build=lambda cfg: TextEncoder(cfg.arch(NAME)).eval(),
+    build=lambda cfg: TextEncoder(arch(cfg, NAME)).eval(),
     inputs=_inputs,
-    outputs=lambda cfg: (TensorSpec("text_features", (1, _out_channels(cfg.arch(NAME)))),),
+    outputs=lambda cfg: (TensorSpec("text_features", (1, _out_channels(arch(cfg, NAME)))),),
     sample_inputs=_sample,
     out_channels=_out_channels,
     description="BERT-large-uncased (no pooler), [CLS] of 'question 0: <question>' padded to text_max_length",

@@ -2,26 +2,32 @@
 
 `--calib DIR` is a folder of images (jpg, jpeg, png, bmp, webp) plus an optional `questions.txt`: one line per image
 as `file name<TAB>question`, or plain lines taken in the images' sorted order; images without a question get a
-generic one. Without `--calib`, the built-in set is six photographs scikit-image ships (natural scenes, a micrograph,
-a scanned page), so every expert sees inputs of its own domain.
+generic one. Without `--calib`, the built-in set is the 28 pictures of source/photos.py (scenes, documents, counting,
+charts, medical images, segmentation and greetings), so every expert sees inputs of its own domain.
 
-The images are run through the components' PyTorch modules during export (export/component.py), so the experts
-and the adapter are calibrated on the real features of the earlier components, not on noise.
+The first PARITY_IMAGES images are the parity images: the export proves every graph on them against PyTorch. Every
+image calibrates (and the quantization gate holds some out, quantize/feeds.py). The adapter is calibrated on the real
+features of the earlier components, not on noise. A set's identity (`digest`) is a hash of its pixels and questions,
+so a changed picture, file or question changes every unit that read it.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import CalibrationError
+from ..core.errors import CalibrationError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 QUESTIONS_FILE = "questions.txt"
 GENERIC_QUESTION = "What is shown in this image?"
+
+
+PARITY_IMAGES = 3                    # the first images of a set: the export's parity proof runs on these
 
 
 @dataclass(frozen=True)
@@ -31,34 +37,47 @@ class CalibrationSet:
     questions: tuple[str, ...]
     source: str                      # "built-in" or the folder
 
-    def digest(self) -> str:
-        """Identity of the set for stage reuse: image bytes (or sample names) and questions."""
-        h = hashlib.sha256()
-        for sample, question in zip(self.samples, self.questions):
-            h.update(Path(sample).read_bytes() if isinstance(sample, Path) else str(sample).encode())
-            h.update(question.encode())
-        return h.hexdigest()
-
-    def images(self) -> list[tuple[str, np.ndarray]]:
-        """(label, HxWx3 uint8) of every image of the set."""
-        from ..preprocess import load_image
-        from ..samples import sample_images
+    @cached_property
+    def _images(self) -> tuple[np.ndarray, ...]:
+        from ..core.image_inputs import load_image
+        from ..source.photos import sample_images
 
         names = [s for s in self.samples if not isinstance(s, Path)]
         known = sample_images(names) if names else {}
-        return [(label, known[s] if not isinstance(s, Path) else load_image(s))
-                for label, s in zip(self.labels, self.samples)]
+        return tuple(known[s] if not isinstance(s, Path) else load_image(s) for s in self.samples)
+
+    def images(self) -> list[tuple[str, np.ndarray]]:
+        """(label, HxWx3 uint8) of every image of the set (loaded once)."""
+        return list(zip(self.labels, self._images))
+
+    @cached_property
+    def _digest(self) -> str:
+        h = hashlib.sha256()
+        for label, image, question in zip(self.labels, self._images, self.questions):
+            h.update(f"{label}\0{question}\0{image.shape}\0".encode())
+            h.update(np.ascontiguousarray(image).tobytes())
+        return h.hexdigest()
+
+    def digest(self) -> str:
+        """Identity of the set for unit keys: labels, questions and the decoded pixels of every image."""
+        return self._digest
+
+    def parity(self) -> "CalibrationSet":
+        """The first PARITY_IMAGES images: what the export proves its graphs on."""
+        k = min(PARITY_IMAGES, len(self.labels))
+        return CalibrationSet(self.labels[:k], self.samples[:k], self.questions[:k], self.source)
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "images": list(self.labels), "questions": list(self.questions),
-                "sha256": self.digest()}
+                "parity_images": list(self.labels[:PARITY_IMAGES]), "sha256": self.digest()}
 
 
 def builtin_calibration() -> CalibrationSet:
-    from ..samples import SAMPLE_QUESTIONS
+    from ..source.photos import CALIBRATION_PHOTOS
 
-    names = tuple(SAMPLE_QUESTIONS)
-    return CalibrationSet(names, names, tuple(SAMPLE_QUESTIONS[n] for n in names), "built-in (scikit-image samples)")
+    names = tuple(p.name for p in CALIBRATION_PHOTOS)
+    return CalibrationSet(names, names, tuple(p.question for p in CALIBRATION_PHOTOS),
+                          f"built-in ({len(names)} pictures from scikit-image and matplotlib)")
 
 
 def calibration_from_dir(folder: str | Path) -> CalibrationSet:
@@ -96,7 +115,7 @@ def load_calibration(folder: str | Path | None) -> CalibrationSet:
 def read_feeds(npz_path: str | Path) -> list[dict[str, np.ndarray]]:
     """The per-image feeds an npz of input name -> arrays stacked on axis 0 holds (an export unit's calibration
     feeds, a bundle's checks), as a list of dicts."""
-    from ..errors import ExportError
+    from ..core.errors import ExportError
 
     path = Path(npz_path)
     if not path.is_file():

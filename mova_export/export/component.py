@@ -13,25 +13,32 @@ import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from ..bundle.manifest import GraphEntry, Variant
-from ..errors import ExportError
-from ..progress import NULL, Console, Steps
-from ..prompts import mask_label
-from ..spec import GraphForm
-from .onnx import example_args, fp16_from_onnx, graph_files, onnx_from_module
-from .samples import AdapterContext, Sample, as_numpy, random_samples, spot_check, sweep_masks, text_feeds, \
-    validate_graph
+from ..core.errors import ExportError
+from ..core.progress import NULL, Console, Steps
+from ..core.prompts import mask_label
+from ..core.spec import GraphForm
+from .graph_io import fp16_from_onnx, graph_files
+from .onnx import example_args, onnx_from_module
+from .samples import (
+    AdapterContext,
+    Sample,
+    as_numpy,
+    random_samples,
+    spot_check,
+    sweep_masks,
+    text_feeds,
+    validate_graph,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-    from ..checkpoint import Checkpoint
-    from ..facts import ModelFacts
-    from ..spec import TensorSpec
+    from ..core.facts import ModelFacts
+    from ..source.checkpoint import Checkpoint
+    from .calibration import CalibrationSet
 
 EXPORT_PRECISIONS = ("fp32", "fp16")   # fp16 is every recipe's fallback, so one export serves every target
 FEATURES = "features.npz"
@@ -54,64 +61,70 @@ def graph_forms(spec: Any, cfg: Any, facts: "ModelFacts") -> list[GraphForm]:
 class ExportedComponent:
     component: str
     graphs: list[GraphEntry]                    # variant paths relative to the unit folder
-    calibration: dict[str, str]                 # graph -> unit-relative npz of real-image feeds
+    calibration: dict[str, str]                 # graph -> unit-relative npz of real-image feeds (towers, text)
     seconds: float = 0.0
+    calibration_labels: list[str] = field(default_factory=list)   # the image of each calibration feed
+    checks: dict[str, str] = field(default_factory=dict)          # graph -> unit-relative npz of one real feed
 
     def to_json(self) -> dict[str, Any]:
         return {"component": self.component, "graphs": [g.to_json() for g in self.graphs],
-                "calibration": self.calibration, "seconds": self.seconds}
+                "calibration": self.calibration, "calibration_labels": self.calibration_labels,
+                "checks": self.checks, "seconds": self.seconds}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "ExportedComponent":
         return cls(raw["component"], [GraphEntry.from_json(g) for g in raw["graphs"]], dict(raw["calibration"]),
-                   float(raw.get("seconds", 0.0)))
+                   float(raw.get("seconds", 0.0)), list(raw.get("calibration_labels", [])),
+                   dict(raw.get("checks", {})))
 
 
 @dataclass
 class ExportInputs:
     """What a component's export reads besides its own weights."""
-    images: Sequence[tuple[str, np.ndarray]]    # (label, HxWx3 uint8): parity and calibration images
-    questions: Sequence[str]                    # one per image
+    parity: "CalibrationSet"                    # the images every graph is proven on against PyTorch
+    calibration: "CalibrationSet"               # every image: the towers' and the text encoder's calibration feeds
     facts: "ModelFacts"
-    text_tokenizer: Any                         # text.BertTextTokenizer of the checkpoint's BERT vocab
+    text_tokenizer: Any                         # BertTextTokenizer of the checkpoint's BERT vocab
     upstream: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)  # component -> label -> features
-    # (the component's own features, and for the adapter those of every tower and the text encoder)
+    # on the parity images (the component's own, and for the adapter those of every tower and the text encoder)
     random_samples: int = 1
     full_sweep: bool = True
 
 
-def _tower_samples(spec: Any, form: GraphForm, ins: ExportInputs, cfg: Any) -> list[Sample]:
-    from ..preprocess import preprocess_input
+def _tower_samples(spec: Any, form: GraphForm, images: "CalibrationSet", facts: "ModelFacts") -> list[Sample]:
+    from ..core.image_inputs import preprocess_input
 
-    rows = [ins.facts.image_inputs[r.kind] for r in spec.image_inputs]
+    rows = [facts.image_inputs[r.kind] for r in spec.image_inputs]
     out = []
-    for label, rgb in ins.images:
-        arrays = [a for row in rows for a in preprocess_input(rgb, row, ins.facts)]
+    for label, rgb in images.images():
+        arrays = [a for row in rows for a in preprocess_input(rgb, row, facts)]
         out.append(Sample(label, {t.name: as_numpy(a, t.dtype) for t, a in zip(form.inputs, arrays)}))
     return out
 
 
-def _text_samples(form: GraphForm, ins: ExportInputs) -> list[Sample]:
+def _text_samples(images: "CalibrationSet", tokenizer: Any, facts: "ModelFacts") -> list[Sample]:
+    """Each question at every bucket that holds it (label "<image>@<bucket>")."""
     out = []
-    for (label, _), question in zip(ins.images, ins.questions):
-        for bucket, feed in text_feeds(ins.text_tokenizer, question, ins.facts.text_buckets):
+    for label, question in zip(images.labels, images.questions):
+        for bucket, feed in text_feeds(tokenizer, question, facts.text_buckets):
             out.append(Sample(f"{label}@{bucket}", feed))
     return out
 
 
-def _adapter_context(ins: ExportInputs) -> AdapterContext:
+def adapter_context(features: Mapping[str, Mapping[str, np.ndarray]], facts: "ModelFacts",
+                    full_sweep: bool = True) -> AdapterContext:
+    """The adapter's inputs on some images: {component: {image label: features}} of the base, every expert and the
+    text encoder."""
     from ..components import one_of_kind
 
-    facts = ins.facts
     text = one_of_kind("text").name
-    missing = [c for c in [facts.base.component, *(e.component for e in facts.experts), text]
-               if c not in ins.upstream]
+    missing = [c for c in [facts.base.component, *(e.component for e in facts.experts), text] if c not in features]
     if missing:
-        raise ExportError(f"the adapter's parity samples need the features of {', '.join(missing)}; export those "
+        raise ExportError(f"the adapter's samples need the features of {', '.join(missing)}; export those "
                           "components first (the build does it in order)")
-    channels = [next(iter(ins.upstream[e.component].values())).shape[-1] for e in facts.experts]
-    return AdapterContext(ins.upstream[facts.base.component], [ins.upstream[e.component] for e in facts.experts],
-                          ins.upstream[text], facts.letters, facts.topk_experts, ins.full_sweep, channels)
+    channels = [next(iter(features[e.component].values())).shape[-1] for e in facts.experts]
+    return AdapterContext(features[facts.base.component], [features[e.component] for e in facts.experts],
+                          features[text], facts.letters, facts.topk_experts, full_sweep, channels)
 
 
 def _adapter_feed(form: GraphForm, ctx: AdapterContext, label: str, mask: Sequence[int],
@@ -119,7 +132,7 @@ def _adapter_feed(form: GraphForm, ctx: AdapterContext, label: str, mask: Sequen
     """One image's feed of an adapter form: the routing form's base alone; the slot form's base, slots (fill_slots),
     text and mask; the dense form's base, every expert's features (zeros for unrouted ones, or their real features
     to show they cannot leak), text and mask."""
-    from ..slots import fill_slots
+    from ..core.slots import fill_slots
 
     specs = {t.name: t for t in form.inputs}
     out = {"base": as_numpy(ctx.base[label], specs["base"].dtype)}
@@ -166,7 +179,7 @@ def _references(module: Any, form: GraphForm, samples: Sequence[Sample], steps: 
     """Each sample's reference outputs: the form's own reference (the adapter's: upstream's skipping forward), else
     the module. A real image's tower / text feature is the component's features unit output (computed once, with
     the text unpadded as upstream runs it), so it is not recomputed here."""
-    from ..reference.runners import TorchRunner
+    from ..runners.pytorch import TorchRunner
 
     runner = TorchRunner(_wrapped(form, module), [t.name for t in form.inputs], [t.name for t in form.outputs],
                          name=form.name)
@@ -189,8 +202,8 @@ def component_features(checkpoint: "Checkpoint", name: str, images: Sequence[tup
     import torch
 
     from ..components import get_spec
-    from ..preprocess import preprocess_input
-    from ..text import text_inputs
+    from ..core.bert_inputs import text_inputs
+    from ..core.image_inputs import preprocess_input
 
     spec = get_spec(name)
     out: dict[str, np.ndarray] = {}
@@ -223,24 +236,24 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
     import torch
 
     from ..components import get_spec
-    from ..runtime.runners import OrtRunner
+    from ..runners.ort import OrtRunner
 
     start = time.perf_counter()
     spec = get_spec(name)
     cfg = checkpoint.config
     forms = graph_forms(spec, cfg, ins.facts)
-    labels = [label for label, _ in ins.images]
-    result = ExportedComponent(name, [], {})
+    labels = list(ins.parity.labels)
+    result = ExportedComponent(name, [], {}, calibration_labels=list(ins.calibration.labels))
     with console.task(f"export {name}", total=2) as steps:
         module = checkpoint.build(name, dtype=torch.float32).eval()
         steps.advance("module built from the checkpoint")
         for form in forms:
             if form.role == "tower":
-                real = _tower_samples(spec, form, ins, cfg)
+                real = _tower_samples(spec, form, ins.parity, ins.facts)
             elif form.role == "text":
-                real = _text_samples(form, ins)
+                real = _text_samples(ins.parity, ins.text_tokenizer, ins.facts)
             else:
-                real = _adapter_samples(form, _adapter_context(ins), labels)
+                real = _adapter_samples(form, adapter_context(ins.upstream, ins.facts, ins.full_sweep), labels)
             # seeded random feeds: the form's own, else the spec's for a form of the spec's I/O
             own_io = tuple(form.inputs) == tuple(spec.inputs(cfg))
             samples = real + (random_samples(spec, cfg, form.inputs, ins.random_samples, form.sample_inputs)
@@ -268,7 +281,8 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
                 checked = samples if precision == "fp32" else checked16
                 t0 = time.perf_counter()
                 report = validate_graph(OrtRunner(paths[precision], name=f"{form.name}.{precision}"), checked,
-                                        form.name, precision, step=lambda: steps.advance(f"{precision} parity"))
+                                        form.name, precision,
+                                        step=lambda p=precision: steps.advance(f"{p} parity"))
                 validate_s = time.perf_counter() - t0
                 console.line(f"{form.name} [{precision}] {len(checked)} samples: " +
                              "; ".join(f"{out}: {fig.describe()}" for out, fig in report.per_output().items()))
@@ -281,9 +295,13 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
                 entry.proven[precision] = entry.variants[precision].min_cosine()
                 gc.collect()
             result.graphs.append(entry)
-            result.calibration[form.name] = _write_feeds(unit_dir / "calibration" / f"{form.name}.npz",
-                                                         _calibration_feeds(form, real, ins)).relative_to(
-                unit_dir).as_posix()
+            # one real feed (the first parity sample) for checking an engine against this graph on the device
+            result.checks[form.name] = write_feeds(unit_dir / "checks" / f"{form.name}.npz",
+                                                   [real[0].feed]).relative_to(unit_dir).as_posix()
+            if form.role in ("tower", "text"):   # the adapter's come from every tower's features (quantize stage)
+                feeds = _calibration_feeds(spec, form, ins)
+                result.calibration[form.name] = write_feeds(unit_dir / "calibration" / f"{form.name}.npz",
+                                                            feeds).relative_to(unit_dir).as_posix()
             steps.advance("calibration feeds")
         del module
         gc.collect()
@@ -291,30 +309,34 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
     return result
 
 
-def _calibration_feeds(form: GraphForm, real: Sequence[Sample], ins: ExportInputs) -> list[Sample]:
-    """One real feed per image for a quantizer: the towers' as sampled, the text encoder's at one common bucket,
-    the dense adapter's with every expert's real features and a top-K mask."""
-    labels = [label for label, _ in ins.images]
-    if form.role.startswith("adapter"):   # the masks this form serves, with every expert's real features
-        ctx = _adapter_context(ins)
-        masks = ctx.wide_masks() if form.role == "adapter_fallback" else [ctx.top_mask(i) for i in range(len(labels))]
-        return [Sample(label, _adapter_feed(form, ctx, label, masks[i % len(masks)], zero_unrouted=False))
-                for i, label in enumerate(labels)]
-    if form.role == "text":   # every question at one length, the smallest bucket that holds them all
-        by_image: dict[str, dict[int, Sample]] = {}
-        for s in real:
-            image, bucket = s.label.split("@")
-            by_image.setdefault(image, {})[int(bucket)] = s
-        common = max(min(buckets) for buckets in by_image.values())
-        return [buckets[common] for buckets in by_image.values()]
-    return list(real)
+def _calibration_feeds(spec: Any, form: GraphForm, ins: ExportInputs) -> list[dict[str, np.ndarray]]:
+    """One real feed per calibration image for a quantizer: a tower's preprocessed image, the text encoder's question
+    at one common bucket (the smallest that holds every question)."""
+    if form.role == "tower":
+        return [s.feed for s in _tower_samples(spec, form, ins.calibration, ins.facts)]
+    by_image: dict[str, dict[int, Sample]] = {}
+    for s in _text_samples(ins.calibration, ins.text_tokenizer, ins.facts):
+        image, bucket = s.label.rsplit("@", 1)
+        by_image.setdefault(image, {})[int(bucket)] = s
+    common = max(min(buckets) for buckets in by_image.values())
+    return [by_image[label][common].feed for label in ins.calibration.labels]
 
 
-def _write_feeds(path: Path, feeds: Sequence[Sample]) -> Path:
-    """The feeds stacked on a new leading axis per input name (calibration-ready)."""
+def adapter_calibration_feeds(form: GraphForm, features: Mapping[str, Mapping[str, np.ndarray]],
+                              facts: "ModelFacts", labels: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """One feed per image for quantizing an adapter form: the masks this form serves (a top-K mask rotated per
+    image; masks of more than K experts for the dense graph) with every expert's real features."""
+    ctx = adapter_context(features, facts)
+    masks = ctx.wide_masks() if form.role == "adapter_fallback" else [ctx.top_mask(i) for i in range(len(labels))]
+    return [_adapter_feed(form, ctx, label, masks[i % len(masks)], zero_unrouted=False)
+            for i, label in enumerate(labels)]
+
+
+def write_feeds(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> Path:
+    """The feeds stacked on a new leading axis per input name (what read_feeds reads back)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(feeds[0].feed)
-    np.savez(path, **{k: np.stack([f.feed[k] for f in feeds]) for k in keys})
+    keys = list(feeds[0])
+    np.savez(path, **{k: np.stack([f[k] for f in feeds]) for k in keys})
     return path
 
 

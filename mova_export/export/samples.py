@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..prompts import adapter_text, mask_label
-from ..validate import ParityReport, parity, tolerance_for
+from ..core.prompts import adapter_text, mask_label
+from ..core.tolerance import ParityReport, tolerance_for
+from ..runners.compare import compare_runners
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..spec import TensorSpec
+    from ..core.spec import TensorSpec
 
 # A full-size adapter reference costs seconds: above this many sweep masks the sweep keeps the empty mask, every
 # single-expert mask and this stated subset (the tiny scale checks all of them).
@@ -35,12 +36,9 @@ class Sample:
 def validate_graph(runner: Any, samples: Sequence[Sample], graph: str, precision: str,
                    step: Callable[[], None] = lambda: None) -> ParityReport:
     """Run the graph on every sample and compare with the samples' reference outputs (raises on any failure)."""
-    report = ParityReport(graph, precision, tolerance_for(precision), {})
-    for sample in samples:
-        out = runner.infer(sample.feed)
-        report.samples[sample.label] = {name: parity(ref, out[name]) for name, ref in sample.reference.items()}
-        step()
-    return report.check()
+    return compare_runners(runner, [s.feed for s in samples], [s.reference for s in samples],
+                           tolerance_for(precision), graph=graph, precision=precision,
+                           labels=[s.label for s in samples], step=step).check()
 
 
 def spot_check(samples: Sequence[Sample], every: int = 8) -> list[Sample]:
@@ -92,7 +90,7 @@ def random_samples(spec: Any, cfg: Any, inputs: Sequence["TensorSpec"], count: i
 
 def text_feeds(tokenizer: Any, question: str, buckets: Sequence[int]) -> list[tuple[int, dict[str, np.ndarray]]]:
     """(bucket, feed) of one question at every bucket that holds it: the [CLS] feature must not depend on which."""
-    from ..text import text_inputs
+    from ..core.bert_inputs import text_inputs
 
     _, mask = text_inputs(tokenizer, question, buckets)
     used = int(mask.sum())

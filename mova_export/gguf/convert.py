@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from ..errors import LLMError, MoVAExportError
-from ..progress import NULL, Console
+from ..core.errors import LLMError, MoVAExportError
+from ..core.progress import NULL, Console
+from ..core.qtypes import BITS_PER_WEIGHT, QTYPES
 
-from .qtypes import BITS_PER_WEIGHT, QTYPES
 # llama_ftype values (llama.h); used for general.file_type of directly written files, no llama_cpp import needed.
 _FILE_TYPE = {"F32": 0, "F16": 1, "BF16": 32}
 LLAMA3_PRE = "llama-bpe"
@@ -49,8 +49,8 @@ class LLMSource:
 # ---- sources ---------------------------------------------------------------------------------------------------------
 def source_from_checkpoint(checkpoint_dir: str | Path) -> LLMSource:
     """The `llm` component of a MoVA checkpoint, read shard by shard, memory-mapped (keys in spec.unused_keys skipped)."""
-    from ..checkpoint import Checkpoint
     from ..components import get_spec
+    from ..source.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(checkpoint_dir)
     spec = get_spec("llm")
@@ -163,7 +163,7 @@ def _vocab(tokenizer_dir: Path, hp: _Hparams, rows_out: int | None) -> dict[str,
 
     import gguf
 
-    from ..llama3 import EOS_TOKEN, LLAMA3_SPLIT_REGEX, load_llm_tokenizer
+    from ..source.llama3 import EOS_TOKEN, LLAMA3_SPLIT_REGEX, load_llm_tokenizer
 
     try:
         tok = load_llm_tokenizer(tokenizer_dir)

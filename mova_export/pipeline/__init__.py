@@ -1,13 +1,17 @@
 """The build: checkpoint + recipe -> bundle, stage by stage, each unit resumable in the work folder.
 
-build.py    build() / export_bundle() / attach_llm(): the stages in order and the bundle's assembly
-stages.py   the features, export, quantize and gguf units (one per component and key)
-work.py     the work folder: units under their cache keys, atomic, resumable; clean()
-memory.py   the memory planner: will MoVA fit on the target, and if not, what would
-report.py   report.json / report.md
+request.py   BuildRequest: what a build is asked to do (the CLI fills one)
+unit.py      the Stage protocol and run_unit (find, check disk, produce, record), BuildContext
+stages/      features, export, quantize, gguf, compile: one Stage each
+assemble.py  the bundle's files and manifest
+plan.py      the memory planner: will MoVA fit on the target, and if not, what would
+report.py    report.json / report.md
+work.py      the work folder: units under their keys, atomic, resumable; clean()
+build.py     build() / export_bundle() / attach_llm(): the stages in order
 """
 from .build import BuildResult, attach_llm, build, check_components, export_bundle
+from .request import BuildRequest
 from .work import WorkFolder, clean, default_work_dir
 
-__all__ = ["BuildResult", "WorkFolder", "attach_llm", "build", "check_components", "clean", "default_work_dir",
-           "export_bundle"]
+__all__ = ["BuildRequest", "BuildResult", "WorkFolder", "attach_llm", "build", "check_components", "clean",
+           "default_work_dir", "export_bundle"]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..bundle import Manifest
-    from .stages import StageRecord
+    from .unit import StageRecord
 
 
 def build_report(manifest: "Manifest", target: str, records: Sequence["StageRecord"]) -> dict[str, Any]:

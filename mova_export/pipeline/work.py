@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..bundle.staging import PARTIAL_MARK
-from ..errors import BuildError
+from ..core.errors import BuildError
 
 UNIT_FILE = "unit.json"
 STAMP_FILE = "stamps.json"     # size and mtime of every file when the unit finished: an edit since shows

@@ -7,7 +7,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import LLMError
+from ..core.errors import LLMError
 from ..runtime.llm import as_embeddings, split_at_marker
 
 

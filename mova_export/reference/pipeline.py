@@ -14,13 +14,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint
-from ..errors import CheckpointError, RuntimeInputError
-from ..facts import facts_from_config
-from ..llama3 import load_llm_tokenizer
-from ..preprocess import load_image
-from ..prompts import STOP_TOKEN, adapter_text, tokenize_with_image
+from ..components import facts_from_config
+from ..core.errors import CheckpointError, RuntimeInputError
+from ..core.image_inputs import load_image
+from ..core.prompts import STOP_TOKEN, adapter_text, tokenize_with_image
 from ..runtime.two_pass import Answer, Request, run_to_end, two_passes
+from ..source.checkpoint import Checkpoint
+from ..source.llama3 import load_llm_tokenizer
 from .llm import hf_generate_stream
 from .preprocess import preprocess_input
 

@@ -5,7 +5,7 @@ RGB picture; with `image_aspect_ratio == "pad"` each first pads the picture to a
 *its own* `image_mean` colour (int(m * 255) per channel), then preprocesses it. The towers declare their inputs as
 spec.ImageInput rows (kind, method, side, mean, std); here each row is run by the transformers processor it names
 (the slow PIL classes, built from explicit parameters: no hub access). The device runtime runs the same rows with
-mova_export.preprocess (numpy + PIL); tests/test_preprocess.py holds the two to the same numbers.
+mova_export.core.image_inputs (numpy + PIL); tests/test_preprocess.py holds the two to the same numbers.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ComponentError
-from ..preprocess import ImageInput, expand2square, load_image, pad_color
+from ..core.errors import ComponentError
+from ..core.image_inputs import ImageInput, expand2square, load_image, pad_color
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

@@ -25,8 +25,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import LLMError
-from ..prompts import IMAGE_TOKEN_INDEX, STOP_TOKEN, tokenize_with_image
+from ..core.errors import LLMError
+from ..core.prompts import IMAGE_TOKEN_INDEX, STOP_TOKEN, tokenize_with_image
 
 GGML_TYPE_F32 = 0  # ggml_type for an F32 KV cache (type_k / type_v)
 _LOGGER = logging.getLogger("llama-cpp-python")

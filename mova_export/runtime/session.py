@@ -39,8 +39,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..bundle import MANIFEST, Bundle, LLMSettings, load_bundle, sha256_file
-from ..errors import RuntimeInputError
-from ..preprocess import load_image
+from ..core.errors import RuntimeInputError
+from ..core.image_inputs import load_image
 from .two_pass import Answer, Request, two_passes
 from .vision import BACKENDS, BundleVision
 

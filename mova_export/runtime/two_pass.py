@@ -17,8 +17,8 @@ from typing import Any, Callable, Generator, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from ..facts import ModelFacts, TowerFacts
-from ..prompts import chat_prompt
+from ..core.facts import ModelFacts, TowerFacts
+from ..core.prompts import chat_prompt
 
 # Stages in the order a request meets them (the per-expert stages are expert_<letter>).
 STAGES = ("preprocess", "base", "adapter_routing", "llm_routing", "experts", "text_encoder", "adapter_answer",
@@ -93,9 +93,9 @@ class _Clock:
     def __init__(self) -> None:
         self.ms: dict[str, float] = {}
 
-    def run(self, stage: str, fn: Callable[[], Any]) -> Any:
+    def run(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()
-        out = fn()
+        out = fn(*args)
         self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
         return out
 
@@ -109,13 +109,13 @@ def two_passes(facts: ModelFacts, vision: VisionRunners, llm: LanguageModel, req
     def arrays(tower: TowerFacts) -> list[np.ndarray]:
         for kind in tower.image_inputs:
             if kind not in inputs:
-                inputs[kind] = clock.run("preprocess", lambda: vision.preprocess(request.rgb, kind))
+                inputs[kind] = clock.run("preprocess", vision.preprocess, request.rgb, kind)
         return [a for kind in tower.image_inputs for a in inputs[kind]]
 
     question = request.question
     base_in = arrays(facts.base)            # timed as "preprocess", not as part of "base"
-    base = clock.run("base", lambda: vision.base(base_in))
-    image_tokens, routing_tokens = clock.run("adapter_routing", lambda: vision.adapter_routing(base))
+    base = clock.run("base", vision.base, base_in)
+    image_tokens, routing_tokens = clock.run("adapter_routing", vision.adapter_routing, base)
     routing_in = llm.encode_prompt(chat_prompt(question, routing_prompt=facts.routing_prompt,
                                                use_im_start_end=facts.mm_use_im_start_end))
     routing_ids = clock.run("llm_routing", lambda: [t for t, _ in llm.generate(routing_in, routing_tokens[0],
@@ -129,9 +129,9 @@ def two_passes(facts: ModelFacts, vision: VisionRunners, llm: LanguageModel, req
         for index, (tower, on) in enumerate(zip(facts.experts, mask)):
             if on:
                 feed = arrays(tower)
-                experts[index] = clock.run(f"expert_{tower.letter}", lambda: vision.expert(tower.component, feed))
-        text = clock.run("text_encoder", lambda: vision.text(question))
-        image_tokens = clock.run("adapter_answer", lambda: vision.adapter_answer(base, text, mask, experts))
+                experts[index] = clock.run(f"expert_{tower.letter}", vision.expert, tower.component, feed)
+        text = clock.run("text_encoder", vision.text, question)
+        image_tokens = clock.run("adapter_answer", vision.adapter_answer, base, text, mask, experts)
 
     answer_in = llm.encode_prompt(chat_prompt(question, use_im_start_end=facts.mm_use_im_start_end))
     ids: list[int] = []

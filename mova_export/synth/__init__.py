@@ -22,11 +22,11 @@ from typing import Any, Sequence
 import torch
 
 from ..bundle.staging import staged_dir
-from ..checkpoint import INDEX_FILES, SINGLE_FILES, build_on_meta
-from ..components import all_specs, component_names, expert_specs, get_spec
-from ..config import FULL_LLM, MoVAConfig
-from ..errors import CheckpointError, ComponentError
-from ..progress import Console
+from ..components import arch, check_config, component_names, expert_specs, get_spec
+from ..core.errors import CheckpointError, ComponentError
+from ..core.progress import Console
+from ..source.checkpoint import INDEX_FILES, SINGLE_FILES, build_on_meta
+from ..source.config import FULL_LLM, MoVAConfig
 
 DEFAULT_SHARD_SIZE = {"tiny": 8 * 2**20, "full": 5 * 10**9}  # bytes; full matches save_pretrained's "5GB"
 # scale -> (model scale, trained): tiny-trained is the tiny MoVA with the LLM of synth/trained.py (routes by kind)
@@ -46,12 +46,13 @@ def synthetic_config(scale: str = "tiny") -> MoVAConfig:
         raise CheckpointError(f"unknown synthetic scale {scale!r}; use one of {', '.join(SCALES)}")
     scale = SCALES[scale][0]
     cfg = MoVAConfig(llm=dict(_llm_fields(scale)), scale=scale, text_encoder_path=TEXT_ENCODER_DIR)
-    channels = [int(spec.out_channels(cfg.arch(spec.name))) for spec in expert_specs()]  # routing order
+    channels = [int(spec.out_channels(arch(cfg, spec.name))) for spec in expert_specs()]  # routing order
     hidden = cfg.mm_hidden_size
     if "base" in component_names() and get_spec("base").out_channels is not None:
-        hidden = int(get_spec("base").out_channels(cfg.arch("base")))
+        hidden = int(get_spec("base").out_channels(arch(cfg, "base")))
     cfg = replace(cfg, expert_channels=tuple(channels), mm_hidden_size=hidden)
     cfg.validate("synthetic config")
+    check_config(cfg, "synthetic config")
     return cfg
 
 
@@ -154,7 +155,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> None:
 
 
 # ---- the writer ---------------------------------------------------------------------------------------------------
-def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: int = 0, fmt: str = "bin",
+def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: int = 0, fmt: str = "bin",  # noqa: PLR0913 (an option each)
                                dtype: torch.dtype = torch.bfloat16, shard_size: int | None = None,
                                console: Console | None = None, overwrite: bool = False,
                                components: Sequence[str] | None = None, config: MoVAConfig | None = None) -> Path:
@@ -230,9 +231,9 @@ def _write_metadata(root: Path, cfg: MoVAConfig, dtype: torch.dtype) -> None:
 
 def _bert_vocab_args(cfg: MoVAConfig) -> dict[str, Any]:
     if "text_encoder" in component_names():
-        arch = cfg.arch("text_encoder")
-        if "vocab_size" in arch:
-            return {"vocab_size": int(arch["vocab_size"])}
+        hp = arch(cfg, "text_encoder")
+        if "vocab_size" in hp:
+            return {"vocab_size": int(hp["vocab_size"])}
     return {}
 
 

@@ -21,9 +21,16 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..llama3 import (BOS_TOKEN, EOS_TOKEN, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPLIT_REGEX, LLAMA3_VOCAB_SIZE, NUM_SPECIAL,
-                      llama3_special_tokens)
-from ..prompts import SYSTEM, routing_prompt
+from ..core.prompts import SYSTEM, routing_prompt
+from ..source.llama3 import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    LLAMA3_CHAT_TEMPLATE,
+    LLAMA3_SPLIT_REGEX,
+    LLAMA3_VOCAB_SIZE,
+    NUM_SPECIAL,
+    llama3_special_tokens,
+)
 
 BERT_VOCAB_SIZE = 30522
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -242,7 +249,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def iter_sample_texts() -> Iterable[str]:
     """Strings the tokenizer parity tests use: prompts, chat frames, specials, odd whitespace, unicode."""
     from ..components import routing_prompt_lines
-    from ..prompts import chat_prompt
+    from ..core.prompts import chat_prompt
 
     prompt = routing_prompt(routing_prompt_lines())
     yield from (prompt, SYSTEM, chat_prompt("What is in the image?", routing_prompt=prompt),

@@ -154,7 +154,7 @@ def trained_llm_tensors() -> dict[str, Any]:
     """The shipped LLM weights (checkpoint key -> bf16 tensor)."""
     from safetensors.torch import load_file
 
-    from ..errors import CheckpointError
+    from ..core.errors import CheckpointError
 
     if not TRAINED_LLM_FILE.is_file():
         raise CheckpointError(f"the tiny trained LLM weights {TRAINED_LLM_FILE} are missing from this install; "
@@ -173,7 +173,7 @@ class _Example:
 
 
 def _examples(pipe: Any, questions: Sequence[tuple[str, QuestionKind]]) -> list[_Example]:
-    from ..prompts import STOP_TOKEN, chat_prompt
+    from ..core.prompts import STOP_TOKEN, chat_prompt
     from ..runtime.llm import split_at_marker
 
     tok = pipe.llm.tokenizer
@@ -197,7 +197,7 @@ def _image_pools(pipe: Any, console: Any) -> dict[bool, Any]:
     import numpy as np
     import torch
 
-    from ..samples import sample_images
+    from ..source.photos import sample_images
 
     routing, answer = [], []
     images = sample_images()
@@ -277,7 +277,7 @@ def train_tiny_router(out_file: str | Path = TRAINED_LLM_FILE, *, short_steps: i
     from safetensors.torch import save_file
 
     from ..components import get_spec
-    from ..progress import Console
+    from ..core.progress import Console
     from ..reference import ReferencePipeline
     from . import write_synthetic_checkpoint
 
@@ -338,7 +338,7 @@ def evaluate(pipe: Any, model: Any, pools: dict[bool, Any]) -> dict[str, Any]:
     smallest top-1 margin (logits) over the generated tokens."""
     import torch
 
-    from ..prompts import IMAGE_TOKEN_INDEX
+    from ..core.prompts import IMAGE_TOKEN_INDEX
     from ..reference.llm import hf_generate_stream, hf_inputs_embeds
 
     results = {}

@@ -22,15 +22,16 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from ..errors import BundleError, RecipeError
-from ..gguf.qtypes import BITS_PER_WEIGHT
-from ..recipe import BYTES_PER_PRECISION, ExpertPolicy, Recipe, expert_components, graph_components, llm_quants
+from ..core.errors import BundleError, RecipeError
+from ..core.qtypes import BITS_PER_WEIGHT
+from ..core.spec import BYTES_PER_PRECISION
+from ..recipe import ExpertPolicy, Recipe, expert_components, graph_components, llm_quants
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.table import Table
 
     from ..bundle import Manifest
-    from ..config import MoVAConfig
+    from ..source.config import MoVAConfig
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -94,7 +95,7 @@ class LLMShape:
 
 
 def _full_llm() -> LLMShape:
-    from ..config import FULL_LLM
+    from ..source.config import FULL_LLM
 
     return LLMShape.from_fields(FULL_LLM)
 
@@ -152,7 +153,7 @@ def plan_from_params(recipe: Recipe, params: Mapping[str, int], *, llm: LLMShape
 
 def plan_from_config(recipe: Recipe, cfg: "MoVAConfig", **kw: Any) -> MemoryPlan:
     """Plan from `describe_config(cfg)` parameter counts (no weights needed) and the config's LLM shape."""
-    from ..checkpoint import describe_config
+    from ..source.checkpoint import describe_config
 
     described = describe_config(cfg)["components"]
     params = {name: info["params"] for name, info in described.items()}
@@ -173,12 +174,14 @@ def _activations_from_config(cfg: "MoVAConfig") -> dict[str, tuple[int, int]]:
 
 
 def plan_from_manifest(recipe: Recipe, manifest: "Manifest", *, policy: str | None = None,
-                       llm_quant: str | None = None, params: Mapping[str, int] | None = None) -> MemoryPlan:
+                       llm_quant: str | None = None, params: Mapping[str, int] | None = None,
+                       files: Mapping[str, Mapping[str, Any]] | None = None) -> MemoryPlan:
     """Plan from a bundle's manifest: each component's graphs (engines when compiled, else the shipped variant), by
     real file size; a variant not built yet is scaled from the fp32 graph; a component the bundle does not hold (a
     --components build) from its parameter count in `params` x the recipe's precision. The GGUF's real size when
-    the bundle holds one of the quant, else the LLM's parameter count from the config x bits per weight."""
-    files = manifest.files
+    the bundle holds one of the quant, else the LLM's parameter count from the config x bits per weight. `files`:
+    the file table when the manifest's is not written yet (a build in progress)."""
+    files = manifest.files if files is None else files
 
     def size(rels: Sequence[str]) -> int:
         return sum(int(files[r]["bytes"]) for r in rels if r in files)
@@ -243,7 +246,7 @@ def plan_bundle(recipe: Recipe, bundle_path: Any, **kw: Any) -> MemoryPlan:
     return plan_from_manifest(recipe, load_bundle(bundle_path, verify=False).manifest, **kw)
 
 
-def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any, shape: LLMShape,
+def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any, shape: LLMShape,  # noqa: PLR0913 (plan inputs)
           activations: Mapping[str, tuple[int, int]], source: str, policy: str | None, llm_quant: str | None,
           *, with_fix: bool = True, model: str = "this MoVA") -> MemoryPlan:
     policy = policy or recipe.experts.policy
@@ -295,7 +298,7 @@ def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any
     return MemoryPlan(recipe.name, policy, quant, source, tuple(items), skipped, budget, peak, verdict, message, fix)
 
 
-def _fix(recipe: Recipe, weights: Any, llm_bytes: Any, shape: LLMShape, activations: Any, source: str,
+def _fix(recipe: Recipe, weights: Any, llm_bytes: Any, shape: LLMShape, activations: Any, source: str,  # noqa: PLR0913 (plan inputs)
          policy: str, quant: str, verdict: str) -> str:
     """Re-plan with lazy experts and each smaller LLM quant; name the options and whether they fit."""
     smaller = [q for q in llm_quants() if BITS_PER_WEIGHT[q] < BITS_PER_WEIGHT[quant]]

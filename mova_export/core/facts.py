@@ -1,21 +1,19 @@
 """ModelFacts: what running MoVA needs to know besides the weights, in one serialisable object (pure Python).
 
 The two-pass orchestration (runtime/two_pass.py) reads only these facts, on both sides: the build side computes
-them from config.json and the component registry (`facts_from_config`), a bundle carries them in its manifest
+them from config.json and the component registry (`components.facts_from_config`), a bundle carries them in its manifest
 (`ModelFacts.from_json`), so the device runtime needs neither the registry nor torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+from .bert_inputs import TEXT_BUCKETS
 from .errors import RuntimeInputError
+from .image_inputs import ImageInput
 from .prompts import MAX_ROUTING_TOKENS, parse_routing, routed_letters
-from .preprocess import ImageInput
-from .text import TEXT_BUCKETS
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import MoVAConfig
 
 @dataclass(frozen=True)
 class TowerFacts:
@@ -85,28 +83,3 @@ class ModelFacts:
                    str(raw["image_aspect_ratio"]), int(raw["pix2struct_max_patches"]), int(raw["topk_experts"]),
                    int(raw["num_routing_tokens"]), bool(raw["mm_use_im_start_end"]), str(raw["routing_prompt"]),
                    tuple(int(b) for b in raw["text_buckets"]), int(raw.get("max_routing_tokens", MAX_ROUTING_TOKENS)))
-
-
-def facts_from_config(cfg: "MoVAConfig") -> ModelFacts:
-    """The facts of a checkpoint: its config plus the registry's towers (build side)."""
-    from .components import get_spec, image_input_table, one_of_kind, routing_prompt_lines, specs_of_kind
-    from .prompts import routing_prompt
-
-    def tower(name: str) -> TowerFacts:
-        spec = get_spec(name)
-        return TowerFacts(name, spec.expert.letter if spec.expert else None, tuple(r.kind for r in spec.image_inputs))
-
-    towers = specs_of_kind("tower")
-    bases = [s for s in towers if s.expert is None]
-    if len(bases) != 1:
-        raise RuntimeInputError(f"the registry holds {len(bases)} non-expert towers; MoVA has one base encoder")
-    one_of_kind("adapter")
-    text = one_of_kind("text")
-    longest = int(cfg.arch(text.name)["max_position_embeddings"])
-    return ModelFacts(
-        base=tower(bases[0].name), experts=tuple(tower(s.name) for s in towers if s.expert is not None),
-        image_inputs=image_input_table(), image_feat_size=int(cfg.image_feat_size),
-        image_aspect_ratio=str(cfg.image_aspect_ratio), pix2struct_max_patches=int(cfg.pix2struct_max_patches),
-        topk_experts=int(cfg.topk_experts), num_routing_tokens=int(cfg.num_routing_tokens),
-        mm_use_im_start_end=bool(cfg.mm_use_im_start_end), routing_prompt=routing_prompt(routing_prompt_lines()),
-        text_buckets=tuple(b for b in TEXT_BUCKETS if b <= longest))

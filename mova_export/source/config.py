@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 # Values the reference marks [inferred]: used when config.json lacks the field, always overridable,
 # and listed by `mova-export inspect` so nobody mistakes them for values read from the checkpoint.
@@ -80,15 +80,6 @@ class MoVAConfig:
     def adapter_grid(self) -> int:
         """Side of the adapter output grid (the RegStage avg-pool halves the 48x48 grid to 24x24)."""
         return self.image_feat_size // 2
-
-    def arch(self, component: str) -> dict[str, Any]:
-        """Architecture hyper-parameters of one component: its preset for this scale, then overrides."""
-        from .components import get_spec  # late import: components depend on config
-
-        spec = get_spec(component)
-        if self.scale not in spec.presets:
-            raise ConfigError(f"component {component!r} has no {self.scale!r} preset; use scale full or tiny")
-        return {**spec.presets[self.scale], **dict(self.arch_overrides.get(component, {}))}
 
     def with_overrides(self, **values: Any) -> "MoVAConfig":
         known = {f.name for f in fields(self)}
@@ -162,14 +153,11 @@ class MoVAConfig:
         return out
 
     def validate(self, source: str = "config") -> None:
-        from .components import expert_letters  # late import: the registry's component files use this module
-
-        letters = expert_letters()
-        if len(self.expert_channels) != len(letters):
-            raise ConfigError(f"{source}: expert_channels has {len(self.expert_channels)} entries, the registry has "
-                              f"{len(letters)} experts ({', '.join(letters)})")
-        if not 0 <= self.topk_experts <= len(letters):
-            raise ConfigError(f"{source}: topk_experts={self.topk_experts} must be within 0..{len(letters)}")
+        """What the config alone must satisfy; components.check_config adds what it must agree on with the registry
+        (one expert_channels entry per registered expert)."""
+        experts = len(self.expert_channels)
+        if not 0 <= self.topk_experts <= experts:
+            raise ConfigError(f"{source}: topk_experts={self.topk_experts} must be within 0..{experts}")
         if self.image_feat_size % 2:
             raise ConfigError(f"{source}: image_feat_size={self.image_feat_size} must be even (pooled to half)")
         if self.mm_vision_select_feature != "patch":
@@ -177,4 +165,4 @@ class MoVAConfig:
                               "'patch' (drop CLS) is supported, as MoVA uses")
         if self.scale not in ("full", "tiny"):
             raise ConfigError(f"{source}: mova_export.scale={self.scale!r}; use 'full' or 'tiny'")
-        self.routing_grid  # raises on a non-square count
+        _ = self.routing_grid  # raises on a non-square count

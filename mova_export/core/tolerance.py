@@ -1,11 +1,15 @@
-"""Parity between a reference and a candidate: max abs error, relative L2 and cosine per output.
+"""Parity between a reference and a candidate: max abs error, relative L2 and cosine per output, per sample.
 
 An absolute tolerance alone is a poor signal (feature scales differ by orders of magnitude between towers), so the
-pass/fail decision uses cosine and relative L2; max abs is reported alongside. `compare` collects every failing output
-before raising one ExportError that names the component, the output, the sample and the figures.
+pass/fail decision uses cosine and relative L2; max abs is reported alongside. One `Tolerance` type serves the export's
+fixed thresholds, a recipe's accuracy budget and engine parity; one `ParityReport` carries the figures of every
+artifact (a graph against PyTorch, a quantized graph against its fp32 graph, an engine against its graph).
+`ParityReport.check` collects every failing output before raising one ExportError that names the component, the
+output, the sample and the figures. runners.compare fills a report from two runners.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
@@ -16,9 +20,19 @@ from .errors import ExportError
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Per-precision thresholds; an output passes when cosine >= min_cosine and rel_l2 <= max_rel_l2."""
+    """Thresholds; an output passes when cosine >= min_cosine and rel_l2 <= max_rel_l2 (inf: no bound)."""
     min_cosine: float
-    max_rel_l2: float
+    max_rel_l2: float = math.inf
+
+    def to_json(self) -> dict[str, float | None]:
+        """Strict JSON (no Infinity): an unbounded rel L2 is null."""
+        return {"min_cosine": self.min_cosine,
+                "max_rel_l2": self.max_rel_l2 if math.isfinite(self.max_rel_l2) else None}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, float | None]) -> "Tolerance":
+        bound = raw.get("max_rel_l2")
+        return cls(float(raw["min_cosine"]), math.inf if bound is None else float(bound))
 
 
 # fp32: the graph computes what PyTorch computes, up to op order and kernel choice (observed rel-L2 ~1e-6).
@@ -116,13 +130,28 @@ class ParityReport:
                               f"rel L2 <= {tol.max_rel_l2}): {shown}; no bundle was written")
         return self
 
+    def per_sample(self) -> dict[str, Parity]:
+        """The worst figures over outputs, per sample label."""
+        return {label: worst(outputs.values()) for label, outputs in self.samples.items() if outputs}
+
+    def worst_sample(self) -> tuple[str, Parity]:
+        """The sample with the lowest cosine (ties: the first) and its figures."""
+        per = self.per_sample()
+        label = min(per, key=lambda k: (per[k].cosine if per[k].finite else -math.inf))
+        return label, per[label]
+
+    def summary(self) -> dict[str, float]:
+        """Worst figures over every output and sample: {"cosine", "rel_l2", "max_abs"}."""
+        fig = worst(self.per_output().values())
+        return {"cosine": fig.cosine, "rel_l2": fig.rel_l2, "max_abs": fig.max_abs}
+
     def to_json(self) -> dict:
-        return {"tolerance": asdict(self.tolerance), "num_samples": len(self.samples),
+        return {"tolerance": self.tolerance.to_json(), "num_samples": len(self.samples),
                 "samples": sorted(self.samples),
                 "worst": {name: fig.to_json() for name, fig in self.per_output().items()}}
 
 
-def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], *, component: str,
+def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], *, component: str,
             precision: str = "fp32", sample: str = "sample", tolerance: Tolerance | None = None) -> ParityReport:
     """Compare every reference output with the candidate's; raise one ExportError listing every failing output."""
     missing = sorted(set(reference) - set(candidate))

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .prompts import STOP_TOKEN
+from ..core.errors import CheckpointError
+from ..core.prompts import STOP_TOKEN
 
 LLAMA3_VOCAB_SIZE = 128256
 NUM_SPECIAL = 256

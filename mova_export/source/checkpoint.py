@@ -25,9 +25,9 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .components import ComponentSpec, all_specs, get_spec, owner_of
+from ..components import ComponentSpec, all_specs, check_config, get_spec, owner_of
+from ..core.errors import CheckpointError, MoVAExportError
 from .config import MoVAConfig
-from .errors import CheckpointError, MoVAExportError
 
 INDEX_FILES = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}
 SINGLE_FILES = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin"}
@@ -140,6 +140,7 @@ class Checkpoint:
             raise CheckpointError(f"{path / 'config.json'} not found; a MoVA checkpoint folder holds config.json "
                                   "next to its shards (re-download it from the model repo)")
         config = MoVAConfig.from_checkpoint(path)
+        check_config(config, str(path / "config.json"))
         fmt, weights_file, weight_map = _read_weight_map(path)
         ckpt = cls(path=path, config=config, format=fmt, weights_file=weights_file, weight_map=weight_map)
         ckpt._check_shards_exist()

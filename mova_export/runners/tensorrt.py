@@ -1,80 +1,25 @@
-"""The device runtime's backends behind one interface: `infer(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]`.
+"""A serialized TensorRT engine behind the Runner interface, for every flavor (tensorrt 10.x, 11.x, TensorRT-RTX).
 
-OrtRunner wraps an ONNX graph (CPU, or the CUDA execution provider when asked for and present; it says when it fell
-back), TensorRTRunner a serialized engine of any TensorRT flavor (TensorRT and cuda-python are imported only when one
-is made; torch is not needed). The PyTorch component runner lives with the reference (mova_export.reference);
-comparing backends is one loop over runners with the same feed.
+Device buffers and copies go through cuda-python, not torch, so the device runtime needs neither; TensorRT and
+cuda-python are imported only when a runner is made. Written against the TensorRT 10.3 / 11.x / RTX 1.7 and
+cuda-python 12.9 APIs; not run here (no GPU on the machines that test it): the README says so.
 """
 from __future__ import annotations
 
-import warnings
+import importlib.util
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
-from ..errors import ExportError, RuntimeInputError
-
-
-def check_feed(runner: str, expected: Sequence[str], feed: dict[str, np.ndarray]) -> None:
-    missing = [n for n in expected if n not in feed]
-    extra = [n for n in feed if n not in expected]
-    if missing or extra:
-        raise RuntimeInputError(f"{runner}: feed has wrong inputs (missing {missing}, unexpected {extra}); "
-                                f"expected {list(expected)}")
+from ..core.errors import ExportError
+from ..core.tensorrt_flavors import FLAVORS, import_flavor
+from .base import Feed, check_feed
 
 
 def tensorrt_available() -> bool:
     """True when a TensorRT flavor (tensorrt, or TensorRT for RTX) imports."""
-    import importlib.util
-
     return any(importlib.util.find_spec(name) is not None for name in ("tensorrt", "tensorrt_rtx_bindings"))
-
-
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-
-
-class OrtRunner:
-    """An ONNX graph in ONNX Runtime. `device="cuda"` asks for the CUDA EP and falls back to CPU with a warning
-    (`fell_back` is then True) unless `strict=True`, which raises instead."""
-
-    def __init__(self, path: str | Path, device: str = "cpu", *, strict: bool = False, threads: int | None = None,
-                 name: str | None = None):
-        import onnxruntime as ort
-
-        if device not in _PROVIDERS:
-            raise RuntimeInputError(f"unknown ONNX Runtime device {device!r}; use one of {sorted(_PROVIDERS)}")
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ExportError(f"ONNX graph {self.path} not found")
-        self.name = name or self.path.name
-        requested = [_PROVIDERS[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
-        available = ort.get_available_providers()
-        providers = [p for p in requested if p in available] or ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise ExportError(f"ONNX Runtime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
-        self.providers = tuple(self.session.get_providers())
-        self.requested = requested[0]
-        self.fell_back = self.requested not in self.providers
-        if self.fell_back:
-            message = (f"{self.name}: {self.requested} is not available in this onnxruntime "
-                       f"(available: {available}); running on {self.providers[0]}")
-            if strict:
-                raise RuntimeInputError(message + "; install onnxruntime-gpu or use device='cpu'")
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-        self.input_names = tuple(i.name for i in self.session.get_inputs())
-        self.output_names = tuple(o.name for o in self.session.get_outputs())
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feed(self.name, self.input_names, feed)
-        outs = self.session.run(list(self.output_names), {n: np.ascontiguousarray(feed[n]) for n in self.input_names})
-        return dict(zip(self.output_names, outs))
 
 
 def _cudart() -> Any:
@@ -109,8 +54,6 @@ class TensorRTRunner:
 
     def __init__(self, engine_path: str | Path, name: str | None = None, *, flavor: str = "tensorrt",
                  dla_core: int | None = None, runtime_cache: str | Path | None = None):
-        from ..tensorrt_flavors import FLAVORS, import_flavor
-
         self.path = Path(engine_path)
         if not self.path.is_file():
             raise ExportError(f"TensorRT engine {self.path} not found")
@@ -153,7 +96,7 @@ class TensorRTRunner:
                                              cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy H2D")
         return ptr
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
         trt, cudart = self._trt, self._cudart
         check_feed(self.name, self.input_names, feed)
         buffers = []
@@ -172,7 +115,7 @@ class TensorRTRunner:
             if not self.context.execute_async_v3(int(self._stream)):
                 raise ExportError(f"{self.name}: TensorRT execution failed")
             _cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-            for (n, array), ptr in zip(outs.items(), buffers[len(self.input_names):]):
+            for array, ptr in zip(outs.values(), buffers[len(self.input_names):]):
                 _cuda_call(cudart, cudart.cudaMemcpy(array.ctypes.data, ptr, array.nbytes,
                                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy D2H")
             return outs
@@ -187,3 +130,9 @@ class TensorRTRunner:
         self.runtime_cache_path.parent.mkdir(parents=True, exist_ok=True)
         self.runtime_cache_path.write_bytes(memoryview(self._runtime_cache.serialize()))
         return self.runtime_cache_path
+
+    def close(self) -> None:
+        if getattr(self, "_stream", None) is not None:
+            self._cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+        self.context = self.engine = None

@@ -10,7 +10,13 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
+
+Log = Callable[[str], None]   # where a library function reports a line of progress
+
+
+def quiet(_: str) -> None:
+    """A Log that drops every line."""
 
 
 class Steps:
@@ -48,8 +54,14 @@ class Console:
             self.log_to(log_path)
         if not quiet and self.stream.isatty():
             from rich.console import Console as RichConsole
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._rich = RichConsole(file=self.stream, highlight=False, soft_wrap=True)
             self._live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -1,13 +1,13 @@
-"""A PyTorch component module behind the runners' `infer(feed) -> outputs` interface (numpy in, numpy out), so the
-export's parity check compares it with ONNX Runtime in one loop."""
+"""A PyTorch module behind the Runner interface (numpy in, numpy out): the export's and the benchmarks' reference,
+compared with ONNX Runtime and TensorRT in the same loop. torch is imported when a feed runs."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ExportError
-from ..runtime.runners import check_feed
+from ..core.errors import ExportError
+from .base import Feed, check_feed
 
 
 class TorchRunner:
@@ -19,7 +19,7 @@ class TorchRunner:
         self.output_names = tuple(output_names)
         self.name = name
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
         import torch
 
         check_feed(self.name, self.input_names, feed)
@@ -31,3 +31,6 @@ class TorchRunner:
             raise ExportError(f"{self.name}: module returned {len(out)} tensors, spec declares {self.output_names}")
         return {n: t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
                 for n, t in zip(self.output_names, out)}
+
+    def close(self) -> None:
+        self.module = None

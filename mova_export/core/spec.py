@@ -1,5 +1,7 @@
 """Plain declarations shared by the build side and the device runtime (pure Python, no torch).
 
+PRECISIONS: the graph precisions a bundle ships; BYTES_PER_PRECISION: what one weight takes in each.
+
 TensorSpec: a graph input/output (name, shape, numpy dtype name); a dimension may be a string, the name of an
 axis that takes one of a few static sizes (the text encoder's length buckets).
 GraphForm: one graph a component exports as (most components have one; the adapter three).
@@ -8,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+PRECISIONS = ("int8", "fp8", "fp16", "fp32")
+BYTES_PER_PRECISION = {"int8": 1, "fp8": 1, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)

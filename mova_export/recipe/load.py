@@ -1,246 +1,50 @@
-"""Target recipes: one YAML per device in the top-level `recipes/` folder -> one frozen `Recipe`.
-
-A recipe is the whole configuration of a build (house habit: no hidden knobs). `load_recipe` validates it field by
-field: an unknown key, a wrong type or an impossible value is a RecipeError naming the field path
-(`precision.expert_A`) and the file. Hardware rules checked here, not at build time:
+"""Recipe YAML -> a validated, frozen `Recipe`: an unknown key, a wrong type or an impossible value is a RecipeError
+naming the field path (`precision.expert_A`) and the file. Hardware rules checked here, not at build time:
   * FP8 needs compute capability >= 8.9 (Ada, Hopper and newer); Orin (8.7) and Ampere (8.6) never have it.
   * DLA exists only on Jetson AGX Orin and Orin NX (2 cores); the Orin Nano has none; DLA runs int8/fp16 only.
   * the `cpu` runtime (ONNX Runtime CPU) has no TensorRT section, no fp8 and no GPU layers.
 
-`cache_key(recipe, stage[, component])` hashes exactly the fields a stage depends on (STAGE_FIELDS), per component
-for quantize and compile, so changing e.g. the LLM context size never invalidates the quantized graphs and one
-component's precision only redoes that component.
-
-Where the YAML files live: the top-level `recipes/` folder is the source of truth (the project layout keeps one YAML
-per target there). `recipe_dirs()` finds it next to the package (a source checkout or an editable install), then a
-packaged copy under `mova_export/data/recipes/` (already covered by the `data/**/*` package-data glob, for a wheel
-whose build copies the folder there). One folder to edit, no duplicated YAML in git.
+Where the YAML files live: the top-level `recipes/` folder is the source of truth. `recipe_dirs()` finds it next to
+the package (a source checkout or an editable install), then a packaged copy under `mova_export/data/recipes/` (the
+`data/**/*` package-data glob covers it, for a wheel whose build copies the folder there).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, fields, is_dataclass
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import RecipeError
-
-SCHEMA_VERSION = 2
-PRECISIONS = ("int8", "fp8", "fp16", "fp32")
-BYTES_PER_PRECISION = {"int8": 1, "fp8": 1, "fp16": 2, "fp32": 4}
-# precision-section keys that stand for several components: every expert the recipe does not name, then any
-# component it does not name. A new expert in the registry takes `experts:` without a recipe edit.
-GROUP_KEYS = ("experts", "default")
-
-
-def graph_components() -> tuple[str, ...]:
-    """Every registered component with a graph (all but the LLM), in pipeline order."""
-    from .components import all_specs
-
-    return tuple(s.name for s in all_specs() if s.kind != "llm")
-
-
-def expert_components() -> tuple[str, ...]:
-    from .components import expert_specs
-
-    return tuple(s.name for s in expert_specs())
-
-
-def llm_quants() -> tuple[str, ...]:
-    """The GGUF types a recipe may ship, largest first."""
-    from .gguf.qtypes import QTYPES
-
-    return tuple(QTYPES)
-RUNTIMES = ("tensorrt", "onnxruntime-cpu")
-DEVICE_KINDS = ("jetson", "dgpu", "cpu")
-EXPERT_POLICIES = ("resident", "lazy")
-CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
-FALLBACKS = ("fp16", "fp32", "none")
-FP8_MIN_CC = (8, 9)
-
-# `--target` shorthands -> shipped recipe names.
-ALIASES: dict[str, str] = {
-    "jetson-orin": "jetson-orin-agx-64gb",       # the Orin that holds MoVA-8B with every expert resident
-    "jetson-orin-agx": "jetson-orin-agx-64gb",
-    "jetson-orin-nx": "jetson-orin-nx-16gb",
-    "jetson-orin-nano": "jetson-orin-nano-8gb",
-    "4090": "rtx-4090",
-    "3090": "rtx-3090",
-}
-
-# GPUs whose hardware we know: a recipe naming one must agree with it (compute capability, DLA cores).
-KNOWN_GPUS: dict[str, dict[str, Any]] = {
-    "Jetson AGX Orin 64GB": {"cc": (8, 7), "dla_cores": 2},
-    "Jetson AGX Orin 32GB": {"cc": (8, 7), "dla_cores": 2},
-    "Jetson Orin NX 16GB": {"cc": (8, 7), "dla_cores": 2},
-    "Jetson Orin NX 8GB": {"cc": (8, 7), "dla_cores": 1},
-    "Jetson Orin Nano 8GB": {"cc": (8, 7), "dla_cores": 0},
-    "Jetson Orin Nano 4GB": {"cc": (8, 7), "dla_cores": 0},
-    "NVIDIA GeForce RTX 4090": {"cc": (8, 9), "dla_cores": 0},
-    "NVIDIA GeForce RTX 3090": {"cc": (8, 6), "dla_cores": 0},
-    "NVIDIA H100 80GB HBM3": {"cc": (9, 0), "dla_cores": 0},
-}
+from ..core.errors import RecipeError
+from ..core.spec import PRECISIONS
+from ..core.tolerance import Tolerance
+from .hardware import ALIASES, FP8_MIN_CC, KNOWN_GPUS
+from .schema import (
+    CALIBRATION_METHODS,
+    DEVICE_KINDS,
+    EXPERT_POLICIES,
+    FALLBACKS,
+    GROUP_KEYS,
+    QUANT_BACKENDS,
+    RUNTIMES,
+    BuilderOptions,
+    Calibration,
+    Device,
+    DLAOptions,
+    ExpertPolicy,
+    LLMOptions,
+    MemoryOptions,
+    Recipe,
+    TensorRTOptions,
+    expert_components,
+    graph_components,
+    llm_quants,
+)
 
 
-# ---- the settings objects ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Device:
-    kind: str                           # jetson | dgpu | cpu
-    name: str                           # GPU name as the driver reports it ("CPU" for the cpu recipe)
-    compute_capability: tuple[int, int] | None
-    memory_mib: int                     # physical memory the plan is measured against (unified on Jetson)
-    unified_memory: bool
-
-    @property
-    def cc_str(self) -> str:
-        return "" if self.compute_capability is None else "%d.%d" % self.compute_capability
-
-
-@dataclass(frozen=True)
-class BuilderOptions:
-    optimization_level: int = 3         # builder_optimization_level 0..5
-    workspace_mib: int = 4096           # MemoryPoolType.WORKSPACE limit
-    timing_cache: bool = True           # load/save <bundle>/engines/timing.cache
-
-
-@dataclass(frozen=True)
-class DLAOptions:
-    components: tuple[str, ...] = ()    # run on DLA, with GPU fallback for unsupported layers
-    core: int = 0
-    gpu_fallback: bool = True
-
-
-@dataclass(frozen=True)
-class TensorRTOptions:
-    version: str                        # TensorRT major.minor the target ships (JetPack 6.x: 10.3)
-    fp16: bool
-    int8: bool
-    fp8: bool
-    dla_cores: int
-    builder: BuilderOptions
-    dla: DLAOptions
-
-
-@dataclass(frozen=True)
-class Budget:
-    min_cosine: float
-    max_rel_l2: float | None = None
-
-
-@dataclass(frozen=True)
-class Calibration:
-    method: str = "entropy"
-    samples: int = 32
-    fallback: str = "fp16"              # what a component that misses its budget falls back to
-
-
-@dataclass(frozen=True)
-class LLMOptions:
-    quant: str
-    gpu_layers: int                     # -1 = every layer on the GPU
-    context: int
-    threads: int
-
-
-@dataclass(frozen=True)
-class ExpertPolicy:
-    policy: str = "resident"            # resident: all 7 loaded; lazy: load routed experts on demand
-    max_loaded: int = 3                 # lazy: at most this many experts in memory (the router picks K <= 3)
-
-
-@dataclass(frozen=True)
-class MemoryOptions:
-    budget_mib: int                     # what MoVA may use on the target (physical minus OS / desktop)
-    runtime_overhead_mib: int = 600     # CUDA context, TensorRT / ORT runtime, llama.cpp process
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    description: str
-    runtime: str
-    device: Device
-    tensorrt: TensorRTOptions | None
-    precision: Mapping[str, str]        # component -> int8 | fp8 | fp16 | fp32 (every graph component)
-    accuracy: Mapping[str, Budget]      # precision -> budget
-    calibration: Calibration
-    llm: LLMOptions
-    experts: ExpertPolicy
-    memory: MemoryOptions
-    source: str = ""                    # the file it was read from (not part of any cache key)
-
-    def precision_of(self, component: str) -> str:
-        if component not in self.precision:
-            raise RecipeError(f"recipe {self.name}: no precision for component {component!r}; known: "
-                              f"{', '.join(self.precision)}")
-        return self.precision[component]
-
-    def on_dla(self, component: str) -> bool:
-        return self.tensorrt is not None and component in self.tensorrt.dla.components
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self)
-
-
-def _plain(value: Any) -> Any:
-    if is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
-
-
-# ---- per-stage cache keys ------------------------------------------------------------------------------------------
-# Field paths (dotted, into Recipe.to_dict()) each stage's output depends on. Runtime-only fields (LLM gpu layers,
-# threads, context, expert policy, memory budget) are in no build stage: changing them rebuilds nothing.
-# Field paths (dotted, into Recipe.to_dict()) each stage's output depends on; `{component}` and `{precision}` stand
-# for the component a key is for and its precision, so a change to one component's precision changes that
-# component's quantize and compile keys only. Runtime-only fields (LLM gpu layers, threads, context, expert policy,
-# memory budget) are in no build stage: changing them rebuilds nothing.
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "export": (),
-    "quantize": ("precision.{component}", "accuracy.{precision}", "calibration.method", "calibration.samples",
-                 "runtime"),   # the runtime decides the Q/DQ graph's float base (quantize.QDQ_BASE)
-    "compile": ("device.name", "device.compute_capability", "tensorrt.version", "tensorrt.fp16", "tensorrt.int8",
-                "tensorrt.fp8", "tensorrt.builder", "tensorrt.dla.core", "tensorrt.dla.gpu_fallback",
-                "precision.{component}", "dla:{component}"),
-    "gguf": ("llm.quant",),
-    "runtime": ("llm", "experts", "memory", "runtime"),
-}
-COMPONENT_STAGES = ("quantize", "compile")
-
-
-def cache_key(recipe: Recipe, stage: str, component: str | None = None) -> str:
-    """sha256 (16 hex digits) over the stage name, the schema version and exactly the recipe fields in
-    STAGE_FIELDS[stage] (for quantize and compile: those of one component)."""
-    if stage not in STAGE_FIELDS:
-        raise RecipeError(f"unknown build stage {stage!r} for a cache key; use one of {', '.join(STAGE_FIELDS)}")
-    if (stage in COMPONENT_STAGES) != (component is not None):
-        raise RecipeError(f"the {stage} key is {'per component' if stage in COMPONENT_STAGES else 'not per component'}"
-                          f"; {'pass' if stage in COMPONENT_STAGES else 'drop'} the component")
-    data = recipe.to_dict()
-    subst = {"component": component or "", "precision": recipe.precision.get(component or "", "")}
-    picked: dict[str, Any] = {}
-    for template in STAGE_FIELDS[stage]:
-        path = template.format(**subst)
-        if path.startswith("dla:"):
-            picked[path] = recipe.on_dla(component or "")
-            continue
-        value: Any = data
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
-        picked[path] = value
-    blob = json.dumps({"stage": stage, "schema": SCHEMA_VERSION, "fields": picked}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# ---- finding and loading -------------------------------------------------------------------------------------------
 def recipe_dirs() -> list[Path]:
     """Folders searched for `<name>.yaml`: the repo's top-level recipes/, then the packaged copy."""
-    dirs = [Path(__file__).resolve().parents[1] / "recipes"]
+    dirs = [Path(__file__).resolve().parents[2] / "recipes"]
     try:
         from importlib.resources import files
 
@@ -290,7 +94,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return parse_recipe(raw, source=str(path))
 
 
-# ---- validation ----------------------------------------------------------------------------------------------------
 class _Reader:
     """Reads one mapping of the YAML, remembering its field path; `done()` refuses keys nobody read."""
 
@@ -382,10 +185,12 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     calibration = Calibration() if c is None else Calibration(
         c.get("method", str, Calibration.method, choices=CALIBRATION_METHODS),
         c.get("samples", int, Calibration.samples, lo=1, hi=100000),
-        c.get("fallback", str, Calibration.fallback, choices=FALLBACKS))
+        c.get("held_out", int, Calibration.held_out, lo=1, hi=100000),
+        c.get("fallback", str, Calibration.fallback, choices=FALLBACKS),
+        c.get("backend", str, Calibration.backend, choices=QUANT_BACKENDS))
     if "fp8" in precision.values() and calibration.method == "entropy":
         if c is None:  # the default method cannot calibrate FP8: its scales are amax / 448
-            calibration = Calibration(method="minmax")
+            calibration = replace(calibration, method="minmax")
         else:
             c.fail(c.field("method"), "is entropy, which cannot calibrate the fp8 components (FP8 scales are "
                    "amax/448); use minmax or percentile")
@@ -503,22 +308,16 @@ def _precision(top: _Reader, runtime: str, trt: TensorRTOptions | None, source: 
     return out
 
 
-def _accuracy(top: _Reader, precision: Mapping[str, str], fallback: str) -> dict[str, Budget]:
+def _accuracy(top: _Reader, precision: Mapping[str, str], fallback: str) -> dict[str, Tolerance]:
     a = top.sub("accuracy")
-    out: dict[str, Budget] = {}
+    out: dict[str, Tolerance] = {}
     needed = set(precision.values()) | ({fallback} - {"none"})
     for prec in PRECISIONS:
         r = a.sub(prec, required=prec in needed)
         if r is None:
             continue
-        out[prec] = Budget(r.get("min_cosine", float, lo=0.0, hi=1.0), r.get("max_rel_l2", float, None, lo=0.0))
+        bound = r.get("max_rel_l2", float, None, lo=0.0)
+        out[prec] = Tolerance(r.get("min_cosine", float, lo=0.0, hi=1.0), math.inf if bound is None else bound)
         r.done()
     a.done()
     return out
-
-
-__all__ = ["ALIASES", "BYTES_PER_PRECISION", "GROUP_KEYS", "PRECISIONS", "STAGE_FIELDS", "expert_components",
-           "graph_components", "llm_quants",
-           "Budget", "BuilderOptions", "Calibration", "DLAOptions", "Device", "ExpertPolicy", "LLMOptions",
-           "MemoryOptions", "Recipe", "TensorRTOptions", "cache_key", "list_recipes", "load_recipe", "parse_recipe",
-           "recipe_dirs", "resolve_target"]

@@ -1,0 +1,177 @@
+"""ONNX graph files and checks shared by every stage that writes graphs (export, quantize): saving with external
+data past 2 GB, the declaration check, and the fp16 variant with its fp32 islands. onnx is imported inside the
+functions; no torch.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+from ..core.errors import ExportError
+from ..core.progress import Log, quiet
+from ..core.spec import TensorSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+PROTO_LIMIT = 2**31 - 1          # protobuf's hard limit: larger graphs keep their weights in one external file
+# Ops with data-dependent control flow or output shapes: a static graph has none.
+DYNAMIC_OPS = frozenset({"If", "Loop", "Scan", "NonZero", "Unique", "Compress", "NonMaxSuppression"})
+
+# fp16 conversion keeps these in fp32 (as the reference computes them): the bilinear alignment, norms and softmax
+# (the gate softmax with its -1e6 logits; attention softmax too, which costs two casts and protects against overflow).
+FP32_OPS = ("Resize", "LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax",
+            "ReduceMean", "Pow", "Sqrt", "Reciprocal")
+# Decomposed norms (SAM's channels-first LayerNorm, Pix2Struct's RMSNorm) show up as elementwise nodes under a
+# module scope whose name contains "norm"; their weight-free arithmetic stays fp32 too.
+_NORM_SCOPE = re.compile(r"/[^/]*norm[^/]*/", re.IGNORECASE)
+_NORM_SCOPE_OPS = frozenset({"Sub", "Add", "Mul", "Div", "Sqrt", "Pow", "ReduceMean", "Reciprocal", "Cast"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+
+def graph_files(path: Path) -> list[Path]:
+    """The graph file and the external data files it references (relative locations, next to it)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in _all_initializers(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return [path, *(path.parent / loc for loc in sorted(locations))]
+
+
+def _all_initializers(graph: "onnx.GraphProto") -> Iterable["onnx.TensorProto"]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.t is not None and attr.HasField("t"):
+                yield attr.t
+
+
+def weights_bytes(model: "onnx.ModelProto") -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def too_large(model: "onnx.ModelProto") -> bool:
+    """True when the proto cannot be one file (2 GB protobuf limit, with a margin for the graph itself)."""
+    return weights_bytes(model) > PROTO_LIMIT - (256 << 20) or model.ByteSize() > PROTO_LIMIT - (64 << 20)
+
+
+def save_model(model: "onnx.ModelProto", path: Path) -> list[Path]:
+    """Save a graph; weights go to one `<name>.data` file beside it when the proto would pass 2 GB."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if too_large(model):
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        data.chmod(0o644)  # onnx creates it owner-only; a bundle is meant to be copied and read by others
+    else:
+        onnx.save_model(model, str(path))
+    return graph_files(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks
+
+def check_graph(path: Path, inputs: Sequence["TensorSpec"], outputs: Sequence["TensorSpec"], name: str) -> None:
+    """onnx.checker (full, path-based so >2 GB works), shape inference in place, then the declaration check:
+    input/output names in order, static shapes equal to the spec, dtypes; no data-dependent control flow."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(path), strict_mode=True, data_prop=True)
+    except Exception as exc:  # onnx raises ValidationError / InferenceError
+        raise ExportError(f"{name}: {path.name} fails the ONNX checker or shape inference: "
+                          f"{str(exc).splitlines()[0]}") from None
+    model = onnx.load(str(path), load_external_data=False)
+    dynamic = sorted({n.op_type for n in model.graph.node if n.op_type in DYNAMIC_OPS})
+    if dynamic:
+        raise ExportError(f"{name}: graph has data-dependent ops {dynamic}; a static export must not")
+    problems = []
+    for kind, declared, actual in (("input", inputs, _graph_inputs(model)), ("output", outputs, model.graph.output)):
+        got = [(v.name, *_value_shape_dtype(v)) for v in actual]
+        want = [(t.name, tuple(t.shape), t.dtype) for t in declared]
+        if got != want:
+            problems.append(f"{kind}s are {_fmt(got)}, the spec declares {_fmt(want)}")
+    if problems:
+        raise ExportError(f"{name}: exported graph does not match its declaration: {'; '.join(problems)}")
+
+
+def _graph_inputs(model: "onnx.ModelProto") -> list:
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]
+
+
+def graph_io(model: "onnx.ModelProto") -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's own inputs (initializers excluded) and outputs as TensorSpecs (symbolic dims by name)."""
+    def spec(value: Any) -> TensorSpec:
+        return TensorSpec(value.name, *_value_shape_dtype(value))
+
+    return [spec(v) for v in _graph_inputs(model)], [spec(v) for v in model.graph.output]
+
+
+def _value_shape_dtype(value: Any) -> tuple[tuple, str]:
+    import onnx
+
+    tensor = value.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name if tensor.elem_type else "?"
+    return dims, dtype
+
+
+def _fmt(items: list[tuple]) -> str:
+    return "[" + ", ".join(f"{n}{list(s)}:{d}" for n, s, d in items) + "]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp32 -> fp16
+
+def toposorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """The float16 converter appends its Cast nodes at the end; onnx_ir puts the graph back in topological order."""
+    import onnx_ir as ir
+
+    graph = ir.from_proto(model)
+    graph.graph.sort()
+    return ir.to_proto(graph)
+
+
+def fp16_block_nodes(model: "onnx.ModelProto") -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type in _NORM_SCOPE_OPS and _NORM_SCOPE.search(n.name or "")]
+
+
+def fp16_from_onnx(src: Path, dst: Path, inputs: Sequence["TensorSpec"], outputs: Sequence["TensorSpec"],
+                   name: str, log: Log = quiet) -> list[Path]:
+    """fp16 variant of a checked fp32 graph: onnxruntime.transformers.float16 with fp32 graph inputs/outputs
+    (keep_io_types) and the FP32_OPS / norm-scope nodes blocked, so they run in fp32 between casts."""
+    import onnx
+    from onnxruntime.transformers import float16
+
+    model = onnx.load(str(src))
+    large = too_large(model)
+    block_nodes = fp16_block_nodes(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the model contains values clamped to the fp16 range" (the -1e6 logits)
+        half = float16.convert_float_to_float16(
+            model, keep_io_types=True, disable_shape_infer=large,
+            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS), node_block_list=block_nodes)
+    del model
+    half = toposorted(half)
+    log(f"{name}: fp16 with {len(block_nodes)} norm nodes and ops {', '.join(FP32_OPS)} kept in fp32")
+    files = save_model(half, dst)
+    del half
+    check_graph(dst, inputs, outputs, name)
+    return files

@@ -1,0 +1,128 @@
+"""The accuracy budget: quantize, judge every held-out sample, leave the most error-adding nodes out, else fall back.
+
+1. Q/DQ graph of every eligible node (try 1). Every held-out sample within budget -> final = precision.
+2. Otherwise rank the quantized nodes by the error each adds (sensitivity.node_sensitivity, one run on the held-out
+   feeds) and re-quantize excluding the top 1, 2, 4, ... nodes (sensitivity.exclusion_schedule); the calibration
+   ranges of try 1 serve every later try. The first within budget -> final = "<precision>-partial".
+3. Otherwise the fp16 graph (graph_io.fp16_from_onnx; its figures recorded, budget_met says whether it met it).
+
+The gate is the worst held-out sample: a graph that is good on average and bad on one photo misses the budget. The
+decision records every held-out sample's figures, which one was worst, and what the calibration set lacked.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.progress import Log, quiet
+from ..core.tolerance import ParityReport
+from ..export.graph_io import fp16_from_onnx, graph_io
+from ..runners.ort import OrtRunner
+from .feeds import FeedSplit
+from .fp8_sim import simulate_fp8
+from .measure import accuracy_check, measure
+from .qdq import QuantResult, qdq_from_onnx
+from .sensitivity import exclusion_schedule, node_sensitivity
+from .settings import QuantSettings
+
+GATE = "worst held-out sample"
+
+
+@dataclass
+class QuantDecision:
+    """What `quantize_with_budget` shipped and why; `to_json()` goes into the manifest and the report."""
+    component: str
+    requested: str
+    final: str                        # "<precision>" | "<precision>-partial" | "fp16"
+    path: Path
+    excluded_nodes: list[str]
+    measured: dict[str, float]        # worst over outputs and held-out samples, of the shipped graph
+    worst_sample: str                 # the held-out sample with the lowest cosine
+    held_out: dict[str, dict[str, float]]   # every held-out sample's worst figures, of the shipped graph
+    budget: dict[str, float | None]
+    budget_met: bool
+    tries: int                        # quantization attempts (the fp16 fallback is not counted)
+    parity_method: str                # how the shipped graph's figures were measured ("ort" | "simulated-fp8")
+    calibration: dict[str, Any]
+    gate: str = GATE
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+def _per_sample(report: ParityReport) -> dict[str, dict[str, float]]:
+    return {label: {"cosine": fig.cosine, "rel_l2": fig.rel_l2} for label, fig in report.per_sample().items()}
+
+
+def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, settings: QuantSettings,
+                         feeds: FeedSplit, log: Log = quiet) -> QuantDecision:
+    """Quantize the fp32 graph `src` as `settings` says, judge it on `feeds.held_out` and keep it only within the
+    budget (the module docstring has the steps). Files: <dst_dir>/<component>.<precision>.onnx, or
+    <component>.fp16.onnx on fallback (the failed Q/DQ graph is removed)."""
+    src, dst_dir = Path(src), Path(dst_dir)
+    precision, budget = settings.precision, settings.budget
+    held_out, labels = feeds.held_out, feeds.held_out_labels
+    calibration = feeds.calibration + (held_out if settings.augment_calibration else [])
+    dst = dst_dir / f"{component}.{precision}.onnx"
+    calib_json = {**feeds.to_json(), "held_out_in_calibration": settings.augment_calibration,
+                  "method": settings.method, "base": settings.base, "backend": settings.backend, "qdq": settings.qdq}
+    reference = [OrtRunner(src).infer(f) for f in held_out]      # the fp32 graph's outputs, once for every try
+    history: list[dict[str, Any]] = []
+
+    def decision(final: str, path: Path, excluded: list[str], report: ParityReport, how: str) -> QuantDecision:
+        worst_label, _ = report.worst_sample()
+        return QuantDecision(component, precision, final, path, excluded, report.summary(), worst_label,
+                             _per_sample(report), budget.to_json(), report.passed, len(history) - (final == "fp16"),
+                             how, calib_json, GATE, history)
+
+    def attempt(result: QuantResult) -> tuple[ParityReport, str]:
+        report, how = measure(reference, result, held_out, budget, component=component, qdq=settings.qdq,
+                              labels=labels)
+        worst_label, _ = report.worst_sample()
+        history.append({"excluded": len(result.excluded_nodes), "quantized": len(result.quantized_nodes),
+                        **report.summary(), "worst_sample": worst_label, "parity_method": how})
+        log(f"{component} [{precision}] try {len(history)}: {len(result.excluded_nodes)} excluded, worst held-out "
+            f"sample {worst_label}: cosine {report.summary()['cosine']:.6f} ({how}); budget cosine >= "
+            f"{budget.min_cosine} on every sample")
+        return report, how
+
+    with tempfile.TemporaryDirectory() as ranges:
+        result = qdq_from_onnx(src, dst, settings, calibration, ranges_dir=Path(ranges), log=log)
+        report, how = attempt(result)
+        if report.passed:
+            return decision(precision, dst, [], report, how)
+        quantized = list(result.quantized_nodes)
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = result.path if result.parity_method == "ort" else simulate_fp8(result.path, Path(tmp) / "sim.onnx")
+            ranking = [name for name, _ in node_sensitivity(src, probe, held_out, quantized)]
+        log(f"{component} [{precision}]: most error-adding nodes {ranking[:5]}")
+        for k in exclusion_schedule(len(ranking), len(quantized), settings.max_excluded, settings.max_tries - 1):
+            result = qdq_from_onnx(src, dst, settings, calibration, exclude_nodes=ranking[:k],
+                                   ranges_dir=Path(ranges), log=log)
+            report, how = attempt(result)
+            if report.passed:
+                return decision(f"{precision}-partial", dst, ranking[:k], report, how)
+    for f in result.files:
+        f.unlink(missing_ok=True)
+    fp16, report = _fp16_fallback(src, dst_dir / f"{component}.fp16.onnx", component, settings, reference, feeds, log)
+    history.append({"excluded": None, "quantized": 0, **report.summary(), "parity_method": "ort",
+                    "fallback": "fp16"})
+    log(f"{component}: the quantized graph missed the budget after {len(history) - 1} tries; fp16 fallback, worst "
+        f"held-out cosine {report.summary()['cosine']:.6f}{'' if report.passed else ' (fp16 misses the budget too)'}")
+    return decision("fp16", fp16, [], report, "ort")
+
+
+def _fp16_fallback(src: Path, dst: Path, component: str, settings: QuantSettings, reference: list,
+                   feeds: FeedSplit, log: Log) -> tuple[Path, ParityReport]:
+    """The fp16 graph in place of a Q/DQ graph that missed the budget on every try, and its figures."""
+    import onnx
+
+    inputs, outputs = graph_io(onnx.load(str(src), load_external_data=False))
+    fp16_from_onnx(src, dst, inputs, outputs, component, log)
+    return dst, accuracy_check(reference, dst, feeds.held_out, settings.budget, component=component,
+                               precision="fp16", labels=feeds.held_out_labels)

@@ -1,0 +1,62 @@
+"""Which quantized nodes to leave out when a Q/DQ graph misses its budget: scoring (`node_sensitivity`, the error
+each node adds, measured) apart from policy (`exclusion_schedule`, how many of the worst to exclude per try), as
+ModelOpt's sensitivity package separates them."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..core.tolerance import parity
+from ..export.graph_io import save_model
+from ..runners.ort import OrtRunner
+from .select import name_nodes
+
+Feed = Mapping[str, np.ndarray]
+
+
+def node_sensitivity(fp32: str | Path, qdq: str | Path, feeds: Sequence[Feed], nodes: Sequence[str]
+                     ) -> list[tuple[str, float]]:
+    """Rank quantized nodes by the error they add, from one run of each graph: for node n with activation input x
+    and output y, rel_l2(y_q, y_fp32) - rel_l2(x_q, x_fp32) (x is the tensor before its Q/DQ, present in both graphs).
+    Largest first. `qdq` must run in ONNX Runtime (pass simulate_fp8's twin for a float8 graph that does not)."""
+    import onnx
+
+    fp32, qdq = Path(fp32), Path(qdq)
+    model = onnx.load(str(fp32), load_external_data=False)
+    if any(not n.name for n in model.graph.node):
+        name_nodes(model)
+    by_name = {n.name: n for n in model.graph.node}
+    pairs = [(name, by_name[name].input[0], by_name[name].output[0]) for name in nodes if name in by_name]
+    tensors = list(dict.fromkeys(t for _, x, y in pairs for t in (x, y)))
+    errors: dict[str, list[float]] = {t: [] for t in tensors}
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = {}
+        for label, path in (("ref", fp32), ("q", qdq)):
+            probe = onnx.load(str(path))
+            present = {o.name for o in probe.graph.output}
+            probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                                      for t in tensors if t not in present)
+            save_model(probe, Path(tmp) / f"{label}.onnx")
+            del probe
+            session = OrtRunner(Path(tmp) / f"{label}.onnx", qdq="float").session
+            outs[label] = [dict(zip(tensors, session.run(tensors, dict(f)))) for f in feeds]
+            del session
+    for ref, got in zip(outs["ref"], outs["q"]):
+        for t in tensors:
+            errors[t].append(parity(ref[t], got[t]).rel_l2)
+    mean = {t: float(np.mean(v)) for t, v in errors.items()}
+    ranking = [(name, mean[y] - mean[x]) for name, x, y in pairs]
+    return sorted(ranking, key=lambda item: -item[1])
+
+
+def exclusion_schedule(ranked: int, quantized: int, max_excluded: int, tries_left: int) -> list[int]:
+    """How many of the most error-adding nodes each further try excludes: 1, 2, 4, ... up to `max_excluded` (and
+    the `ranked` nodes there are), never every quantized node, at most `tries_left` tries."""
+    out, k = [], 1
+    while len(out) < tries_left and k <= min(max_excluded, ranked) and k < quantized:
+        out.append(k)
+        k *= 2
+    return out
