@@ -109,6 +109,64 @@ def test_report_json_and_markdown(cpu_build):
     assert re.search(r"^\| expert_C \| int8 \| int8(-partial)? \| ", md, re.M), md
     assert "| adapter | fp32 | fp32 |" in md and "Memory plan" in md and "**fits**" in md
     assert "`llm/model.q4_k_m.gguf` (q4_k_m)" in md and "| export | base | reused |" in md
+    # the gate's worst held-out image per quantized graph: the session's three photos (sorted), the middle one held out
+    assert re.search(r"^\| base \| int8 \| int8(-partial)? \| [\d.]+ \| [\d.]+ \| chelsea \(of 1\) \| ", md, re.M), md
+
+
+def test_a_short_calibration_set_is_said_in_the_log_and_the_report(cpu_build):
+    """The session calibrates on three photos; the cpu recipe asks for 20 + 8: every quantized graph says so."""
+    shortfall = ("the recipe asks for 20 calibration + 8 held-out samples; the calibration set has 3: calibrating "
+                 "on 2, judging on 1 (pass --calib with more images)")
+    decisions = cpu_build.manifest.quantize
+    quantized = [g for g, d in decisions.items() if d["requested"] == "int8"]
+    assert quantized and all(decisions[g]["calibration"]["shortfall"] == shortfall for g in quantized)
+    assert cpu_build.report["calibration"]["shortfall"] == [shortfall]
+    assert f"**Calibration shortfall**: {shortfall}" in (cpu_build.bundle / "report.md").read_text()
+    log = (cpu_build.bundle / "build.log").read_text()
+    assert all(f"WARNING {g}: {shortfall}" in log for g in quantized)
+
+
+def test_a_quantize_unit_made_by_one_backend_is_not_reused_by_the_other(tiny_checkpoint, calib_dir, work_dir,
+                                                                        cpu_build, tmp_path, monkeypatch):
+    """The unit key is the QuantSettings with the backend resolved: where nvidia-modelopt imports ("auto" picks
+    it), the units onnxruntime made are not reused; the modelopt writer runs (a stand-in here, which stops)."""
+    from mova_export.quantize import qdq, settings
+
+    class Ran(Exception):
+        pass
+
+    def modelopt_ran(*args, **kwargs):
+        raise Ran("the modelopt writer ran")
+
+    monkeypatch.setattr(settings, "modelopt_module", lambda: object())
+    monkeypatch.setattr(qdq, "modelopt_qdq", modelopt_ran)
+    work = tmp_path / "work"
+    shutil.copytree(work_dir, work, copy_function=shutil.copy2)
+    with pytest.raises(Ran):
+        build(BuildRequest(checkpoint=tiny_checkpoint, target="cpu", out=tmp_path / "b", calib=calib_dir,
+                           work_dir=work, quiet=True))
+
+
+def test_each_file_is_hashed_once_per_build(tiny_checkpoint, calib_dir, work_dir, cpu_build, tmp_path, monkeypatch):
+    from collections import Counter
+
+    from mova_export.bundle import files
+
+    hashed: Counter = Counter()
+    real = files.sha256_file
+
+    def counting(path, *args, **kwargs):
+        hashed[Path(path).resolve()] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(files, "sha256_file", counting)
+    result = build(BuildRequest(checkpoint=tiny_checkpoint, target="cpu", out=tmp_path / "b", calib=calib_dir,
+                                work_dir=work_dir, quiet=True))
+    twice = {p: n for p, n in hashed.items() if n > 1}
+    assert not twice, twice
+    # every shipped file was hashed (once), in the staged folder that became the bundle
+    staged = {p.relative_to(tmp_path.resolve()).parts[1:] for p in hashed if tmp_path.resolve() in p.parents}
+    assert {tuple(Path(rel).parts) for rel in result.manifest.files} <= staged
 
 
 # ---- reuse -----------------------------------------------------------------------------------------------------------

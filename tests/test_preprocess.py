@@ -18,7 +18,7 @@ import pytest
 
 import mova_export
 from mova_export.components import image_input_table
-from mova_export.components.clip import CLIP_MEAN, CLIP_STD
+from mova_export.components.layers import CLIP_MEAN, CLIP_STD
 from mova_export.core.errors import ComponentError
 from mova_export.core.image_inputs import ImageInput, preprocess, preprocess_input, preprocess_kind
 from mova_export.reference.preprocess import preprocess_input as reference_input

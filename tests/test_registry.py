@@ -24,7 +24,7 @@ from mova_export.components import (
     register,
     unregister,
 )
-from mova_export.components.clip import CLIP672, CLIP_MEAN, CLIP_STD, image_side, smooth_image_sample
+from mova_export.components.layers import CLIP672, CLIP_MEAN, CLIP_STD, image_side, smooth_image_sample
 
 PACKAGE = Path(mova_export.__file__).parent
 ROUTER_TEXT = "This model can tell toy squares from toy circles."

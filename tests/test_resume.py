@@ -29,6 +29,13 @@ def _finished(work: Path, stage: str) -> list[str]:
     return sorted(p.parent.parent.name for p in work.glob(f"{stage}/*/*/unit.json"))
 
 
+def _default_signals() -> None:
+    """Run in the child before exec: SIGINT back to its default disposition. A suite launched from a
+    non-interactive shell's background job inherits SIGINT as ignored, and Python then keeps ignoring it, so the
+    child would never see the Ctrl-C this test sends (measured: SigIgn bit 2 set in /proc/PID/status)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _build_command(checkpoint: Path, out: Path, work: Path) -> list[str]:
     return [sys.executable, "-m", "mova_export.cli", "build", "--target", "cpu", "--checkpoint", str(checkpoint),
             "--out", str(out), "--work-dir", str(work), "--components", COMPONENTS]
@@ -41,7 +48,7 @@ def test_sigterm_mid_export_leaves_no_partial_bundle_and_the_rerun_resumes(check
     work, out = tmp_path / "work", tmp_path / "out" / "bundle-cpu"
     out.parent.mkdir()
     proc = subprocess.Popen(_build_command(checkpoint, out, work), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_signals)
     deadline = time.time() + 600
     while len(_finished(work, "export")) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -79,7 +86,7 @@ def test_progress_shows_the_component_and_a_bar_early(checkpoint, tmp_path):
     seconds of the start, and the same lines land in the bundle's build.log."""
     out, work = tmp_path / "b", tmp_path / "work"
     proc = subprocess.Popen(_build_command(checkpoint, out, work), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_signals)
     start, first = time.time(), None
     for line in proc.stdout:
         if "features base:" in line and "/" in line.split("features base:")[1]:

@@ -456,8 +456,8 @@ def test_pad_to_square_keeps_the_aspect_ratio(coffee_inputs):
 
 
 def test_normalisation_means_map_to_zero():
-    from mova_export.components.clip import CLIP_MEAN
     from mova_export.components.dinov2 import IMAGENET_MEAN
+    from mova_export.components.layers import CLIP_MEAN
     from mova_export.core.image_inputs import pad_color
 
     clip_grey = np.full((300, 200, 3), pad_color(CLIP_MEAN), dtype=np.uint8)

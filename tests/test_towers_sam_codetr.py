@@ -410,7 +410,7 @@ def _vit02_forward(module, x, blocks_windows):
 
 
 def test_codetr_rope_tables_follow_vit02():
-    from mova_export.components.codetr import rope_tables, rotate_half
+    from mova_export.components.layers import rope_tables, rotate_half
 
     for n in (16, 80):
         cos, sin = rope_tables(64, n, 16)

@@ -8,9 +8,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..bundle import MANIFEST, load_bundle, sha256_file
+from ..bundle import MANIFEST, load_bundle, sha256_file, tool_versions
 from ..core.errors import RuntimeInputError
+from ..core.gpu import nvidia_smi
+from ..core.image_inputs import load_image
 from ..core.progress import Log, quiet  # noqa: F401  (re-exported for latency and parity)
+from ..source.photos import SAMPLE_QUESTIONS, sample_images
 
 DEFAULT_QUESTION = "Describe the image."
 
@@ -19,9 +22,6 @@ def load_images(specs: Sequence[Any] | None, default: Sequence[tuple[str, str]],
                 question: str | None = None) -> list[tuple[str, np.ndarray, str]]:
     """(label, HxWx3 uint8, question) per image: scikit-image sample names (with their questions) or paths
     (with `question`, else DEFAULT_QUESTION). default: (sample name, question) pairs used when specs is empty."""
-    from ..core.image_inputs import load_image
-    from ..source.photos import SAMPLE_QUESTIONS, sample_images
-
     if not specs:
         pictures = sample_images(dict.fromkeys(name for name, _ in default))
         return [(f"{name}: {q}", pictures[name], question or q) for name, q in default]
@@ -58,7 +58,6 @@ def rounded(obj: Any, nd: int = 3) -> Any:
 
 
 def gpu_name() -> str | None:
-    from ..core.gpu import nvidia_smi
 
     values = nvidia_smi(["name"])
     return values[0] if values else None
@@ -66,7 +65,6 @@ def gpu_name() -> str | None:
 
 def gpu_memory_mib() -> dict[str, float] | None:
     """Device-wide used GPU memory (covers ONNX Runtime, TensorRT and llama.cpp), from nvidia-smi."""
-    from ..core.gpu import nvidia_smi
 
     values = nvidia_smi(["memory.used", "memory.total"])
     try:
@@ -77,7 +75,6 @@ def gpu_memory_mib() -> dict[str, float] | None:
 
 
 def machine() -> dict[str, Any]:
-    from ..bundle import tool_versions
 
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                             "cpus": os.cpu_count(), "tools": tool_versions()}

@@ -16,7 +16,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.errors import RuntimeInputError
+from ..runtime import MoVARuntime, RuntimeOptions, peak_rss_mib
 from ..runtime.two_pass import STAGES
+from ..source.photos import demo_questions
 from .common import (
     Log,
     barh,
@@ -49,8 +51,6 @@ def latency_benchmark(bundle: str | Path, *, runs: int = 5, warmup: int = 1, ima
                       out_dir: str | Path | None = None, log: Log = quiet) -> dict[str, Any]:
     """Run the latency benchmark; returns the result and writes latency.{json,md,png} when out_dir is given.
     options: runtime.RuntimeOptions for the bundle side."""
-    from ..runtime import MoVARuntime, RuntimeOptions, peak_rss_mib
-    from ..source.photos import demo_questions
 
     if runs < 1 or warmup < 0:
         raise RuntimeInputError(f"runs={runs}, warmup={warmup}; pass runs >= 1 and warmup >= 0")

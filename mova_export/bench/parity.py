@@ -14,6 +14,11 @@ from typing import Any, Mapping, Sequence
 
 from ..bundle import load_bundle
 from ..core.errors import BundleError, RuntimeInputError
+from ..core.tolerance import parity
+from ..gguf import BITS_PER_WEIGHT
+from ..runtime import MoVARuntime
+from ..runtime.vision import BACKENDS
+from ..source.photos import demo_questions
 from .common import Log, barh, bundle_info, load_images, machine, quiet, reference_pipeline, rounded, write_figure
 
 PARITY_QUESTIONS = 6
@@ -34,7 +39,6 @@ class ParityConfig:
     @classmethod
     def parse(cls, text: str) -> "ParityConfig":
         """"backend[:precision[:llm]]", precision fp32/fp16/int8/fp8 or "bundle", llm a GGUF type or "default"."""
-        from ..runtime.vision import BACKENDS
 
         backend, precision, llm = (text.split(":") + ["", ""])[:3]
         if backend not in BACKENDS:
@@ -47,7 +51,6 @@ def default_configs(bundle: Path) -> list[ParityConfig]:
     precision plan with each GGUF it ships (the LLM side alone), and the bundle as shipped."""
     m = load_bundle(bundle, verify=False).manifest
     ggufs = list(m.llms) or ([m.llm.qtype] if m.llm else [])
-    from ..gguf import BITS_PER_WEIGHT
 
     exact = max(ggufs, key=lambda q: BITS_PER_WEIGHT[q]) if ggufs else None
     shipped = {p for g in m.graphs.values() for p in g.variants}
@@ -71,9 +74,6 @@ def parity_benchmark(bundle: str | Path, *, images: Sequence[Any] | None = None,
                      out_dir: str | Path | None = None, log: Log = quiet) -> dict[str, Any]:
     """Run the parity benchmark; returns the result and writes parity.{json,md,png} when out_dir is given.
     experts: force this routing on both sides (the expert graphs then get cosines even where the LLM routes none)."""
-    from ..core.tolerance import parity
-    from ..runtime import MoVARuntime
-    from ..source.photos import demo_questions
 
     bundle = Path(bundle)
     frames = load_images(images, demo_questions()[:PARITY_QUESTIONS], question)

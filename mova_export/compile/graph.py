@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bundle import sha256_file
 from ..core.errors import CompileError
 
 # ONNX element types -> our names. UINT8 is absent on purpose: our Q/DQ are signed symmetric (INT8 with zero points
@@ -30,7 +31,6 @@ def inspect_graph(path: str | Path, sha256: str | None = None) -> GraphInfo:
     Q/DQ (asymmetric, not what our quantizer writes) and for float8 types other than E4M3FN."""
     import onnx
 
-    from ..bundle import sha256_file
 
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph

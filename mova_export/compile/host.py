@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from ..core.gpu import nvidia_smi
 from ..core.tensorrt_flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT, TRT10, installed_flavors
 from ..recipe import Recipe
 
@@ -48,7 +49,6 @@ def _gpu_from_cuda() -> tuple[str, str] | None:
 
 
 def _gpu_from_nvidia_smi() -> tuple[str, str] | None:
-    from ..core.gpu import nvidia_smi
 
     values = nvidia_smi(["name", "compute_cap"])
     return (values[0], values[1]) if values else None

@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from ..core.errors import CompileError
+from ..core.tensorrt_flavors import FLAVORS, import_flavor
 
 COMPUTE_LAYERS = ("CONVOLUTION", "MATRIX_MULTIPLY", "ELEMENTWISE", "NORMALIZATION", "SOFTMAX", "ACTIVATION", "UNARY",
                   "REDUCE")
@@ -92,7 +93,6 @@ def parse_onnx(trt: ModuleType, path: str | Path, network_flags: int = 0, logger
 
 def profile_onnx(path: str | Path, flavor: str = "tensorrt-rtx") -> LayerProfile:
     """Parse `path` with `flavor`'s parser as a strongly typed network and profile its layers (no build, no GPU)."""
-    from ..core.tensorrt_flavors import FLAVORS, import_flavor
 
     trt = import_flavor(flavor)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if FLAVORS[flavor].strongly_typed_flag else 0

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ComponentError
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
-from ._common import Mlp, align_to_grid
-from .clip import CLIP672, CLIP_MEAN, CLIP_STD, image_side, smooth_image_sample
+from . import ExpertInfo, MemoryFigures, arch, register
+from .layers import CLIP672, CLIP_MEAN, CLIP_STD, Mlp, align_to_grid, image_side
+from .tower import pixel_input, pixel_sample, tower_spec
 
 NAME = "expert_F"
 
@@ -134,20 +134,16 @@ def _out_channels(arch: Mapping[str, Any]) -> int:
     return int(arch["embed_dim"])
 
 
-register(ComponentSpec(
-    name=NAME,
-    kind="tower",
-    prefix="model.vision_tower.vision_tower_6.",
+register(tower_spec(
+    NAME, "vision_tower_6", _out_channels,
     presets=PRESETS,
     build=lambda cfg: BiomedClipTower(arch(cfg, NAME), cfg.image_feat_size).eval(),
-    inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
-    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, NAME)))),),
-    sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), CLIP_MEAN, CLIP_STD)},
+    inputs=pixel_input(image_side),
+    sample_inputs=pixel_sample(image_side, CLIP_MEAN, CLIP_STD),
     unused_keys=("head.*",),
     expert=ExpertInfo("F", "This model is a foundation model designed for biomedical vision-language processing."),
     image_inputs=(CLIP672,),
     memory=MemoryFigures(params=86_000_000, activation=(197, 768)),
-    out_channels=_out_channels,
     description="BiomedCLIP ViT-B/16 (timm) on the CLIP-normalised image resized bilinear to 224, forward_features "
                 "without CLS, 14x14 -> bilinear 48x48",
 ))

@@ -21,21 +21,17 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ComponentError
-from ..core.image_inputs import ImageInput
-from . import ComponentSpec, MemoryFigures, TensorSpec, arch, register
-from ._common import align_to_grid
+from . import MemoryFigures, arch, register
+from .layers import CLIP672, CLIP_MEAN, CLIP_STD, align_to_grid, image_side, layers_to_run
+from .tower import pixel_input, pixel_sample, tower_spec
 
 NAME = "base"
 PATCH = 14
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # images_0: CLIPImageProcessor at image_feat_size * 14 (672), upstream's image_processor_0 (also expert F's input)
-CLIP672 = ImageInput("clip672", "resize_crop", None, CLIP_MEAN, CLIP_STD, upstream="CLIPImageProcessor")
 
 _COMMON = dict(patch_size=PATCH, hidden_act="quick_gelu", layer_norm_eps=1e-5, attn_implementation="eager")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -46,28 +42,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {**_COMMON, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
              "num_attention_heads": 2},
 }
-
-
-def image_side(cfg) -> int:
-    """Upstream `image_size = image_feat_size * 14`: 672 for the 48x48 grid."""
-    return cfg.image_feat_size * PATCH
-
-
-def layers_to_run(select_layer: int, num_layers: int, component: str = NAME) -> int:
-    """How many encoder layers produce hidden_states[select_layer] (hidden_states has num_layers + 1 entries)."""
-    index = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
-    if not 0 <= index <= num_layers:
-        raise ComponentError(f"component {component}: mm_vision_select_layer={select_layer} is outside the "
-                             f"{num_layers + 1} hidden states of a {num_layers}-layer tower; use e.g. -2")
-    return index
-
-
-def smooth_image_sample(seed: int, side: int, mean, std) -> torch.Tensor:
-    """A smooth random picture in [0,1] at side x side, normalised with mean/std: a realistic value range."""
-    gen = torch.Generator().manual_seed(seed)
-    low = torch.rand(1, 3, 16, 16, generator=gen)
-    img = F.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)
-    return ((img - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).float()
 
 
 class ClipTower(nn.Module):
@@ -108,19 +82,15 @@ def _build(cfg) -> nn.Module:
     return ClipTower(hp, side, cfg.mm_vision_select_layer, cfg.image_feat_size).eval()
 
 
-register(ComponentSpec(
-    name=NAME,
-    kind="tower",
-    prefix="model.vision_tower.vision_tower_0.",
+register(tower_spec(
+    NAME, "vision_tower_0", _out_channels,
     presets=PRESETS,
     build=_build,
-    inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
-    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, NAME)))),),
-    sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), CLIP_MEAN, CLIP_STD)},
+    inputs=pixel_input(image_side),
+    sample_inputs=pixel_sample(image_side, CLIP_MEAN, CLIP_STD),
     image_inputs=(CLIP672,),
     memory=MemoryFigures(params=304_000_000, activation=(2305, 1024)),
     unused_keys=("vision_model.embeddings.position_ids",),
-    out_channels=_out_channels,
     description="CLIP ViT-L/14 at 672 (2305-row position embedding), hidden_states[select_layer] without CLS, "
                 "48x48 x 1024",
 ))

@@ -32,9 +32,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ComponentError
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
-from ._common import align_to_grid
-from .sam import SAM1024, SAM_INPUT, LayerNorm2d, PatchEmbed, sam1024_sample, window_partition, window_unpartition
+from . import ExpertInfo, MemoryFigures, arch, register
+from .layers import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SAM1024,
+    LayerNorm2d,
+    PatchEmbed,
+    Rope,
+    SwiGLU,
+    WindowedBlock,
+    align_to_grid,
+    sam_side,
+)
+from .tower import pixel_input, pixel_sample, tower_spec
 
 NAME = "expert_C"
 
@@ -49,36 +60,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---- RoPE --------------------------------------------------------------------------------------------------------
-def rope_tables(head_dim: int, n: int, pt_seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [n*n, head_dim] of VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len, ft_seq_len=n)."""
-    dim = head_dim // 2
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
-    t = torch.arange(n) / n * pt_seq_len
-    axis = torch.repeat_interleave(t[:, None] * freqs[None, :], 2, dim=-1)            # [n, dim], pairs repeated
-    table = torch.cat([axis[:, None, :].expand(n, n, dim), axis[None, :, :].expand(n, n, dim)], dim=-1)
-    table = table.reshape(n * n, head_dim)
-    return table.cos(), table.sin()
-
-
-def rotate_half(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
-    """x [B, n, d]: adjacent pairs (x0, x1) -> (-x1, x0) (upstream: einops '... (d r) -> ... d r', r=2)."""
-    pairs = x.reshape(-1, n, d // 2, 2)
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).reshape(-1, n, d)
-
-
-class Rope(nn.Module):
-    """Upstream VisionRotaryEmbeddingFast: buffers freqs_cos / freqs_sin [n*n, head_dim]."""
-
-    def __init__(self, head_dim: int, n: int, pt_seq_len: int, theta: float, persistent: bool):
-        super().__init__()
-        self.n, self.head_dim = n * n, head_dim
-        cos, sin = rope_tables(head_dim, n, pt_seq_len, theta)
-        self.register_buffer("freqs_cos", cos, persistent=persistent)
-        self.register_buffer("freqs_sin", sin, persistent=persistent)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """t [B * heads, n*n, head_dim]."""
-        return t * self.freqs_cos + rotate_half(t, self.n, self.head_dim) * self.freqs_sin
 
 
 # ---- blocks ------------------------------------------------------------------------------------------------------
@@ -114,19 +95,7 @@ class Attention(nn.Module):
         return self.proj(x).reshape(-1, s, s, c)
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int, eps: float):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden)
-        self.w2 = nn.Linear(dim, hidden)
-        self.ffn_ln = nn.LayerNorm(hidden, eps=eps)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
-
-
-class Block(nn.Module):
+class Block(WindowedBlock):
     def __init__(self, dim: int, num_heads: int, hidden: int, window: int, side: int, rope: Rope, eps: float):
         super().__init__()
         self.window, self.side, self.dim = window, side, dim
@@ -134,17 +103,6 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, window if window > 0 else side, rope)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = SwiGLU(dim, hidden, eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
-        if self.window > 0:
-            windows = window_partition(x, self.window, self.side, self.dim)
-            x = window_unpartition(self.attn(windows), self.window, self.side, self.dim)
-        else:
-            x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
 
 
 class CoDetrViT(nn.Module):
@@ -213,20 +171,16 @@ def _build(cfg) -> nn.Module:
     return CoDetrViT(arch(cfg, NAME), cfg.image_feat_size).eval()
 
 
-register(ComponentSpec(
-    name=NAME,
-    kind="tower",
-    prefix="model.vision_tower.vision_tower_3.",
+register(tower_spec(
+    NAME, "vision_tower_3", _out_channels,
     presets=PRESETS,
     build=_build,
-    inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, SAM_INPUT, SAM_INPUT)),),
-    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, NAME)))),),
-    sample_inputs=sam1024_sample,
+    inputs=pixel_input(sam_side),
+    sample_inputs=pixel_sample(sam_side, CLIP_MEAN, CLIP_STD),
     expert=ExpertInfo("C", "This model is a state-of-the-art object detector that can identify objects in "
                           "images."),
     image_inputs=(SAM1024,),
     memory=MemoryFigures(params=310_000_000, activation=(6400, 1024)),
-    out_channels=_out_channels,
     description="Co-DETR ViT-L/16 (EVA-02 style: 2-D RoPE, SwiGLU, window 16 + 4 global blocks) at 1280, "
                 "neck 256 ch at 80x80 -> bilinear 37x37 -> bilinear 48x48",
 ))

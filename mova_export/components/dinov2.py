@@ -30,9 +30,9 @@ from torch import nn
 
 from ..core.errors import ComponentError
 from ..core.image_inputs import ImageInput
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
-from ._common import Mlp, align_to_grid
-from .clip import image_side, layers_to_run, smooth_image_sample
+from . import ExpertInfo, MemoryFigures, arch, register
+from .layers import Mlp, align_to_grid, image_side, layers_to_run
+from .tower import pixel_input, pixel_sample, tower_spec
 
 NAME = "expert_A"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -197,21 +197,16 @@ def _out_channels(arch: Mapping[str, Any]) -> int:
     return int(arch["hidden_size"])
 
 
-register(ComponentSpec(
-    name=NAME,
-    kind="tower",
-    prefix="model.vision_tower.vision_tower_1.",
+register(tower_spec(
+    NAME, "vision_tower_1", _out_channels,
     presets=PRESETS,
     build=lambda cfg: Dinov2Tower(arch(cfg, NAME), cfg.mm_vision_select_layer, cfg.image_feat_size).eval(),
-    inputs=lambda cfg: (TensorSpec("pixel_values", (1, 3, image_side(cfg), image_side(cfg))),),
-    outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, NAME)))),),
-    sample_inputs=lambda cfg, seed: {"pixel_values": smooth_image_sample(seed, image_side(cfg), IMAGENET_MEAN,
-                                                                         IMAGENET_STD)},
+    inputs=pixel_input(image_side),
+    sample_inputs=pixel_sample(image_side, IMAGENET_MEAN, IMAGENET_STD),
     expert=ExpertInfo("A", "This model can effectively extract the accurate spatial and semantic information from "
                           "natural images."),
     image_inputs=(DINO672,),
     memory=MemoryFigures(params=1_140_000_000, activation=(2305, 1536)),
-    out_channels=_out_channels,
     description="DINOv2-giant (SwiGLU, 40 layers) at 518 (672 input resized bilinear), hidden_states[select_layer] "
                 "without CLS, 37x37 -> bilinear 48x48",
 ))

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from ..core.errors import ComponentError
-from ..core.image_inputs import ImageInput
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
-from ._common import align_to_grid
-from .clip import CLIP_MEAN
+from ..core.image_inputs import ImageInput, preprocess_input
+from . import ExpertInfo, MemoryFigures, TensorSpec, arch, register
+from .layers import CLIP_MEAN, align_to_grid
+from .tower import tower_spec
 
 PATCH = 16
 PATCH_DIM = 2 + PATCH * PATCH * 3   # 770
@@ -91,7 +91,6 @@ class Pix2StructTower(nn.Module):
 def pix2struct_sample(cfg, seed: int) -> dict[str, torch.Tensor]:
     """Real processor output for a smooth random 3:2 picture, not padded to a square, so that the patch grid leaves
     zero rows and the attention mask matters (with image_aspect_ratio "pad" every patch is valid)."""
-    from ..core.image_inputs import preprocess_input
 
     rng = np.random.default_rng(seed)
     low = rng.uniform(0, 255, size=(4, 6, 3))
@@ -121,21 +120,9 @@ def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict
                                  "the tokens to sqrt(L) x sqrt(L), use e.g. 2025 (45x45)")
         return Pix2StructTower(name, arch(cfg, name), cfg.image_feat_size).eval()
 
-    register(ComponentSpec(
-        name=name,
-        kind="tower",
-        prefix=f"model.vision_tower.{tower}.",
-        presets=presets,
-        build=build,
-        inputs=_inputs,
-        outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, _out_channels(arch(cfg, name)))),),
-        sample_inputs=pix2struct_sample,
-        expert=expert,
-        image_inputs=(PIX2STRUCT,),
-        memory=memory,
-        out_channels=_out_channels,
-        description=description,
-    ))
+    register(tower_spec(name, tower, _out_channels, presets=presets, build=build, inputs=_inputs,
+                        sample_inputs=pix2struct_sample, expert=expert, image_inputs=(PIX2STRUCT,), memory=memory,
+                        description=description))
 
 
 _register("expert_D", "vision_tower_4",

@@ -29,17 +29,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ComponentError
-from ..core.image_inputs import ImageInput
-from . import ComponentSpec, ExpertInfo, MemoryFigures, TensorSpec, arch, register
-from ._common import align_to_grid
-from .clip import CLIP_MEAN, CLIP_STD
+from . import ExpertInfo, MemoryFigures, arch, register
+from .layers import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SAM1024,
+    SAM_INPUT,
+    LayerNorm2d,
+    PatchEmbed,
+    WindowedBlock,
+    align_to_grid,
+    sam_side,
+)
+from .tower import pixel_input, pixel_sample, tower_spec
 
-SAM_INPUT = 1024   # high_images side (upstream img_size)
 SAM_PATCH = 16
 SAM_WINDOW = 14
-# high_images: upstream's image_processor_2 from the Vary expert folder [inferred: that preprocessor config was not
-# read]: taken as a CLIP processor at 1024 with CLIP mean/std, the normalisation Vary's own SAM input uses
-SAM1024 = ImageInput("sam1024", "resize_crop", SAM_INPUT, CLIP_MEAN, CLIP_STD, upstream="CLIPImageProcessor")
 
 _COMMON = dict(img_size=SAM_INPUT, patch_size=SAM_PATCH, window_size=SAM_WINDOW, mlp_ratio=4.0, out_chans=256,
                norm_eps=1e-6, neck_eps=1e-6)
@@ -60,43 +65,6 @@ SAM_H_PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ---- numerics ----------------------------------------------------------------------------------------------------
-class LayerNorm2d(nn.Module):
-    """segment-anything LayerNorm2d: LayerNorm over the channel axis of [B, C, H, W] (eps 1e-6)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.normalized_shape = (channels,)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
-def window_partition(x: torch.Tensor, window: int, side: int, dim: int) -> torch.Tensor:
-    """[B, side, side, dim] -> [B * nW, window, window, dim], zero-padding bottom/right up to a multiple of window.
-
-    Shapes are Python ints from the architecture (not read from the tensor), so the traced graph is static.
-    """
-    pad = (window - side % window) % window
-    if pad:  # zeros concatenated, not F.pad: the exported Pad's computed pads would hide the static shapes
-        b = x.shape[0]
-        x = torch.cat([x, x.new_zeros(b, pad, side, dim)], dim=1)
-        x = torch.cat([x, x.new_zeros(b, side + pad, pad, dim)], dim=2)
-    n = (side + pad) // window
-    x = x.reshape(-1, n, window, n, window, dim).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window, window, dim)
-
-
-def window_unpartition(windows: torch.Tensor, window: int, side: int, dim: int) -> torch.Tensor:
-    """Inverse of window_partition, dropping the padding: -> [B, side, side, dim]."""
-    padded = side + (window - side % window) % window
-    n = padded // window
-    x = windows.reshape(-1, n, n, window, window, dim).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(-1, padded, padded, dim)
-    return x[:, :side, :side, :] if padded != side else x
 
 
 def _rel_index(size: int) -> torch.Tensor:
@@ -149,7 +117,7 @@ class Attention(nn.Module):
         return self.proj(x.reshape(-1, s, s, heads * self.head_dim))
 
 
-class Block(nn.Module):
+class Block(WindowedBlock):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window: int, side: int, eps: float):
         super().__init__()
         self.window, self.side, self.dim = window, side, dim
@@ -157,26 +125,6 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, window if window > 0 else side)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
-        if self.window > 0:
-            windows = window_partition(x, self.window, self.side, self.dim)
-            x = window_unpartition(self.attn(windows), self.window, self.side, self.dim)
-        else:
-            x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch: int, dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)  # B C H W -> B H W C
 
 
 class SamImageEncoder(nn.Module):
@@ -215,18 +163,6 @@ class SamImageEncoder(nn.Module):
 
 
 # ---- registration ------------------------------------------------------------------------------------------------
-def sam1024_sample(cfg, seed: int) -> dict[str, torch.Tensor]:
-    """A smooth random picture in [0,1] at 1024x1024, normalised with CLIP mean/std (the value range of high_images)."""
-    gen = torch.Generator().manual_seed(seed)
-    low = torch.rand(1, 3, 16, 16, generator=gen)
-    img = F.interpolate(low, size=(SAM_INPUT, SAM_INPUT), mode="bilinear", align_corners=False)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return {"pixel_values": ((img - mean) / std).float()}
-
-
-def _sam1024_inputs(cfg) -> tuple[TensorSpec, ...]:
-    return (TensorSpec("pixel_values", (1, 3, SAM_INPUT, SAM_INPUT)),)
 
 
 def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict[str, Any]], memory: MemoryFigures,
@@ -243,21 +179,9 @@ def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict
                                  "and a patch size that divides it")
         return SamImageEncoder(hp, cfg.image_feat_size).eval()
 
-    register(ComponentSpec(
-        name=name,
-        kind="tower",
-        prefix=f"model.vision_tower.{tower}.",
-        presets=presets,
-        build=build,
-        inputs=_sam1024_inputs,
-        outputs=lambda cfg: (TensorSpec("features", (1, cfg.grid_tokens, out_channels(arch(cfg, name)))),),
-        sample_inputs=sam1024_sample,
-        expert=expert,
-        image_inputs=(SAM1024,),
-        memory=memory,
-        out_channels=out_channels,
-        description=description,
-    ))
+    register(tower_spec(name, tower, out_channels, presets=presets, build=build, inputs=pixel_input(sam_side),
+                        sample_inputs=pixel_sample(sam_side, CLIP_MEAN, CLIP_STD), expert=expert,
+                        image_inputs=(SAM1024,), memory=memory, description=description))
 
 
 _register("expert_B", "vision_tower_2",

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import CalibrationError
+from ..core.errors import CalibrationError, ExportError
+from ..core.image_inputs import load_image
+from ..source.photos import CALIBRATION_PHOTOS, sample_images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 QUESTIONS_FILE = "questions.txt"
@@ -39,8 +41,6 @@ class CalibrationSet:
 
     @cached_property
     def _images(self) -> tuple[np.ndarray, ...]:
-        from ..core.image_inputs import load_image
-        from ..source.photos import sample_images
 
         names = [s for s in self.samples if not isinstance(s, Path)]
         known = sample_images(names) if names else {}
@@ -73,7 +73,6 @@ class CalibrationSet:
 
 
 def builtin_calibration() -> CalibrationSet:
-    from ..source.photos import CALIBRATION_PHOTOS
 
     names = tuple(p.name for p in CALIBRATION_PHOTOS)
     return CalibrationSet(names, names, tuple(p.question for p in CALIBRATION_PHOTOS),
@@ -115,7 +114,6 @@ def load_calibration(folder: str | Path | None) -> CalibrationSet:
 def read_feeds(npz_path: str | Path) -> list[dict[str, np.ndarray]]:
     """The per-image feeds an npz of input name -> arrays stacked on axis 0 holds (an export unit's calibration
     feeds, a bundle's checks), as a list of dicts."""
-    from ..core.errors import ExportError
 
     path = Path(npz_path)
     if not path.is_file():

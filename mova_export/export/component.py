@@ -18,10 +18,16 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from ..bundle.manifest import GraphEntry, Variant
+from ..components import get_spec, one_of_kind
+from ..core.bert_inputs import text_inputs
 from ..core.errors import ExportError
+from ..core.image_inputs import preprocess_input
 from ..core.progress import NULL, Console, Steps
 from ..core.prompts import mask_label
+from ..core.slots import fill_slots
 from ..core.spec import GraphForm
+from ..runners.ort import OrtRunner
+from ..runners.pytorch import TorchRunner
 from .graph_io import fp16_from_onnx, graph_files
 from .onnx import example_args, onnx_from_module
 from .samples import (
@@ -92,7 +98,6 @@ class ExportInputs:
 
 
 def _tower_samples(spec: Any, form: GraphForm, images: "CalibrationSet", facts: "ModelFacts") -> list[Sample]:
-    from ..core.image_inputs import preprocess_input
 
     rows = [facts.image_inputs[r.kind] for r in spec.image_inputs]
     out = []
@@ -115,7 +120,6 @@ def adapter_context(features: Mapping[str, Mapping[str, np.ndarray]], facts: "Mo
                     full_sweep: bool = True) -> AdapterContext:
     """The adapter's inputs on some images: {component: {image label: features}} of the base, every expert and the
     text encoder."""
-    from ..components import one_of_kind
 
     text = one_of_kind("text").name
     missing = [c for c in [facts.base.component, *(e.component for e in facts.experts), text] if c not in features]
@@ -132,7 +136,6 @@ def _adapter_feed(form: GraphForm, ctx: AdapterContext, label: str, mask: Sequen
     """One image's feed of an adapter form: the routing form's base alone; the slot form's base, slots (fill_slots),
     text and mask; the dense form's base, every expert's features (zeros for unrouted ones, or their real features
     to show they cannot leak), text and mask."""
-    from ..core.slots import fill_slots
 
     specs = {t.name: t for t in form.inputs}
     out = {"base": as_numpy(ctx.base[label], specs["base"].dtype)}
@@ -179,7 +182,6 @@ def _references(module: Any, form: GraphForm, samples: Sequence[Sample], steps: 
     """Each sample's reference outputs: the form's own reference (the adapter's: upstream's skipping forward), else
     the module. A real image's tower / text feature is the component's features unit output (computed once, with
     the text unpadded as upstream runs it), so it is not recomputed here."""
-    from ..runners.pytorch import TorchRunner
 
     runner = TorchRunner(_wrapped(form, module), [t.name for t in form.inputs], [t.name for t in form.outputs],
                          name=form.name)
@@ -201,9 +203,6 @@ def component_features(checkpoint: "Checkpoint", name: str, images: Sequence[tup
     the image's question unpadded (as upstream runs BERT for one question)."""
     import torch
 
-    from ..components import get_spec
-    from ..core.bert_inputs import text_inputs
-    from ..core.image_inputs import preprocess_input
 
     spec = get_spec(name)
     out: dict[str, np.ndarray] = {}
@@ -230,71 +229,22 @@ def component_features(checkpoint: "Checkpoint", name: str, images: Sequence[tup
 def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: ExportInputs, *,
                      precisions: Sequence[str] = EXPORT_PRECISIONS, simplify: bool = True,
                      console: Console = NULL) -> ExportedComponent:
-    """Export every graph form of one component into unit_dir (graphs/, calibration/) and prove each
+    """Export every graph form of one component into unit_dir (graphs/, calibration/, checks/) and prove each
     variant against the torch module: the fp32 graph on every sample, fp16 on a spot check. Raises ExportError
     (export or parity failure) naming the graph, the sample and the figures."""
     import torch
 
-    from ..components import get_spec
-    from ..runners.ort import OrtRunner
-
     start = time.perf_counter()
     spec = get_spec(name)
-    cfg = checkpoint.config
-    forms = graph_forms(spec, cfg, ins.facts)
-    labels = list(ins.parity.labels)
+    forms = graph_forms(spec, checkpoint.config, ins.facts)
     result = ExportedComponent(name, [], {}, calibration_labels=list(ins.calibration.labels))
     with console.task(f"export {name}", total=2) as steps:
         module = checkpoint.build(name, dtype=torch.float32).eval()
         steps.advance("module built from the checkpoint")
         for form in forms:
-            if form.role == "tower":
-                real = _tower_samples(spec, form, ins.parity, ins.facts)
-            elif form.role == "text":
-                real = _text_samples(ins.parity, ins.text_tokenizer, ins.facts)
-            else:
-                real = _adapter_samples(form, adapter_context(ins.upstream, ins.facts, ins.full_sweep), labels)
-            # seeded random feeds: the form's own, else the spec's for a form of the spec's I/O
-            own_io = tuple(form.inputs) == tuple(spec.inputs(cfg))
-            samples = real + (random_samples(spec, cfg, form.inputs, ins.random_samples, form.sample_inputs)
-                              if form.sample_inputs is not None or own_io else [])
-            checked16 = spot_check(samples)
-            # references, trace + slim + check, fp32 parity, fp16 conversion, fp16 parity, calibration feeds
-            steps.grow(len(samples) * 2 + 3 + 1 + len(checked16) + 1)
-            _references(module, form, samples, steps, ins.upstream.get(name))
-            entry = GraphEntry(form.name, name, form.role, list(form.inputs), list(form.outputs),
-                               axes={k: list(v) for k, v in form.axes.items()}, form=form.form)
-            paths = {"fp32": unit_dir / "graphs" / f"{form.name}.fp32.onnx"}
-            t0 = time.perf_counter()
-            onnx_from_module(_wrapped(form, module), paths["fp32"], form.inputs, form.outputs,
-                             example_args(form.inputs, samples[0].feed, form.name), name=form.name,
-                             simplify=simplify, step=lambda what: steps.advance(what), log=console.line)
-            build_s = {"fp32": time.perf_counter() - t0}
-            for precision in precisions:
-                if precision != "fp32":
-                    t0 = time.perf_counter()
-                    paths[precision] = unit_dir / "graphs" / f"{form.name}.{precision}.onnx"
-                    fp16_from_onnx(paths["fp32"], paths[precision], form.inputs, form.outputs, form.name,
-                                   log=console.line)
-                    build_s[precision] = time.perf_counter() - t0
-                    steps.advance(f"{precision} graph")
-                checked = samples if precision == "fp32" else checked16
-                t0 = time.perf_counter()
-                report = validate_graph(OrtRunner(paths[precision], name=f"{form.name}.{precision}"), checked,
-                                        form.name, precision,
-                                        step=lambda p=precision: steps.advance(f"{p} parity"))
-                validate_s = time.perf_counter() - t0
-                console.line(f"{form.name} [{precision}] {len(checked)} samples: " +
-                             "; ".join(f"{out}: {fig.describe()}" for out, fig in report.per_output().items()))
-                files = graph_files(paths[precision])
-                entry.variants[precision] = Variant(
-                    graph=paths[precision].relative_to(unit_dir).as_posix(),
-                    files=[f.relative_to(unit_dir).as_posix() for f in files],
-                    bytes=sum(f.stat().st_size for f in files), nodes=_node_count(paths[precision]),
-                    parity=report.to_json(), build_s=round(build_s[precision], 2), validate_s=round(validate_s, 2))
-                entry.proven[precision] = entry.variants[precision].min_cosine()
-                gc.collect()
-            result.graphs.append(entry)
+            job = _FormJob(spec, form, module, unit_dir, steps, console)
+            real = _real_samples(job, ins)
+            result.graphs.append(_export_form(job, real, ins, precisions, simplify, checkpoint.config))
             # one real feed (the first parity sample) for checking an engine against this graph on the device
             result.checks[form.name] = write_feeds(unit_dir / "checks" / f"{form.name}.npz",
                                                    [real[0].feed]).relative_to(unit_dir).as_posix()
@@ -307,6 +257,76 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
         gc.collect()
     result.seconds = round(time.perf_counter() - start, 2)
     return result
+
+
+@dataclass
+class _FormJob:
+    """One graph form of a component being exported: what every step of it reads."""
+    spec: Any
+    form: GraphForm
+    module: Any
+    unit_dir: Path
+    steps: Steps
+    console: Console
+
+
+def _real_samples(job: _FormJob, ins: ExportInputs) -> list[Sample]:
+    """The form's samples on the parity images: preprocessed pictures, questions at every bucket, adapter masks."""
+    if job.form.role == "tower":
+        return _tower_samples(job.spec, job.form, ins.parity, ins.facts)
+    if job.form.role == "text":
+        return _text_samples(ins.parity, ins.text_tokenizer, ins.facts)
+    return _adapter_samples(job.form, adapter_context(ins.upstream, ins.facts, ins.full_sweep), list(ins.parity.labels))
+
+
+def _export_form(job: _FormJob, real: list[Sample], ins: ExportInputs, precisions: Sequence[str], simplify: bool,
+                 cfg: Any) -> GraphEntry:
+    """Trace the form to its fp32 graph, convert the other precisions, and prove each variant on its samples."""
+    form, name = job.form, job.spec.name
+    # seeded random feeds: the form's own, else the spec's for a form of the spec's I/O
+    own_io = tuple(form.inputs) == tuple(job.spec.inputs(cfg))
+    samples = real + (random_samples(job.spec, cfg, form.inputs, ins.random_samples, form.sample_inputs)
+                      if form.sample_inputs is not None or own_io else [])
+    checked16 = spot_check(samples)
+    # references, trace + slim + check, fp32 parity, fp16 conversion, fp16 parity, calibration feeds
+    job.steps.grow(len(samples) * 2 + 3 + 1 + len(checked16) + 1)
+    _references(job.module, form, samples, job.steps, ins.upstream.get(name))
+    entry = GraphEntry(form.name, name, form.role, list(form.inputs), list(form.outputs),
+                       axes={k: list(v) for k, v in form.axes.items()}, form=form.form)
+    fp32 = job.unit_dir / "graphs" / f"{form.name}.fp32.onnx"
+    t0 = time.perf_counter()
+    onnx_from_module(_wrapped(form, job.module), fp32, form.inputs, form.outputs,
+                     example_args(form.inputs, samples[0].feed, form.name), name=form.name, simplify=simplify,
+                     step=job.steps.advance, log=job.console.line)
+    build_s = time.perf_counter() - t0
+    for precision in precisions:
+        path = job.unit_dir / "graphs" / f"{form.name}.{precision}.onnx"
+        if precision != "fp32":
+            t0 = time.perf_counter()
+            fp16_from_onnx(fp32, path, form.inputs, form.outputs, form.name, log=job.console.line)
+            build_s = time.perf_counter() - t0
+            job.steps.advance(f"{precision} graph")
+        entry.variants[precision] = _proven_variant(job, path, precision,
+                                                    samples if precision == "fp32" else checked16, build_s)
+        entry.proven[precision] = entry.variants[precision].min_cosine()
+        gc.collect()
+    return entry
+
+
+def _proven_variant(job: _FormJob, path: Path, precision: str, checked: Sequence[Sample], build_s: float
+                    ) -> Variant:
+    """The variant at `path` checked against the samples' references (ExportError naming every miss)."""
+    t0 = time.perf_counter()
+    report = validate_graph(OrtRunner(path, name=f"{job.form.name}.{precision}"), checked, job.form.name, precision,
+                            step=lambda: job.steps.advance(f"{precision} parity"))
+    validate_s = time.perf_counter() - t0
+    job.console.line(f"{job.form.name} [{precision}] {len(checked)} samples: " +
+                     "; ".join(f"{out}: {fig.describe()}" for out, fig in report.per_output().items()))
+    files = graph_files(path)
+    return Variant(graph=path.relative_to(job.unit_dir).as_posix(),
+                   files=[f.relative_to(job.unit_dir).as_posix() for f in files],
+                   bytes=sum(f.stat().st_size for f in files), nodes=_node_count(path), parity=report.to_json(),
+                   build_s=round(build_s, 2), validate_s=round(validate_s, 2))
 
 
 def _calibration_feeds(spec: Any, form: GraphForm, ins: ExportInputs) -> list[dict[str, np.ndarray]]:

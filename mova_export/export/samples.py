@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..core.bert_inputs import text_inputs
 from ..core.prompts import adapter_text, mask_label
 from ..core.tolerance import ParityReport, tolerance_for
 from ..runners.compare import compare_runners
@@ -90,7 +91,6 @@ def random_samples(spec: Any, cfg: Any, inputs: Sequence["TensorSpec"], count: i
 
 def text_feeds(tokenizer: Any, question: str, buckets: Sequence[int]) -> list[tuple[int, dict[str, np.ndarray]]]:
     """(bucket, feed) of one question at every bucket that holds it: the [CLS] feature must not depend on which."""
-    from ..core.bert_inputs import text_inputs
 
     _, mask = text_inputs(tokenizer, question, buckets)
     used = int(mask.sum())

@@ -26,9 +26,12 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from ..components import get_spec
 from ..core.errors import LLMError, MoVAExportError
 from ..core.progress import NULL, Console
 from ..core.qtypes import BITS_PER_WEIGHT, QTYPES
+from ..runtime.llm import import_llama_cpp, llama_cpp_log
+from ..source.llama3 import EOS_TOKEN, LLAMA3_SPLIT_REGEX, load_llm_tokenizer
 
 # llama_ftype values (llama.h); used for general.file_type of directly written files, no llama_cpp import needed.
 _FILE_TYPE = {"F32": 0, "F16": 1, "BF16": 32}
@@ -49,7 +52,6 @@ class LLMSource:
 # ---- sources ---------------------------------------------------------------------------------------------------------
 def source_from_checkpoint(checkpoint_dir: str | Path) -> LLMSource:
     """The `llm` component of a MoVA checkpoint, read shard by shard, memory-mapped (keys in spec.unused_keys skipped)."""
-    from ..components import get_spec
     from ..source.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(checkpoint_dir)
@@ -163,7 +165,6 @@ def _vocab(tokenizer_dir: Path, hp: _Hparams, rows_out: int | None) -> dict[str,
 
     import gguf
 
-    from ..source.llama3 import EOS_TOKEN, LLAMA3_SPLIT_REGEX, load_llm_tokenizer
 
     try:
         tok = load_llm_tokenizer(tokenizer_dir)
@@ -336,7 +337,6 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | N
     if qtype not in QTYPES or "direct" in QTYPES[qtype]:
         raise LLMError(f"cannot quantize to {qtype!r}; quantized types: "
                        f"{[q for q in QTYPES if 'direct' not in QTYPES[q]]}")
-    from ..runtime.llm import import_llama_cpp, llama_cpp_log
 
     llama_cpp = import_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
@@ -377,7 +377,6 @@ def gguf_from_source(source: LLMSource, out_path: str | Path, qtype: str = "f16"
         raise LLMError(f"{out} is a folder; pass the GGUF file to write, e.g. {out / 'llm-' }{qtype}.gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
     if "direct" not in QTYPES[qtype]:
-        from ..runtime.llm import import_llama_cpp
 
         import_llama_cpp()  # fail before writing gigabytes
     kind = _direct_type(qtype, {dt for _, dt in source.infos.values() if dt.is_floating_point})

@@ -38,6 +38,7 @@ from ..bundle.manifest import BUILD_LOG, MANIFEST
 from ..components import all_specs, component_names, facts_from_config, get_spec
 from ..core.errors import BuildError, BundleError, ComponentError
 from ..core.progress import Console
+from ..core.qtypes import QTYPES
 from ..export import load_calibration
 from ..recipe import Recipe, graph_components, load_recipe
 from ..source.checkpoint import Checkpoint
@@ -185,7 +186,6 @@ def attach_llm(bundle_dir: str | Path, checkpoint: str | Path, qtype: str, *, wo
                default: bool = True, console: Console | None = None) -> LLMEntry:
     """Add the checkpoint's LLM as `llm/model.<qtype>.gguf` to an existing bundle (verified first, rewritten
     atomically: a failure leaves it as it was). default: make it the GGUF the runtime loads."""
-    from ..core.qtypes import QTYPES
 
     if qtype not in QTYPES:
         raise BundleError(f"unknown LLM quant type {qtype!r}; use one of {', '.join(QTYPES)}")

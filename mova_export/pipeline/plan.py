@@ -22,10 +22,13 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..bundle import load_bundle
+from ..components import all_specs, get_spec
 from ..core.errors import BundleError, RecipeError
 from ..core.qtypes import BITS_PER_WEIGHT
 from ..core.spec import BYTES_PER_PRECISION
 from ..recipe import ExpertPolicy, Recipe, expert_components, graph_components, llm_quants
+from ..source.config import FULL_LLM
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.table import Table
@@ -47,14 +50,12 @@ FALLBACK_ROLE = "adapter_fallback"   # the dense adapter graph, for the rare mas
 def full_params() -> dict[str, int]:
     """Full-size (MoVA-8B) parameter counts from the components' own memory figures, for planning with no
     checkpoint and no component modules."""
-    from ..components import all_specs
 
     return {s.name: s.memory.params for s in all_specs()}
 
 
 def full_activations() -> dict[str, tuple[int, int]]:
     """Full-size (tokens, width) of each graph's widest stage, for the activation estimate."""
-    from ..components import all_specs
 
     return {s.name: s.memory.activation for s in all_specs() if s.kind != "llm"}
 
@@ -95,7 +96,6 @@ class LLMShape:
 
 
 def _full_llm() -> LLMShape:
-    from ..source.config import FULL_LLM
 
     return LLMShape.from_fields(FULL_LLM)
 
@@ -164,7 +164,6 @@ def plan_from_config(recipe: Recipe, cfg: "MoVAConfig", **kw: Any) -> MemoryPlan
 
 def _activations_from_config(cfg: "MoVAConfig") -> dict[str, tuple[int, int]]:
     """(tokens, width) per graph from the registered specs' output shapes (the tiny-scale estimate)."""
-    from ..components import get_spec
 
     out: dict[str, tuple[int, int]] = {}
     for name in graph_components():
@@ -241,7 +240,6 @@ def plan_from_manifest(recipe: Recipe, manifest: "Manifest", *, policy: str | No
 
 def plan_bundle(recipe: Recipe, bundle_path: Any, **kw: Any) -> MemoryPlan:
     """Plan for a bundle folder (its manifest's file sizes; files not re-hashed)."""
-    from ..bundle import load_bundle
 
     return plan_from_manifest(recipe, load_bundle(bundle_path, verify=False).manifest, **kw)
 

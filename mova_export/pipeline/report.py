@@ -25,9 +25,14 @@ def build_report(manifest: "Manifest", target: str, records: Sequence["StageReco
             "budget_min_cosine": (decision.get("budget") or {}).get("min_cosine"),
             "excluded_nodes": len(decision.get("excluded_nodes", [])),
             "parity_method": decision.get("parity_method", "ort"),
+            "held_out": len(decision.get("held_out") or {}) or None,
+            "worst_sample": decision.get("worst_sample"),
             "bytes": variant.bytes if variant else None,
         })
-    return {"target": target, "components": rows, "llm": None if manifest.llm is None else manifest.llm.to_json(),
+    shortfalls = sorted({(d.get("calibration") or {}).get("shortfall") for d in manifest.quantize.values()} - {None})
+    calibration = {**(manifest.export.get("calibration") or {}), "shortfall": shortfalls}
+    return {"target": target, "components": rows, "calibration": calibration,
+            "llm": None if manifest.llm is None else manifest.llm.to_json(),
             "stages": [r.to_json() for r in records], "memory_plan": manifest.memory_plan,
             "source_checkpoint": manifest.source_checkpoint.get("digest")}
 
@@ -36,15 +41,24 @@ def render_report_markdown(report: dict[str, Any]) -> str:
     def num(x: Any, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
+    cal = report.get("calibration") or {}
     lines = [f"# mova-export build report: {report['target']}", "",
              "Parity: every graph variant against the PyTorch module on real images (fp32, fp16); the shipped "
-             "quantized graph against the fp32 graph on held-out calibration inputs.", "",
-             "| graph | requested | shipped | fp32 vs torch cosine | shipped cosine | budget | excluded nodes | "
-             "measured by | MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "quantized graph against the fp32 graph on held-out calibration images, judged on its worst held-out "
+             "image (every held-out image must meet the budget).", ""]
+    if cal.get("images"):
+        lines += [f"Calibration: {len(cal['images'])} images ({cal.get('source', '?')}); parity images "
+                  f"{', '.join(cal.get('parity_images') or [])}.", ""]
+    lines += [f"**Calibration shortfall**: {s}" for s in cal.get("shortfall") or []]
+    if cal.get("shortfall"):
+        lines.append("")
+    lines += ["| graph | requested | shipped | fp32 vs torch cosine | shipped cosine | worst held-out image | budget | "
+              "excluded nodes | measured by | MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["components"]:
+        held = f"{r.get('worst_sample')} (of {r['held_out']})" if r.get("held_out") else "-"
         lines.append(f"| {r['graph']} | {r['requested']} | {r['decision']} | "
                      f"{num(r['fp32_vs_torch_min_cosine'], '.6f')} | {num(r['shipped_vs_reference_cosine'], '.5f')} | "
-                     f"{num(r['budget_min_cosine'], '')} | {r['excluded_nodes']} | {r['parity_method']} | "
+                     f"{held} | {num(r['budget_min_cosine'], '')} | {r['excluded_nodes']} | {r['parity_method']} | "
                      f"{num(r['bytes'] and r['bytes'] / 2**20, '.2f')} |")
     llm = report.get("llm") or {}
     if llm:

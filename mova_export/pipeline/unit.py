@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Generic, Mapping, Protocol, TypeVar
 import numpy as np
 
 from ..bundle.files import tool_versions
+from ..components import get_spec
+from ..core.bert_inputs import BertTextTokenizer
 from ..core.progress import Console
 from ..core.spec import BYTES_PER_PRECISION
 from .work import Unit, WorkFolder, digest, write_unit
@@ -85,7 +87,6 @@ class BuildContext:
     @property
     def text_tokenizer(self) -> Any:
         if self._text_tokenizer is None:
-            from ..core.bert_inputs import BertTextTokenizer
 
             self._text_tokenizer = BertTextTokenizer.from_folder(self.checkpoint.text_tokenizer_dir)
         return self._text_tokenizer
@@ -110,7 +111,6 @@ class BuildContext:
         return rec
 
     def component_bytes(self, name: str, precision: str = "fp32") -> int:
-        from ..components import get_spec
 
         params = get_spec(name).memory.params if self.checkpoint.config.scale == "full" else 0
         if not params:  # tiny checkpoints: the tensors' own size

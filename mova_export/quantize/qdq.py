@@ -120,17 +120,8 @@ def qdq_from_onnx(src: str | Path, dst: str | Path, settings: QuantSettings, cal
         del model
         if settings.base == "fp16":
             out = on_fp16_base(out, log)
-        try:
-            if not too_large(out):  # a >2 GB graph is checked from its file below
-                onnx.checker.check_model(out, full_check=True)
-        except Exception as exc:  # onnx.checker.ValidationError, shape inference errors
-            raise ExportError(f"{src.name}: the {settings.precision} Q/DQ graph fails the ONNX checker: "
-                              f"{str(exc).splitlines()[0]}") from None
-        num_q, num_dq = count_qdq(out)
-        opset = opset_of(out)
-        files = save_model(out, dst)
-        if too_large(out):
-            onnx.checker.check_model(str(dst), full_check=True)
+        (num_q, num_dq), opset = count_qdq(out), opset_of(out)
+        files = _save_checked(out, dst, f"{src.name}: the {settings.precision} Q/DQ graph")
         del out
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -143,6 +134,21 @@ def qdq_from_onnx(src: str | Path, dst: str | Path, settings: QuantSettings, cal
         f"by {parity_method}, {seconds:.1f} s")
     return QuantResult(dst, files, settings.precision, producer, settings.method, chosen, excluded, islands, num_q,
                        num_dq, opset, len(feeds), parity_method, seconds, settings.base)
+
+
+def _save_checked(model: Any, dst: Path, what: str) -> list[Path]:
+    """Save a Q/DQ graph that passes the ONNX checker (a >2 GB graph is checked from its file)."""
+    import onnx
+
+    try:
+        if not too_large(model):
+            onnx.checker.check_model(model, full_check=True)
+        files = save_model(model, dst)
+        if too_large(model):
+            onnx.checker.check_model(str(dst), full_check=True)
+    except Exception as exc:  # onnx.checker.ValidationError, shape inference errors
+        raise ExportError(f"{what} fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    return files
 
 
 def _write(model: Any, src: Path, scratch: Path, settings: QuantSettings, feeds: list[dict], nodes: Selection,

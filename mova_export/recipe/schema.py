@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Mapping
 
+from ..components import all_specs, expert_specs
 from ..core.errors import RecipeError
 from ..core.qtypes import QTYPES
 from ..core.tolerance import Tolerance
@@ -22,13 +23,11 @@ GROUP_KEYS = ("experts", "default")
 
 def graph_components() -> tuple[str, ...]:
     """Every registered component with a graph (all but the LLM), in pipeline order."""
-    from ..components import all_specs
 
     return tuple(s.name for s in all_specs() if s.kind != "llm")
 
 
 def expert_components() -> tuple[str, ...]:
-    from ..components import expert_specs
 
     return tuple(s.name for s in expert_specs())
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..components import facts_from_config
+from ..components import facts_from_config, one_of_kind
 from ..core.errors import CheckpointError, RuntimeInputError
 from ..core.image_inputs import load_image
 from ..core.prompts import STOP_TOKEN, adapter_text, tokenize_with_image
@@ -52,7 +52,6 @@ class ReferenceVision:
     when first routed) and kept."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
-        from ..components import one_of_kind
 
         self.checkpoint, self.cfg, self.dtype = checkpoint, checkpoint.config, dtype
         self.facts = facts_from_config(self.cfg)

@@ -41,6 +41,7 @@ import numpy as np
 from ..bundle import MANIFEST, Bundle, LLMSettings, load_bundle, sha256_file
 from ..core.errors import RuntimeInputError
 from ..core.image_inputs import load_image
+from .llm import LlamaCppLLM
 from .two_pass import Answer, Request, two_passes
 from .vision import BACKENDS, BundleVision
 
@@ -146,7 +147,6 @@ class MoVARuntime:
         """Load a bundle once: check its files (options.verify), create the sessions and the llama.cpp context.
         `overrides` are RuntimeOptions fields (`MoVARuntime.from_bundle(b, device="cuda", precision="fp32")`).
         Raises BundleError (missing/tampered bundle, unknown precision), LLMError (GGUF), RuntimeInputError."""
-        from .llm import LlamaCppLLM
 
         try:
             options = replace(options or RuntimeOptions(), **overrides)

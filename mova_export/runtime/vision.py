@@ -29,6 +29,9 @@ from ..bundle import Bundle, GraphEntry
 from ..core.bert_inputs import BertTextTokenizer, text_inputs
 from ..core.errors import BundleError, RuntimeInputError
 from ..core.image_inputs import preprocess_input
+from ..core.slots import fill_slots, routed_experts
+from ..runners.ort import OrtRunner
+from ..runners.tensorrt import TensorRTRunner, tensorrt_available
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 EXPERT_POLICIES = ("resident", "lazy")
@@ -113,7 +116,6 @@ class BundleVision:
 
     # ---- backends ---------------------------------------------------------------------------------------------------
     def _resolve_backend(self, name: str, requested: str) -> str:
-        from ..runners.tensorrt import tensorrt_available
 
         engines = self.bundle.manifest.engines
         if requested == "auto":
@@ -131,8 +133,6 @@ class BundleVision:
         return requested
 
     def _make_runner(self, name: str) -> Any:
-        from ..runners.ort import OrtRunner
-        from ..runners.tensorrt import TensorRTRunner
 
         precision = self.precisions[name]
         label = f"{name}.{precision}"
@@ -228,7 +228,6 @@ class BundleVision:
         1..num_slots, the dense graph beyond (each block's gate keeps its own top-k of the routed experts; that
         graph is dropped again after the request). "slots" / "dense" force one graph (benchmarks; dense stays
         loaded)."""
-        from ..core.slots import fill_slots, routed_experts
 
         if form not in ADAPTER_FORMS:
             raise RuntimeInputError(f"unknown adapter form {form!r}; use one of {', '.join(ADAPTER_FORMS)}")

@@ -27,6 +27,8 @@ from ..core.errors import CheckpointError, ComponentError
 from ..core.progress import Console
 from ..source.checkpoint import INDEX_FILES, SINGLE_FILES, build_on_meta
 from ..source.config import FULL_LLM, MoVAConfig
+from .tokenizers import write_bert_vocab, write_llama3_tokenizer
+from .trained import trained_llm_tensors
 
 DEFAULT_SHARD_SIZE = {"tiny": 8 * 2**20, "full": 5 * 10**9}  # bytes; full matches save_pretrained's "5GB"
 # scale -> (model scale, trained): tiny-trained is the tiny MoVA with the LLM of synth/trained.py (routes by kind)
@@ -205,7 +207,6 @@ def write_synthetic_checkpoint(out_dir: str | Path, scale: str = "tiny", seed: i
 def _trained_tensors(entries: list[_Entry]) -> dict[str, torch.Tensor]:
     """The shipped trained LLM, checked against the plan: every LLM parameter key there, same shapes (else the tiny
     LLM's config moved away from the one it was trained for)."""
-    from .trained import trained_llm_tensors
 
     trained = trained_llm_tensors()
     llm = get_spec("llm")
@@ -223,7 +224,6 @@ def _write_metadata(root: Path, cfg: MoVAConfig, dtype: torch.dtype) -> None:
     (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": cfg.llm["bos_token_id"], "eos_token_id": cfg.llm["eos_token_id"]}
     (root / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    from .tokenizers import write_bert_vocab, write_llama3_tokenizer
 
     write_llama3_tokenizer(root, vocab_size=int(cfg.llm["vocab_size"]))
     write_bert_vocab(root / TEXT_ENCODER_DIR, **_bert_vocab_args(cfg))

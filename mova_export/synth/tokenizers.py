@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..core.prompts import SYSTEM, routing_prompt
+from ..components import routing_prompt_lines
+from ..core.prompts import SYSTEM, chat_prompt, routing_prompt
 from ..source.llama3 import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -85,7 +86,6 @@ result burn hill safe cat century consider type law bit coast copy phrase silent
 
 def corpus() -> list[str]:
     """The embedded English training corpus: MoVA's prompts plus common words and sample questions."""
-    from ..components import routing_prompt_lines
 
     prompt = routing_prompt(routing_prompt_lines())
     return [SYSTEM, prompt, prompt + "What is in the image?", *_CORPUS_EXTRA.splitlines()]
@@ -248,8 +248,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def iter_sample_texts() -> Iterable[str]:
     """Strings the tokenizer parity tests use: prompts, chat frames, specials, odd whitespace, unicode."""
-    from ..components import routing_prompt_lines
-    from ..core.prompts import chat_prompt
 
     prompt = routing_prompt(routing_prompt_lines())
     yield from (prompt, SYSTEM, chat_prompt("What is in the image?", routing_prompt=prompt),

@@ -33,6 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..components import get_spec
+from ..core.errors import CheckpointError
+from ..core.progress import Console
+from ..core.prompts import IMAGE_TOKEN_INDEX, STOP_TOKEN, chat_prompt
+from ..reference.llm import hf_generate_stream, hf_inputs_embeds
+from ..runtime.llm import split_at_marker
+from ..source.photos import sample_images
+
 TRAINED_LLM_FILE = Path(__file__).resolve().parent.parent / "data" / "tiny_trained_llm.safetensors"
 SEED = 0
 # training schedule: a curriculum phase whose contexts grow from SHORT_CONTEXT positions before the question to the
@@ -154,7 +162,6 @@ def trained_llm_tensors() -> dict[str, Any]:
     """The shipped LLM weights (checkpoint key -> bf16 tensor)."""
     from safetensors.torch import load_file
 
-    from ..core.errors import CheckpointError
 
     if not TRAINED_LLM_FILE.is_file():
         raise CheckpointError(f"the tiny trained LLM weights {TRAINED_LLM_FILE} are missing from this install; "
@@ -173,8 +180,6 @@ class _Example:
 
 
 def _examples(pipe: Any, questions: Sequence[tuple[str, QuestionKind]]) -> list[_Example]:
-    from ..core.prompts import STOP_TOKEN, chat_prompt
-    from ..runtime.llm import split_at_marker
 
     tok = pipe.llm.tokenizer
     stop = tok.convert_tokens_to_ids(STOP_TOKEN)
@@ -197,7 +202,6 @@ def _image_pools(pipe: Any, console: Any) -> dict[bool, Any]:
     import numpy as np
     import torch
 
-    from ..source.photos import sample_images
 
     routing, answer = [], []
     images = sample_images()
@@ -276,8 +280,6 @@ def train_tiny_router(out_file: str | Path = TRAINED_LLM_FILE, *, short_steps: i
     import torch
     from safetensors.torch import save_file
 
-    from ..components import get_spec
-    from ..core.progress import Console
     from ..reference import ReferencePipeline
     from . import write_synthetic_checkpoint
 
@@ -338,8 +340,6 @@ def evaluate(pipe: Any, model: Any, pools: dict[bool, Any]) -> dict[str, Any]:
     smallest top-1 margin (logits) over the generated tokens."""
     import torch
 
-    from ..core.prompts import IMAGE_TOKEN_INDEX
-    from ..reference.llm import hf_generate_stream, hf_inputs_embeds
 
     results = {}
     for kind in QUESTION_KINDS:

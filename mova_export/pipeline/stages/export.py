@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ...components import get_spec
 from ...export import EXPORT_PRECISIONS, ExportedComponent, ExportInputs, export_component
 from ..unit import BuildContext, library_versions, run_unit
 from .features import features
@@ -60,7 +61,6 @@ def run_exports(ctx: BuildContext, names: list[str], feeders: list[str], simplif
                 ) -> dict[str, Exported]:
     """features + export units for `names`. The adapter's parity samples need every feeder's (tower's and text
     encoder's) parity features, whether or not those components are exported."""
-    from ...components import get_spec
 
     adapter = any(get_spec(n).kind == "adapter" for n in names)
     needs = feeders if adapter else [n for n in names if n in feeders]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...components import all_specs
 from ...core.errors import BuildError
 from ...export import read_feeds
 from ...export.component import adapter_calibration_feeds
@@ -103,6 +104,5 @@ def quantize(ctx: BuildContext, graph: "GraphEntry", exported: Exported, recipe:
 
 
 def _feeders() -> list[str]:
-    from ...components import all_specs
 
     return [s.name for s in all_specs() if s.kind in ("tower", "text")]
