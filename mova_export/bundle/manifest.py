@@ -76,12 +76,13 @@ class GraphEntry:
     axes: dict[str, list[int]] = field(default_factory=dict)
     form: str | None = None                      # adapter_answer: "dense" (7 branches) or "slots" (top-K slots)
     proven: dict[str, float] = field(default_factory=dict)   # min cosine vs PyTorch of every exported variant
+    missing: dict[str, str] = field(default_factory=dict)    # an exported precision not shipped, and why
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "component": self.component, "role": self.role,
                 "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
                 "variants": {p: asdict(v) for p, v in self.variants.items()}, "axes": self.axes, "form": self.form,
-                "proven": self.proven}
+                "proven": self.proven, "missing": self.missing}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "GraphEntry":
@@ -89,7 +90,7 @@ class GraphEntry:
                    [TensorSpec.from_json(t) for t in raw["inputs"]], [TensorSpec.from_json(t) for t in raw["outputs"]],
                    {p: _from(Variant, v) for p, v in raw.get("variants", {}).items()},
                    {k: [int(s) for s in v] for k, v in raw.get("axes", {}).items()}, raw.get("form"),
-                   {k: float(v) for k, v in raw.get("proven", {}).items()})
+                   {k: float(v) for k, v in raw.get("proven", {}).items()}, dict(raw.get("missing") or {}))
 
     def variant(self, precision: str, bundle: Path | str = "bundle") -> Variant:
         if precision not in self.variants:

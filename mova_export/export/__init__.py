@@ -8,7 +8,8 @@ calibration.py  the calibration set (images + questions): a folder, or the built
 """
 from .calibration import CalibrationSet, load_calibration, read_feeds
 from .component import EXPORT_PRECISIONS, ExportedComponent, ExportInputs, GraphForm, export_component, graph_forms
-from .graph_io import DYNAMIC_OPS, FP32_OPS, check_graph, fp16_block_nodes, fp16_from_onnx, graph_files, save_model
+from .fp16 import FP32_OPS, fp16_block_nodes, fp16_from_onnx
+from .graph_io import DYNAMIC_OPS, check_graph, graph_files, save_model
 from .onnx import OPSET, onnx_from_component, onnx_from_module
 from .samples import Sample, routing_masks, sweep_masks, validate_graph
 

@@ -18,25 +18,26 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from ..bundle.manifest import GraphEntry, Variant
-from ..components import get_spec, one_of_kind
+from ..components import get_spec
 from ..core.bert_inputs import text_inputs
 from ..core.errors import ExportError
 from ..core.image_inputs import preprocess_input
 from ..core.progress import NULL, Console, Steps
-from ..core.prompts import mask_label
-from ..core.slots import fill_slots
 from ..core.spec import GraphForm
+from ..core.tolerance import ParityReport
 from ..runners.ort import OrtRunner
 from ..runners.pytorch import TorchRunner
-from .graph_io import fp16_from_onnx, graph_files
+from .fp16 import fp16_from_onnx, repair_fp16
+from .graph_io import graph_files
 from .onnx import example_args, onnx_from_module
 from .samples import (
-    AdapterContext,
+    UNROUTED,
     Sample,
+    adapter_context,
+    adapter_samples,
     as_numpy,
     random_samples,
     spot_check,
-    sweep_masks,
     text_feeds,
     validate_graph,
 )
@@ -116,63 +117,6 @@ def _text_samples(images: "CalibrationSet", tokenizer: Any, facts: "ModelFacts")
     return out
 
 
-def adapter_context(features: Mapping[str, Mapping[str, np.ndarray]], facts: "ModelFacts",
-                    full_sweep: bool = True) -> AdapterContext:
-    """The adapter's inputs on some images: {component: {image label: features}} of the base, every expert and the
-    text encoder."""
-
-    text = one_of_kind("text").name
-    missing = [c for c in [facts.base.component, *(e.component for e in facts.experts), text] if c not in features]
-    if missing:
-        raise ExportError(f"the adapter's samples need the features of {', '.join(missing)}; export those "
-                          "components first (the build does it in order)")
-    channels = [next(iter(features[e.component].values())).shape[-1] for e in facts.experts]
-    return AdapterContext(features[facts.base.component], [features[e.component] for e in facts.experts],
-                          features[text], facts.letters, facts.topk_experts, full_sweep, channels)
-
-
-def _adapter_feed(form: GraphForm, ctx: AdapterContext, label: str, mask: Sequence[int],
-                  zero_unrouted: bool = True) -> dict[str, np.ndarray]:
-    """One image's feed of an adapter form: the routing form's base alone; the slot form's base, slots (fill_slots),
-    text and mask; the dense form's base, every expert's features (zeros for unrouted ones, or their real features
-    to show they cannot leak), text and mask."""
-
-    specs = {t.name: t for t in form.inputs}
-    out = {"base": as_numpy(ctx.base[label], specs["base"].dtype)}
-    if form.role == "adapter_routing":
-        return out
-    out["text_features"] = as_numpy(ctx.text[label], specs["text_features"].dtype)
-    if form.role == "adapter_answer":
-        features = {j: ctx.experts[j][label] for j, on in enumerate(mask) if on}
-        slots = fill_slots(mask, features, specs["slot_expert"].shape[0], ctx.channels, specs["base"].shape[1])
-        return {**out, **slots}
-    for j, letter in enumerate(ctx.letters):
-        t = specs[f"expert_{letter}"]
-        out[t.name] = (np.zeros(t.shape, t.dtype) if zero_unrouted and not mask[j]
-                       else as_numpy(ctx.experts[j][label], t.dtype))
-    out["routing_mask"] = np.asarray([mask], dtype=specs["routing_mask"].dtype)
-    return out
-
-
-def _adapter_samples(form: GraphForm, ctx: AdapterContext, labels: Sequence[str]) -> list[Sample]:
-    """The masks each form serves, on image 0 every one of them (the first a full top-K mask, the trace example),
-    on the other images one (and, for the dense graph, with every expert's real features in place).
-    routing: the empty mask; slots: every sweep mask with 1..topk experts; dense: masks with more than topk."""
-    if form.role == "adapter_routing":
-        return [Sample(f"{label}/none", _adapter_feed(form, ctx, label, (0,) * len(ctx.letters))) for label in labels]
-    many = form.role == "adapter_fallback"
-    masks = ctx.wide_masks() if many else [m for m in sweep_masks(ctx.letters, ctx.topk, ctx.full_sweep) if any(m)]
-    samples = []
-    for i, label in enumerate(labels):
-        first = ctx.wide_masks()[i % len(ctx.wide_masks())] if many else ctx.top_mask(i)
-        chosen = [first] + [m for m in masks if m != first] if i == 0 else [first]
-        samples += [Sample(f"{label}/{mask_label(m, ctx.letters)}", _adapter_feed(form, ctx, label, m)) for m in chosen]
-        if many and i > 0:
-            samples.append(Sample(f"{label}/{mask_label(first, ctx.letters)}+unrouted",
-                                  _adapter_feed(form, ctx, label, first, zero_unrouted=False)))
-    return samples
-
-
 def _wrapped(form: GraphForm, module: Any) -> Any:
     return module if form.wrap is None else form.wrap(module)
 
@@ -181,18 +125,23 @@ def _references(module: Any, form: GraphForm, samples: Sequence[Sample], steps: 
                 own: Mapping[str, np.ndarray] | None) -> None:
     """Each sample's reference outputs: the form's own reference (the adapter's: upstream's skipping forward), else
     the module. A real image's tower / text feature is the component's features unit output (computed once, with
-    the text unpadded as upstream runs it), so it is not recomputed here."""
-
+    the text unpadded as upstream runs it), so it is not recomputed here; nor is the skipping reference of a mask fed
+    with the unrouted experts' real features (`+unrouted`): that forward never reads them, so its outputs are those
+    of the same image and mask with zeros there, computed just before."""
     runner = TorchRunner(_wrapped(form, module), [t.name for t in form.inputs], [t.name for t in form.outputs],
                          name=form.name)
+    done: dict[str, dict[str, np.ndarray]] = {}
     for s in samples:
         image = s.label.split("@")[0]
-        if form.reference is not None:
+        if s.label.endswith(UNROUTED) and s.label[: -len(UNROUTED)] in done:
+            s.reference = done[s.label[: -len(UNROUTED)]]
+        elif form.reference is not None:
             s.reference = form.reference(module, s.feed)
         elif own is not None and image in own and len(form.outputs) == 1:
             s.reference = {form.outputs[0].name: own[image]}
         else:
             s.reference = runner.infer(s.feed)
+        done[s.label] = s.reference
         steps.advance(f"reference {s.label}")
 
 
@@ -239,10 +188,10 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
     forms = graph_forms(spec, checkpoint.config, ins.facts)
     result = ExportedComponent(name, [], {}, calibration_labels=list(ins.calibration.labels))
     with console.task(f"export {name}", total=2) as steps:
-        module = checkpoint.build(name, dtype=torch.float32).eval()
+        module = _Module(checkpoint.build(name, dtype=torch.float32).eval())
         steps.advance("module built from the checkpoint")
         for form in forms:
-            job = _FormJob(spec, form, module, unit_dir, steps, console)
+            job = _FormJob(spec, form, module, unit_dir, steps, console, last=form is forms[-1])
             real = _real_samples(job, ins)
             result.graphs.append(_export_form(job, real, ins, precisions, simplify, checkpoint.config))
             # one real feed (the first parity sample) for checking an engine against this graph on the device
@@ -253,10 +202,26 @@ def export_component(checkpoint: "Checkpoint", name: str, unit_dir: Path, ins: E
                 result.calibration[form.name] = write_feeds(unit_dir / "calibration" / f"{form.name}.npz",
                                                             feeds).relative_to(unit_dir).as_posix()
             steps.advance("calibration feeds")
-        del module
-        gc.collect()
+        module.release()
     result.seconds = round(time.perf_counter() - start, 2)
     return result
+
+
+class _Module:
+    """The component's PyTorch module, released as soon as the last form is traced: at full size its fp32 weights
+    (4.6 GB for DINOv2-giant) would otherwise sit beside the ONNX Runtime sessions that check the graphs."""
+
+    def __init__(self, module: Any):
+        self._module = module
+
+    def get(self) -> Any:
+        if self._module is None:
+            raise ExportError("the component's module was released before its last graph was traced; this is a bug")
+        return self._module
+
+    def release(self) -> None:
+        self._module = None
+        gc.collect()
 
 
 @dataclass
@@ -264,10 +229,11 @@ class _FormJob:
     """One graph form of a component being exported: what every step of it reads."""
     spec: Any
     form: GraphForm
-    module: Any
+    module: _Module
     unit_dir: Path
     steps: Steps
     console: Console
+    last: bool = True                       # the component's last form: its module is released after the trace
 
 
 def _real_samples(job: _FormJob, ins: ExportInputs) -> list[Sample]:
@@ -276,7 +242,7 @@ def _real_samples(job: _FormJob, ins: ExportInputs) -> list[Sample]:
         return _tower_samples(job.spec, job.form, ins.parity, ins.facts)
     if job.form.role == "text":
         return _text_samples(ins.parity, ins.text_tokenizer, ins.facts)
-    return _adapter_samples(job.form, adapter_context(ins.upstream, ins.facts, ins.full_sweep), list(ins.parity.labels))
+    return adapter_samples(job.form, adapter_context(ins.upstream, ins.facts, ins.full_sweep), list(ins.parity.labels))
 
 
 def _export_form(job: _FormJob, real: list[Sample], ins: ExportInputs, precisions: Sequence[str], simplify: bool,
@@ -290,38 +256,87 @@ def _export_form(job: _FormJob, real: list[Sample], ins: ExportInputs, precision
     checked16 = spot_check(samples)
     # references, trace + slim + check, fp32 parity, fp16 conversion, fp16 parity, calibration feeds
     job.steps.grow(len(samples) * 2 + 3 + 1 + len(checked16) + 1)
-    _references(job.module, form, samples, job.steps, ins.upstream.get(name))
+    _references(job.module.get(), form, samples, job.steps, ins.upstream.get(name))
     entry = GraphEntry(form.name, name, form.role, list(form.inputs), list(form.outputs),
                        axes={k: list(v) for k, v in form.axes.items()}, form=form.form)
     fp32 = job.unit_dir / "graphs" / f"{form.name}.fp32.onnx"
     t0 = time.perf_counter()
-    onnx_from_module(_wrapped(form, job.module), fp32, form.inputs, form.outputs,
+    onnx_from_module(_wrapped(form, job.module.get()), fp32, form.inputs, form.outputs,
                      example_args(form.inputs, samples[0].feed, form.name), name=form.name, simplify=simplify,
                      step=job.steps.advance, log=job.console.line)
     build_s = time.perf_counter() - t0
+    if job.last:
+        job.module.release()
     for precision in precisions:
         path = job.unit_dir / "graphs" / f"{form.name}.{precision}.onnx"
-        if precision != "fp32":
-            t0 = time.perf_counter()
-            fp16_from_onnx(fp32, path, form.inputs, form.outputs, form.name, log=job.console.line)
-            build_s = time.perf_counter() - t0
-            job.steps.advance(f"{precision} graph")
-        entry.variants[precision] = _proven_variant(job, path, precision,
-                                                    samples if precision == "fp32" else checked16, build_s)
-        entry.proven[precision] = entry.variants[precision].min_cosine()
+        if precision == "fp32":
+            variant = _proven_variant(job, path, precision, samples, build_s)
+        else:
+            variant = _fp16_variant(job, fp32, path, checked16)
+        if variant is None:
+            entry.missing[precision] = (f"the {precision} graph misses its parity tolerance even with its most "
+                                        "error-adding nodes kept in fp32 (the export log has the figures)")
+            continue
+        entry.variants[precision] = variant
+        entry.proven[precision] = variant.min_cosine()
         gc.collect()
     return entry
+
+
+def _fp16_variant(job: _FormJob, fp32: Path, path: Path, checked: Sequence[Sample]) -> Variant | None:
+    """The fp16 graph proven on its samples; when it misses the fp16 tolerance, repaired by keeping the nodes that
+    lose the most precision in fp32 (export/fp16.py); None when that fails too (the component ships no fp16)."""
+    form = job.form
+    t0 = time.perf_counter()
+    fp16_from_onnx(fp32, path, form.inputs, form.outputs, form.name, log=job.console.line)
+    job.steps.advance("fp16 graph")
+    report = _report(job, path, "fp16", checked)
+    repair = None
+    if not report.passed:
+        job.console.line(f"{form.name} [fp16] misses its tolerance ({report.failures()[0]}); keeping the nodes "
+                         "that lose the most precision in fp32")
+        latest = [report]
+
+        def convert(kept: Sequence[str]) -> None:
+            fp16_from_onnx(fp32, path, form.inputs, form.outputs, form.name, log=job.console.line, keep_fp32=kept)
+
+        def passes() -> tuple[bool, dict[str, float]]:
+            latest[0] = _report(job, path, "fp16", checked)
+            return latest[0].passed, latest[0].summary()
+
+        repair = repair_fp16(fp32, path, [s.feed for s in checked], convert, passes, log=job.console.line)
+        report = latest[0]
+        if not repair.ok:
+            job.console.line(f"{form.name} [fp16]: not shipped, still {report.failures()[0]} with "
+                             f"{repair.tries[-1]['kept_fp32'] if repair.tries else 0} node(s) kept in fp32")
+            for f in graph_files(path):
+                f.unlink(missing_ok=True)
+            return None
+        job.console.line(f"{form.name} [fp16]: within tolerance with {len(repair.kept_fp32)} node(s) kept in fp32")
+    variant = _variant(job, path, report, time.perf_counter() - t0)
+    if repair is not None:
+        variant.decision = {"fp16_repair": repair.to_json()}
+    return variant
+
+
+def _report(job: _FormJob, path: Path, precision: str, checked: Sequence[Sample]) -> ParityReport:
+    """The graph at `path` against the samples' references (unchecked), logged in one line."""
+    report = validate_graph(OrtRunner(path, name=f"{job.form.name}.{precision}"), checked, job.form.name, precision,
+                            step=lambda: job.steps.advance(f"{precision} parity"), check=False)
+    job.console.line(f"{job.form.name} [{precision}] {len(checked)} samples: " +
+                     "; ".join(f"{out}: {fig.describe()}" for out, fig in report.per_output().items()))
+    return report
 
 
 def _proven_variant(job: _FormJob, path: Path, precision: str, checked: Sequence[Sample], build_s: float
                     ) -> Variant:
     """The variant at `path` checked against the samples' references (ExportError naming every miss)."""
     t0 = time.perf_counter()
-    report = validate_graph(OrtRunner(path, name=f"{job.form.name}.{precision}"), checked, job.form.name, precision,
-                            step=lambda: job.steps.advance(f"{precision} parity"))
-    validate_s = time.perf_counter() - t0
-    job.console.line(f"{job.form.name} [{precision}] {len(checked)} samples: " +
-                     "; ".join(f"{out}: {fig.describe()}" for out, fig in report.per_output().items()))
+    report = _report(job, path, precision, checked).check()
+    return _variant(job, path, report, build_s, time.perf_counter() - t0)
+
+
+def _variant(job: _FormJob, path: Path, report: ParityReport, build_s: float, validate_s: float = 0.0) -> Variant:
     files = graph_files(path)
     return Variant(graph=path.relative_to(job.unit_dir).as_posix(),
                    files=[f.relative_to(job.unit_dir).as_posix() for f in files],
@@ -340,16 +355,6 @@ def _calibration_feeds(spec: Any, form: GraphForm, ins: ExportInputs) -> list[di
         by_image.setdefault(image, {})[int(bucket)] = s
     common = max(min(buckets) for buckets in by_image.values())
     return [by_image[label][common].feed for label in ins.calibration.labels]
-
-
-def adapter_calibration_feeds(form: GraphForm, features: Mapping[str, Mapping[str, np.ndarray]],
-                              facts: "ModelFacts", labels: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """One feed per image for quantizing an adapter form: the masks this form serves (a top-K mask rotated per
-    image; masks of more than K experts for the dense graph) with every expert's real features."""
-    ctx = adapter_context(features, facts)
-    masks = ctx.wide_masks() if form.role == "adapter_fallback" else [ctx.top_mask(i) for i in range(len(labels))]
-    return [_adapter_feed(form, ctx, label, masks[i % len(masks)], zero_unrouted=False)
-            for i, label in enumerate(labels)]
 
 
 def write_feeds(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> Path:

@@ -1,19 +1,19 @@
 """ONNX graph files and checks shared by every stage that writes graphs (export, quantize): saving with external
-data past 2 GB, the declaration check, and the fp16 variant with its fp32 islands. onnx is imported inside the
-functions; no torch.
+data past 2 GB, the declaration check, a graph's declared I/O, and the per-tensor error of one graph against another
+(the sensitivity probes of the INT8 budget and the fp16 repair). onnx is imported inside the functions; no torch.
 """
 from __future__ import annotations
 
-import re
-import warnings
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..core.errors import ExportError
-from ..core.progress import Log, quiet
 from ..core.spec import TensorSpec
+from ..core.tolerance import parity
+from ..runners.ort import OrtRunner
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -21,15 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
 PROTO_LIMIT = 2**31 - 1          # protobuf's hard limit: larger graphs keep their weights in one external file
 # Ops with data-dependent control flow or output shapes: a static graph has none.
 DYNAMIC_OPS = frozenset({"If", "Loop", "Scan", "NonZero", "Unique", "Compress", "NonMaxSuppression"})
-
-# fp16 conversion keeps these in fp32 (as the reference computes them): the bilinear alignment, norms and softmax
-# (the gate softmax with its -1e6 logits; attention softmax too, which costs two casts and protects against overflow).
-FP32_OPS = ("Resize", "LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax",
-            "ReduceMean", "Pow", "Sqrt", "Reciprocal")
-# Decomposed norms (SAM's channels-first LayerNorm, Pix2Struct's RMSNorm) show up as elementwise nodes under a
-# module scope whose name contains "norm"; their weight-free arithmetic stays fp32 too.
-_NORM_SCOPE = re.compile(r"/[^/]*norm[^/]*/", re.IGNORECASE)
-_NORM_SCOPE_OPS = frozenset({"Sub", "Add", "Mul", "Div", "Sqrt", "Pow", "ReduceMean", "Reciprocal", "Cast"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,41 +128,29 @@ def _fmt(items: list[tuple]) -> str:
     return "[" + ", ".join(f"{n}{list(s)}:{d}" for n, s, d in items) + "]"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# fp32 -> fp16
-
-def toposorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    """The float16 converter appends its Cast nodes at the end; onnx_ir puts the graph back in topological order."""
-    import onnx_ir as ir
-
-    graph = ir.from_proto(model)
-    graph.graph.sort()
-    return ir.to_proto(graph)
-
-
-def fp16_block_nodes(model: "onnx.ModelProto") -> list[str]:
-    return [n.name for n in model.graph.node if n.op_type in _NORM_SCOPE_OPS and _NORM_SCOPE.search(n.name or "")]
-
-
-def fp16_from_onnx(src: Path, dst: Path, inputs: Sequence["TensorSpec"], outputs: Sequence["TensorSpec"],
-                   name: str, log: Log = quiet) -> list[Path]:
-    """fp16 variant of a checked fp32 graph: onnxruntime.transformers.float16 with fp32 graph inputs/outputs
-    (keep_io_types) and the FP32_OPS / norm-scope nodes blocked, so they run in fp32 between casts."""
+def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str, np.ndarray]],
+                  tensors: Sequence[str], chunk: int = 48) -> dict[str, float]:
+    """Mean rel L2 of each named intermediate tensor of `candidate` against the same tensor of `reference` over the
+    feeds (Q/DQ run as float math). Both graphs are probed `chunk` tensors at a time, so a large graph's activations
+    are never all in memory at once; a probe output is declared by name only and ONNX Runtime infers its type (fp32
+    in one graph, fp16 in its fp16 variant)."""
     import onnx
-    from onnxruntime.transformers import float16
 
-    model = onnx.load(str(src))
-    large = too_large(model)
-    block_nodes = fp16_block_nodes(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "the model contains values clamped to the fp16 range" (the -1e6 logits)
-        half = float16.convert_float_to_float16(
-            model, keep_io_types=True, disable_shape_infer=large,
-            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS), node_block_list=block_nodes)
-    del model
-    half = toposorted(half)
-    log(f"{name}: fp16 with {len(block_nodes)} norm nodes and ops {', '.join(FP32_OPS)} kept in fp32")
-    files = save_model(half, dst)
-    del half
-    check_graph(dst, inputs, outputs, name)
-    return files
+    sums: dict[str, float] = {t: 0.0 for t in tensors}
+    with tempfile.TemporaryDirectory() as tmp:
+        for start in range(0, len(tensors), chunk):
+            names = list(tensors[start:start + chunk])
+            outs = {}
+            for label, path in (("ref", reference), ("cand", candidate)):
+                probe = onnx.load(str(path))
+                present = {o.name for o in probe.graph.output}
+                probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in present)
+                save_model(probe, Path(tmp) / f"{label}.onnx")
+                del probe
+                session = OrtRunner(Path(tmp) / f"{label}.onnx", qdq="float").session
+                outs[label] = [session.run(names, dict(f)) for f in feeds]
+                del session
+            for ref_values, cand_values in zip(outs["ref"], outs["cand"]):
+                for t, r, c in zip(names, ref_values, cand_values):
+                    sums[t] += parity(r, np.asarray(c, np.float32)).rel_l2
+    return {t: v / max(len(feeds), 1) for t, v in sums.items()}

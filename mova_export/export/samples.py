@@ -13,16 +13,22 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..components import one_of_kind
 from ..core.bert_inputs import text_inputs
+from ..core.errors import ExportError
 from ..core.prompts import adapter_text, mask_label
+from ..core.slots import fill_slots
+from ..core.spec import GraphForm
 from ..core.tolerance import ParityReport, tolerance_for
 from ..runners.compare import compare_runners
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..core.facts import ModelFacts
     from ..core.spec import TensorSpec
 
 # A full-size adapter reference costs seconds: above this many sweep masks the sweep keeps the empty mask, every
 # single-expert mask and this stated subset (the tiny scale checks all of them).
+UNROUTED = "+unrouted"     # label suffix of a dense-graph sample fed every expert's real features, routed or not
 REDUCED_SWEEP = ("AB", "CG", "DE", "AF", "ACG", "BDE", "AEF", "CDG")
 
 
@@ -35,17 +41,19 @@ class Sample:
 
 
 def validate_graph(runner: Any, samples: Sequence[Sample], graph: str, precision: str,
-                   step: Callable[[], None] = lambda: None) -> ParityReport:
-    """Run the graph on every sample and compare with the samples' reference outputs (raises on any failure)."""
-    return compare_runners(runner, [s.feed for s in samples], [s.reference for s in samples],
-                           tolerance_for(precision), graph=graph, precision=precision,
-                           labels=[s.label for s in samples], step=step).check()
+                   step: Callable[[], None] = lambda: None, check: bool = True) -> ParityReport:
+    """Run the graph on every sample and compare with the samples' reference outputs (raises on any failure unless
+    check is False)."""
+    report = compare_runners(runner, [s.feed for s in samples], [s.reference for s in samples],
+                             tolerance_for(precision), graph=graph, precision=precision,
+                             labels=[s.label for s in samples], step=step)
+    return report.check() if check else report
 
 
 def spot_check(samples: Sequence[Sample], every: int = 8) -> list[Sample]:
     """The fp16 graphs' samples: every non-sweep sample and every 8th mask of the adapter's sweep (the fp32 graph
     carries the full sweep; fp16 only changes arithmetic precision, not which branches run)."""
-    sweep = [s for s in samples if "/" in s.label and not s.label.endswith("+unrouted")]
+    sweep = [s for s in samples if "/" in s.label and not s.label.endswith(UNROUTED)]
     drop = {id(s) for s in sweep} - {id(s) for s in sweep[::every]}
     return [s for s in samples if id(s) not in drop]
 
@@ -130,3 +138,70 @@ class AdapterContext:
 
 def question_label(image: str, question: str) -> str:
     return f"{image}: {adapter_text(question).strip()}"
+
+
+def adapter_context(features: Mapping[str, Mapping[str, np.ndarray]], facts: "ModelFacts",
+                    full_sweep: bool = True) -> AdapterContext:
+    """The adapter's inputs on some images: {component: {image label: features}} of the base, every expert and the
+    text encoder."""
+
+    text = one_of_kind("text").name
+    missing = [c for c in [facts.base.component, *(e.component for e in facts.experts), text] if c not in features]
+    if missing:
+        raise ExportError(f"the adapter's samples need the features of {', '.join(missing)}; export those "
+                          "components first (the build does it in order)")
+    channels = [next(iter(features[e.component].values())).shape[-1] for e in facts.experts]
+    return AdapterContext(features[facts.base.component], [features[e.component] for e in facts.experts],
+                          features[text], facts.letters, facts.topk_experts, full_sweep, channels)
+
+
+def adapter_feed(form: GraphForm, ctx: AdapterContext, label: str, mask: Sequence[int],
+                  zero_unrouted: bool = True) -> dict[str, np.ndarray]:
+    """One image's feed of an adapter form: the routing form's base alone; the slot form's base, slots (fill_slots),
+    text and mask; the dense form's base, every expert's features (zeros for unrouted ones, or their real features
+    to show they cannot leak), text and mask."""
+
+    specs = {t.name: t for t in form.inputs}
+    out = {"base": as_numpy(ctx.base[label], specs["base"].dtype)}
+    if form.role == "adapter_routing":
+        return out
+    out["text_features"] = as_numpy(ctx.text[label], specs["text_features"].dtype)
+    if form.role == "adapter_answer":
+        features = {j: ctx.experts[j][label] for j, on in enumerate(mask) if on}
+        slots = fill_slots(mask, features, specs["slot_expert"].shape[0], ctx.channels, specs["base"].shape[1])
+        return {**out, **slots}
+    for j, letter in enumerate(ctx.letters):
+        t = specs[f"expert_{letter}"]
+        out[t.name] = (np.zeros(t.shape, t.dtype) if zero_unrouted and not mask[j]
+                       else as_numpy(ctx.experts[j][label], t.dtype))
+    out["routing_mask"] = np.asarray([mask], dtype=specs["routing_mask"].dtype)
+    return out
+
+
+def adapter_samples(form: GraphForm, ctx: AdapterContext, labels: Sequence[str]) -> list[Sample]:
+    """The masks each form serves, on image 0 every one of them (the first a full top-K mask, the trace example),
+    on the other images one (and, for the dense graph, with every expert's real features in place).
+    routing: the empty mask; slots: every sweep mask with 1..topk experts; dense: masks with more than topk."""
+    if form.role == "adapter_routing":
+        return [Sample(f"{label}/none", adapter_feed(form, ctx, label, (0,) * len(ctx.letters))) for label in labels]
+    many = form.role == "adapter_fallback"
+    masks = ctx.wide_masks() if many else [m for m in sweep_masks(ctx.letters, ctx.topk, ctx.full_sweep) if any(m)]
+    samples = []
+    for i, label in enumerate(labels):
+        first = ctx.wide_masks()[i % len(ctx.wide_masks())] if many else ctx.top_mask(i)
+        chosen = [first] + [m for m in masks if m != first] if i == 0 else [first]
+        samples += [Sample(f"{label}/{mask_label(m, ctx.letters)}", adapter_feed(form, ctx, label, m)) for m in chosen]
+        if many and i > 0:
+            samples.append(Sample(f"{label}/{mask_label(first, ctx.letters)}{UNROUTED}",
+                                  adapter_feed(form, ctx, label, first, zero_unrouted=False)))
+    return samples
+
+
+def adapter_calibration_feeds(form: GraphForm, features: Mapping[str, Mapping[str, np.ndarray]],
+                              facts: "ModelFacts", labels: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """One feed per image for quantizing an adapter form: the masks this form serves (a top-K mask rotated per
+    image; masks of more than K experts for the dense graph) with every expert's real features."""
+    ctx = adapter_context(features, facts)
+    masks = ctx.wide_masks() if form.role == "adapter_fallback" else [ctx.top_mask(i) for i in range(len(labels))]
+    return [adapter_feed(form, ctx, label, masks[i % len(masks)], zero_unrouted=False)
+            for i, label in enumerate(labels)]

@@ -3,10 +3,11 @@ for ONNX Runtime CPU (quantize.settings.QDQ_BASE)."""
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from ..core.progress import Log
-from ..export.graph_io import FP32_OPS, fp16_block_nodes, too_large, toposorted
+from ..export.fp16 import FP32_OPS, fp16_block_nodes, toposorted
+from ..export.graph_io import too_large
 from .select import at_least_opset
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -15,14 +16,14 @@ if TYPE_CHECKING:  # pragma: no cover
 FP16_QDQ_OPSET = 19                  # first opset with float16 scales on QuantizeLinear/DequantizeLinear
 
 
-def on_fp16_base(model: "onnx.ModelProto", log: Log) -> "onnx.ModelProto":
+def on_fp16_base(model: "onnx.ModelProto", log: Log, keep_fp32: Sequence[str] = ()) -> "onnx.ModelProto":
     """A Q/DQ graph with fp16 activations and fp16 scales outside the quantized ops (the route NVIDIA's ModelOpt
     takes for strongly typed TensorRT); FP32_OPS and norm-scope nodes stay fp32 between casts, graph inputs and
     outputs stay fp32."""
     from onnxruntime.transformers import float16
 
     model = at_least_opset(model, FP16_QDQ_OPSET, "the Q/DQ graph (for fp16 scales)")
-    blocked = fp16_block_nodes(model)
+    blocked = list(dict.fromkeys([*fp16_block_nodes(model), *keep_fp32]))   # + what the fp16 export kept fp32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # values clamped to the fp16 range (the -1e6 gate logits)
         half = float16.convert_float_to_float16(

@@ -14,11 +14,12 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..core.progress import Log, quiet
 from ..core.tolerance import ParityReport
-from ..export.graph_io import fp16_from_onnx, graph_io
+from ..export.fp16 import fp16_from_onnx
+from ..export.graph_io import graph_io
 from ..runners.ort import OrtRunner
 from .feeds import FeedSplit
 from .fp8_sim import simulate_fp8
@@ -60,10 +61,12 @@ def _per_sample(report: ParityReport) -> dict[str, dict[str, float]]:
 
 
 def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, settings: QuantSettings,
-                         feeds: FeedSplit, log: Log = quiet) -> QuantDecision:
+                         feeds: FeedSplit, keep_fp32: Sequence[str] | None = (), log: Log = quiet) -> QuantDecision:
     """Quantize the fp32 graph `src` as `settings` says, judge it on `feeds.held_out` and keep it only within the
     budget (the module docstring has the steps). Files: <dst_dir>/<component>.<precision>.onnx, or
-    <component>.fp16.onnx on fallback (the failed Q/DQ graph is removed)."""
+    <component>.fp16.onnx on fallback (the failed Q/DQ graph is removed). `keep_fp32`: the nodes the component's
+    fp16 graph keeps in fp32 (the fp16 base and the fallback keep them too); None when no fp16 graph of it meets the
+    fp16 tolerance: the fallback is then the fp32 graph itself (final "fp32", path `src`)."""
     src, dst_dir = Path(src), Path(dst_dir)
     precision, budget = settings.precision, settings.budget
     held_out, labels = feeds.held_out, feeds.held_out_labels
@@ -77,7 +80,8 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
     def decision(final: str, path: Path, excluded: list[str], report: ParityReport, how: str) -> QuantDecision:
         worst_label, _ = report.worst_sample()
         return QuantDecision(component, precision, final, path, excluded, report.summary(), worst_label,
-                             _per_sample(report), budget.to_json(), report.passed, len(history) - (final == "fp16"),
+                             _per_sample(report), budget.to_json(), report.passed,
+                             len(history) - (final in ("fp16", "fp32")),
                              how, calib_json, GATE, history)
 
     def attempt(result: QuantResult) -> tuple[ParityReport, str]:
@@ -92,7 +96,8 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
         return report, how
 
     with tempfile.TemporaryDirectory() as ranges:
-        result = qdq_from_onnx(src, dst, settings, calibration, ranges_dir=Path(ranges), log=log)
+        result = qdq_from_onnx(src, dst, settings, calibration, ranges_dir=Path(ranges), keep_fp32=keep_fp32 or (),
+                               log=log)
         report, how = attempt(result)
         if report.passed:
             return decision(precision, dst, [], report, how)
@@ -103,26 +108,34 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
         log(f"{component} [{precision}]: most error-adding nodes {ranking[:5]}")
         for k in exclusion_schedule(len(ranking), len(quantized), settings.max_excluded, settings.max_tries - 1):
             result = qdq_from_onnx(src, dst, settings, calibration, exclude_nodes=ranking[:k],
-                                   ranges_dir=Path(ranges), log=log)
+                                   ranges_dir=Path(ranges), keep_fp32=keep_fp32 or (), log=log)
             report, how = attempt(result)
             if report.passed:
                 return decision(f"{precision}-partial", dst, ranking[:k], report, how)
     for f in result.files:
         f.unlink(missing_ok=True)
-    fp16, report = _fp16_fallback(src, dst_dir / f"{component}.fp16.onnx", component, settings, reference, feeds, log)
+    if keep_fp32 is None:   # the export found no fp16 graph within its tolerance: the fp32 graph ships
+        report = accuracy_check(reference, src, held_out, budget, component=component, precision="fp32",
+                                labels=labels)
+        fallback, path = "fp32", src
+    else:
+        path, report = _fp16_fallback(src, dst_dir / f"{component}.fp16.onnx", component, settings, reference, feeds,
+                                      keep_fp32, log)
+        fallback = "fp16"
     history.append({"excluded": None, "quantized": 0, **report.summary(), "parity_method": "ort",
-                    "fallback": "fp16"})
-    log(f"{component}: the quantized graph missed the budget after {len(history) - 1} tries; fp16 fallback, worst "
-        f"held-out cosine {report.summary()['cosine']:.6f}{'' if report.passed else ' (fp16 misses the budget too)'}")
-    return decision("fp16", fp16, [], report, "ort")
+                    "fallback": fallback})
+    log(f"{component}: the quantized graph missed the budget after {len(history) - 1} tries; {fallback} fallback, "
+        f"worst held-out cosine {report.summary()['cosine']:.6f}"
+        f"{'' if report.passed else f' ({fallback} misses the budget too)'}")
+    return decision(fallback, path, [], report, "ort")
 
 
-def _fp16_fallback(src: Path, dst: Path, component: str, settings: QuantSettings, reference: list,
-                   feeds: FeedSplit, log: Log) -> tuple[Path, ParityReport]:
+def _fp16_fallback(src: Path, dst: Path, component: str, settings: QuantSettings, reference: list,  # noqa: PLR0913
+                   feeds: FeedSplit, keep_fp32: Sequence[str], log: Log) -> tuple[Path, ParityReport]:
     """The fp16 graph in place of a Q/DQ graph that missed the budget on every try, and its figures."""
     import onnx
 
     inputs, outputs = graph_io(onnx.load(str(src), load_external_data=False))
-    fp16_from_onnx(src, dst, inputs, outputs, component, log)
+    fp16_from_onnx(src, dst, inputs, outputs, component, log, keep_fp32=keep_fp32)
     return dst, accuracy_check(reference, dst, feeds.held_out, settings.budget, component=component,
                                precision="fp16", labels=feeds.held_out_labels)

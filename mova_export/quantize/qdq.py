@@ -81,14 +81,15 @@ def check_feeds(feeds: Sequence[Feed], inputs: Sequence[str], what: str, src: Pa
 
 
 def qdq_from_onnx(src: str | Path, dst: str | Path, settings: QuantSettings, calibration: Sequence[Feed], *,
-                  exclude_nodes: Sequence[str] = (), ranges_dir: Path | None = None, log: Log = quiet
-                  ) -> QuantResult:
+                  exclude_nodes: Sequence[str] = (), ranges_dir: Path | None = None, keep_fp32: Sequence[str] = (),
+                  log: Log = quiet) -> QuantResult:
     """Explicit Q/DQ graph at `dst` from the fp32 graph `src`, calibrated on `calibration` (feeds: input -> array).
 
     Calibration always runs on the fp32 graph (onnxruntime's calibrators and the FP8 amax probe read fp32 tensors);
     with base "fp16" the finished Q/DQ graph is then converted like graph_io.fp16_from_onnx (the same fp32 blocks)
     with fp16 scales, at opset 19. `ranges_dir`: where the calibration ranges of a first try are kept, so that later
-    tries (which exclude more nodes) reuse them instead of calibrating again.
+    tries (which exclude more nodes) reuse them instead of calibrating again. `keep_fp32`: nodes the fp16 base keeps
+    in fp32 beside the norms (those the component's fp16 export had to keep there).
 
     Raises ExportError on a missing graph, empty or mismatched feeds, nothing left to quantize, or a result that
     fails the ONNX checker."""
@@ -119,7 +120,7 @@ def qdq_from_onnx(src: str | Path, dst: str | Path, settings: QuantSettings, cal
                                ranges_dir, log)
         del model
         if settings.base == "fp16":
-            out = on_fp16_base(out, log)
+            out = on_fp16_base(out, log, keep_fp32)
         (num_q, num_dq), opset = count_qdq(out), opset_of(out)
         files = _save_checked(out, dst, f"{src.name}: the {settings.precision} Q/DQ graph")
         del out

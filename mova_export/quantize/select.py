@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING, Sequence
 
 from ..core.errors import ExportError
-from ..export.graph_io import FP32_OPS, fp16_block_nodes
+from ..export.fp16 import FP32_OPS, fp16_block_nodes
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx

@@ -3,15 +3,12 @@ each node adds, measured) apart from policy (`exclusion_schedule`, how many of t
 ModelOpt's sensitivity package separates them."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..core.tolerance import parity
-from ..export.graph_io import save_model
-from ..runners.ort import OrtRunner
+from ..export.graph_io import tensor_errors
 from .select import name_nodes
 
 Feed = Mapping[str, np.ndarray]
@@ -19,9 +16,10 @@ Feed = Mapping[str, np.ndarray]
 
 def node_sensitivity(fp32: str | Path, qdq: str | Path, feeds: Sequence[Feed], nodes: Sequence[str]
                      ) -> list[tuple[str, float]]:
-    """Rank quantized nodes by the error they add, from one run of each graph: for node n with activation input x
-    and output y, rel_l2(y_q, y_fp32) - rel_l2(x_q, x_fp32) (x is the tensor before its Q/DQ, present in both graphs).
-    Largest first. `qdq` must run in ONNX Runtime (pass simulate_fp8's twin for a float8 graph that does not)."""
+    """Rank quantized nodes by the error they add: for node n with activation input x and output y,
+    rel_l2(y_q, y_fp32) - rel_l2(x_q, x_fp32) (x is the tensor before its Q/DQ, present in both graphs), each the mean
+    over the feeds (graph_io.tensor_errors probes both graphs a few tensors at a time). Largest first. `qdq` must run
+    in ONNX Runtime (pass simulate_fp8's twin for a float8 graph that does not)."""
     import onnx
 
     fp32, qdq = Path(fp32), Path(qdq)
@@ -30,26 +28,8 @@ def node_sensitivity(fp32: str | Path, qdq: str | Path, feeds: Sequence[Feed], n
         name_nodes(model)
     by_name = {n.name: n for n in model.graph.node}
     pairs = [(name, by_name[name].input[0], by_name[name].output[0]) for name in nodes if name in by_name]
-    tensors = list(dict.fromkeys(t for _, x, y in pairs for t in (x, y)))
-    errors: dict[str, list[float]] = {t: [] for t in tensors}
-    with tempfile.TemporaryDirectory() as tmp:
-        outs = {}
-        for label, path in (("ref", fp32), ("q", qdq)):
-            probe = onnx.load(str(path))
-            present = {o.name for o in probe.graph.output}
-            probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                                      for t in tensors if t not in present)
-            save_model(probe, Path(tmp) / f"{label}.onnx")
-            del probe
-            session = OrtRunner(Path(tmp) / f"{label}.onnx", qdq="float").session
-            outs[label] = [dict(zip(tensors, session.run(tensors, dict(f)))) for f in feeds]
-            del session
-    for ref, got in zip(outs["ref"], outs["q"]):
-        for t in tensors:
-            errors[t].append(parity(ref[t], got[t]).rel_l2)
-    mean = {t: float(np.mean(v)) for t, v in errors.items()}
-    ranking = [(name, mean[y] - mean[x]) for name, x, y in pairs]
-    return sorted(ranking, key=lambda item: -item[1])
+    errors = tensor_errors(fp32, qdq, feeds, list(dict.fromkeys(t for _, x, y in pairs for t in (x, y))))
+    return sorted(((name, errors[y] - errors[x]) for name, x, y in pairs), key=lambda item: -item[1])
 
 
 def exclusion_schedule(ranked: int, quantized: int, max_excluded: int, tries_left: int) -> list[int]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ...components import all_specs
 from ...core.errors import BuildError
 from ...export import read_feeds
-from ...export.component import adapter_calibration_feeds
+from ...export.samples import adapter_calibration_feeds
 from ...quantize import QuantSettings, quantize_with_budget, split_calibration
 from ..unit import BuildContext, library_versions, run_unit
 from .export import Exported
@@ -64,13 +64,22 @@ class QuantizeStage:
         fp32 = item.export.path / item.graph.variants["fp32"].graph
         with ctx.console.task(f"quantize {item.graph.name} to {item.settings.precision}", total=1) as steps:
             result = quantize_with_budget(fp32, tmp / "graphs", item.graph.name, item.settings, split,
-                                          log=ctx.console.line)
+                                          _fp16_keep(item.graph), log=ctx.console.line)
             steps.advance(result.final)
         decision = result.to_json()
-        decision["path"] = Path(decision["path"]).relative_to(tmp).as_posix()
+        decision["path"] = None if result.final == "fp32" else Path(decision["path"]).relative_to(tmp).as_posix()
         decision["graph"] = item.graph.name
-        decision["variant"] = "fp16" if decision["final"] == "fp16" else item.settings.precision
+        decision["variant"] = decision["final"] if decision["final"] in ("fp16", "fp32") else item.settings.precision
         return decision
+
+
+def _fp16_keep(graph: "GraphEntry") -> list[str] | None:
+    """The nodes the graph's fp16 variant keeps in fp32 (its export's repair), or None when it has no fp16 variant
+    (none met the fp16 tolerance)."""
+    fp16 = graph.variants.get("fp16")
+    if fp16 is None:
+        return None
+    return list(((fp16.decision or {}).get("fp16_repair") or {}).get("kept_fp32", []))
 
 
 def quantize(ctx: BuildContext, graph: "GraphEntry", exported: Exported, recipe: "Recipe",
@@ -80,7 +89,11 @@ def quantize(ctx: BuildContext, graph: "GraphEntry", exported: Exported, recipe:
     recipe asks, or its fallback when the quantized graph misses the accuracy budget)."""
     wanted = precision or recipe.precision_of(graph.component)
     if wanted not in QUANTIZED:
-        return {"graph": graph.name, "requested": wanted, "final": wanted, "variant": wanted}, None
+        if wanted in graph.variants:
+            return {"graph": graph.name, "requested": wanted, "final": wanted, "variant": wanted}, None
+        reason = graph.missing.get(wanted, f"the export has no {wanted} graph")
+        ctx.console.line(f"WARNING {graph.name}: {reason}; the fp32 graph ships")
+        return {"graph": graph.name, "requested": wanted, "final": "fp32", "variant": "fp32", "reason": reason}, None
     settings = QuantSettings.from_recipe(recipe, graph.component, wanted)
     adapter_features, keys = {}, ()
     if graph.role.startswith("adapter"):   # calibrated on every calibration image's real features
@@ -94,7 +107,7 @@ def quantize(ctx: BuildContext, graph: "GraphEntry", exported: Exported, recipe:
     if shortfall:
         ctx.console.line(f"WARNING {graph.name}: {shortfall}")
     fallback = recipe.calibration.fallback
-    if decision["final"] == "fp16" and fallback != "fp16":
+    if decision["final"] in ("fp16", "fp32") and fallback != "fp16":
         if fallback == "none":
             raise BuildError(f"{graph.name}: {wanted} misses the recipe's accuracy budget (worst held-out cosine "
                              f"{decision['measured']['cosine']:.5f} < {decision['budget']['min_cosine']}) and "
