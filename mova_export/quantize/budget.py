@@ -114,14 +114,7 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
                 return decision(f"{precision}-partial", dst, ranking[:k], report, how)
     for f in result.files:
         f.unlink(missing_ok=True)
-    if keep_fp32 is None:   # the export found no fp16 graph within its tolerance: the fp32 graph ships
-        report = accuracy_check(reference, src, held_out, budget, component=component, precision="fp32",
-                                labels=labels)
-        fallback, path = "fp32", src
-    else:
-        path, report = _fp16_fallback(src, dst_dir / f"{component}.fp16.onnx", component, settings, reference, feeds,
-                                      keep_fp32, log)
-        fallback = "fp16"
+    fallback, path, report = _fallback(src, dst_dir, component, settings, reference, feeds, keep_fp32, log)
     history.append({"excluded": None, "quantized": 0, **report.summary(), "parity_method": "ort",
                     "fallback": fallback})
     log(f"{component}: the quantized graph missed the budget after {len(history) - 1} tries; {fallback} fallback, "
@@ -130,12 +123,18 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
     return decision(fallback, path, [], report, "ort")
 
 
-def _fp16_fallback(src: Path, dst: Path, component: str, settings: QuantSettings, reference: list,  # noqa: PLR0913
-                   feeds: FeedSplit, keep_fp32: Sequence[str], log: Log) -> tuple[Path, ParityReport]:
-    """The fp16 graph in place of a Q/DQ graph that missed the budget on every try, and its figures."""
+def _fallback(src: Path, dst_dir: Path, component: str, settings: QuantSettings, reference: list, feeds: FeedSplit,
+              keep_fp32: Sequence[str] | None, log: Log) -> tuple[str, Path, ParityReport]:
+    """What ships in place of a Q/DQ graph that missed the budget on every try: the fp16 graph (keeping in fp32 what
+    the component's fp16 export kept), or the fp32 graph itself where no fp16 graph meets the fp16 tolerance;
+    (which, its path, its figures)."""
     import onnx
 
+    if keep_fp32 is None:
+        return "fp32", src, accuracy_check(reference, src, feeds.held_out, settings.budget, component=component,
+                                           precision="fp32", labels=feeds.held_out_labels)
+    dst = dst_dir / f"{component}.fp16.onnx"
     inputs, outputs = graph_io(onnx.load(str(src), load_external_data=False))
     fp16_from_onnx(src, dst, inputs, outputs, component, log, keep_fp32=keep_fp32)
-    return dst, accuracy_check(reference, dst, feeds.held_out, settings.budget, component=component,
-                               precision="fp16", labels=feeds.held_out_labels)
+    return "fp16", dst, accuracy_check(reference, dst, feeds.held_out, settings.budget, component=component,
+                                       precision="fp16", labels=feeds.held_out_labels)
