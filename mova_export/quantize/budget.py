@@ -67,8 +67,7 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
     <component>.fp16.onnx on fallback (the failed Q/DQ graph is removed). `keep_fp32`: the nodes the component's
     fp16 graph keeps in fp32 (the fp16 base and the fallback keep them too); None when no fp16 graph of it meets the
     fp16 tolerance: the fallback is then the fp32 graph itself (final "fp32", path `src`)."""
-    src, dst_dir = Path(src), Path(dst_dir)
-    precision, budget = settings.precision, settings.budget
+    src, dst_dir, precision, budget = Path(src), Path(dst_dir), settings.precision, settings.budget
     held_out, labels = feeds.held_out, feeds.held_out_labels
     calibration = feeds.calibration + (held_out if settings.augment_calibration else [])
     dst = dst_dir / f"{component}.{precision}.onnx"
@@ -79,10 +78,9 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
 
     def decision(final: str, path: Path, excluded: list[str], report: ParityReport, how: str) -> QuantDecision:
         worst_label, _ = report.worst_sample()
+        tries = len(history) - (final in ("fp16", "fp32"))          # the fallback is no quantization try
         return QuantDecision(component, precision, final, path, excluded, report.summary(), worst_label,
-                             _per_sample(report), budget.to_json(), report.passed,
-                             len(history) - (final in ("fp16", "fp32")),
-                             how, calib_json, GATE, history)
+                             _per_sample(report), budget.to_json(), report.passed, tries, how, calib_json, GATE, history)
 
     def attempt(result: QuantResult) -> tuple[ParityReport, str]:
         report, how = measure(reference, result, held_out, budget, component=component, qdq=settings.qdq,
