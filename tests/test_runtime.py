@@ -24,7 +24,7 @@ from mova_export.synth.trained import kind_of
 pytest.importorskip("llama_cpp")
 
 MAX_NEW = 8
-ANSWER_FIELDS = {"experts", "answer", "routing_text", "routing_mask", "answer_ids", "routing_ids", "timings_ms",
+ANSWER_FIELDS = {"experts", "answer", "routing_text", "routing_mask", "answer_ids", "routing_ids", "timings_ms", "cache_hits", "cut",
                  "tokens_per_s"}
 
 
@@ -38,7 +38,9 @@ def rt(parity_bundle):
 
 @pytest.fixture(scope="module")
 def baseline(rt, images):
-    """The chelsea answer with experts A and D forced (the experts' path runs), for the contract tests."""
+    """The chelsea answer with experts A and D forced (the experts' path runs), for the contract tests; computed
+    from the pixels (an earlier test's cached chelsea dropped)."""
+    rt.frames.clear()
     return rt.ask(images["chelsea"], "What animal is this?", MAX_NEW, experts=["A", "D"])
 
 
@@ -201,12 +203,16 @@ def test_timing_fields_are_present_and_positive(baseline):
     from mova_export.runtime import STAGES
 
     t = baseline.timings_ms
+    assert baseline.cache_hits == [] and baseline.cut is None
     for stage in (*STAGES, "expert_A", "expert_D"):
         assert stage in t and t[stage] > 0, stage
     assert not [k for k in t if k.startswith("expert_") and k not in ("expert_A", "expert_D")]
     assert t["experts"] == pytest.approx(t["expert_A"] + t["expert_D"])
     assert t["total"] >= t["time_to_first_token"] >= t["llm_prefill"]
-    assert t["total"] >= sum(v for k, v in t.items() if k not in ("total", "time_to_first_token", "experts")) * 0.99
+    # BERT and expert preprocessing may run on the overlap thread, beside the main thread's stages
+    beside = ("text_encoder", "preprocess")
+    assert t["total"] >= sum(v for k, v in t.items() if k not in ("total", "time_to_first_token", "experts", *beside))
+    assert t["total"] >= t["text_encoder"] and t["total"] >= t["preprocess"]
     if len(baseline.token_ids) > 1:
         assert baseline.tokens_per_s > 0
     assert set(baseline.to_json()) == ANSWER_FIELDS
@@ -282,7 +288,7 @@ def test_lazy_policy_keeps_the_least_recently_used_out(parity_bundle, images):
     with pytest.raises(RuntimeInputError, match="closed"):
         lazy.ask(frame, question, 2)
     lazy.close()   # twice is fine
-    with MoVARuntime.from_bundle(parity_bundle, **RUNTIME_EXACT, expert_policy="lazy", max_resident_experts=2,
+    with MoVARuntime.from_bundle(parity_bundle, **RUNTIME_EXACT, expert_policy="lazy", max_resident_experts=2, frame_cache_mib=0,
                                  verify=False) as lru:
         for experts, resident in ((["A", "D"], ["expert_A", "expert_D"]), (["C"], ["expert_C", "expert_D"]),
                                   (["D"], ["expert_C", "expert_D"]), (["G"], ["expert_D", "expert_G"])):

@@ -31,19 +31,24 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ..bundle import MANIFEST, Bundle, LLMSettings, load_bundle, sha256_file
 from ..core.errors import RuntimeInputError
 from ..core.image_inputs import load_image
+from .frames import FRAMES_BY_DEFAULT, FrameCache, frame_bytes
 from .llm import LlamaCppLLM
+from .requests import FrameHandle, PreparedRequest, StreamingAnswer, deadline_after
 from .two_pass import Answer, Request, two_passes
 from .vision import BACKENDS, BundleVision
+from .worker import POLICIES, AnswerFuture, RequestWorker, callbacks
 
 MAX_NEW_TOKENS_LIMIT = 4096
 
@@ -55,7 +60,8 @@ class RuntimeOptions:
     device: "cpu" or "cuda" (ONNX Runtime's CUDA EP / TensorRT for the vision graphs, llama.cpp GPU layers);
     backend: "auto" | "onnxruntime" | "tensorrt" for the vision graphs; precision: one for every graph, or
     {graph or component: precision}; expert_policy: "resident" | "lazy"; llm: overrides of the bundle's
-    LLMSettings fields (n_ctx, n_gpu_layers, n_threads, flash_attn, f32_kv)."""
+    LLMSettings fields (n_ctx, n_gpu_layers, n_threads, flash_attn, f32_kv); frame_cache_mib and overlap: see
+    runtime/frames.py and runtime/two_pass.py (neither changes an answer)."""
     device: str = "cpu"
     backend: str = "auto"
     precision: str | Mapping[str, str] | None = None
@@ -65,6 +71,8 @@ class RuntimeOptions:
     llm: Mapping[str, Any] = field(default_factory=dict)
     llm_quant: str | None = None            # which shipped GGUF (default: the bundle's)
     verify: bool = True
+    frame_cache_mib: float | None = None    # pixel-only results of recent frames (None: 3 frames' worth; 0: off)
+    overlap: bool = True                    # BERT during the routing generation, expert inputs ahead (a thread)
 
     def llm_settings(self, bundled: LLMSettings) -> LLMSettings:
         known = {f.name for f in fields(LLMSettings)}
@@ -78,30 +86,6 @@ class RuntimeOptions:
         if settings.n_threads is not None and settings.n_threads > cores:
             settings = replace(settings, n_threads=cores)       # oversubscription slows llama.cpp down
         return settings
-
-
-class StreamingAnswer:
-    """Iterate for the answer's text pieces; `.answer` (an Answer) is set once the iterator is exhausted.
-    While iterating it holds the runtime's lock: exhaust it or `close()` it (a `with` block does)."""
-
-    def __init__(self, runtime: "MoVARuntime", request: Request):
-        self.answer: Answer | None = None
-        self._gen = runtime._serve(request, self)
-
-    def __iter__(self) -> "StreamingAnswer":
-        return self
-
-    def __next__(self) -> str:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()
-
-    def __enter__(self) -> "StreamingAnswer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class _PromptCache:
@@ -140,6 +124,11 @@ class MoVARuntime:
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._closed = False
+        mib = options.frame_cache_mib
+        capacity = FRAMES_BY_DEFAULT * frame_bytes(bundle.manifest.graphs.values()) if mib is None else mib * 2**20
+        self.frames = FrameCache(int(capacity))
+        self._helper = ThreadPoolExecutor(1, thread_name_prefix="mova-overlap") if options.overlap else None
+        self._worker = RequestWorker(self._wait_idle)
 
     @classmethod
     def from_bundle(cls, path: str | Path | Bundle, options: RuntimeOptions | None = None,
@@ -152,6 +141,9 @@ class MoVARuntime:
             options = replace(options or RuntimeOptions(), **overrides)
         except TypeError as exc:
             raise RuntimeInputError(f"unknown runtime option: {exc}; see RuntimeOptions") from None
+        mib = options.frame_cache_mib
+        if mib is not None and (isinstance(mib, bool) or not isinstance(mib, (int, float)) or mib < 0):
+            raise RuntimeInputError(f"frame_cache_mib={mib!r}; pass a size in MiB >= 0 (0 turns the cache off)")
         if options.backend not in BACKENDS:
             raise RuntimeInputError(f"unknown backend {options.backend!r}; use one of {', '.join(BACKENDS)}")
         bundle = path if isinstance(path, Bundle) else load_bundle(path, verify=options.verify)
@@ -188,23 +180,67 @@ class MoVARuntime:
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def ask(self, image: Any, question: str, max_new_tokens: int = 64, *, experts: Sequence[str] | None = None,
-            keep_tensors: bool = False) -> Answer:
+            keep_tensors: bool = False, deadline_s: float | None = None) -> Answer:
         """Answer one question about one frame (see the module docstring for the contract).
 
-        experts: override the routing with letters (e.g. ["A", "D"], [] for none), like `reference --experts`; the
-        routing generation still runs. keep_tensors: put the intermediate features in `Answer.tensors`.
-        Raises RuntimeInputError for a bad frame or question."""
-        stream = self.ask_stream(image, question, max_new_tokens, experts=experts, keep_tensors=keep_tensors)
+        image: a frame (numpy, PIL, path) or a `rt.frame(...)` handle. experts: override the routing with letters
+        (e.g. ["A", "D"], [] for none), like `reference --experts`; the routing generation still runs.
+        keep_tensors: put the intermediate features in `Answer.tensors`. deadline_s: stop the answer after the token
+        that passes it (`Answer.cut == "deadline"`). Raises RuntimeInputError for a bad frame or question."""
+        stream = self.ask_stream(image, question, max_new_tokens, experts=experts, keep_tensors=keep_tensors,
+                                 deadline_s=deadline_s)
         for _ in stream:
             pass
         assert stream.answer is not None
         return stream.answer
 
     def ask_stream(self, image: Any, question: str, max_new_tokens: int = 64, *,
-                   experts: Sequence[str] | None = None, keep_tensors: bool = False) -> StreamingAnswer:
+                   experts: Sequence[str] | None = None, keep_tensors: bool = False,
+                   deadline_s: float | None = None) -> StreamingAnswer:
         """Like ask, but returns a StreamingAnswer yielding the answer's text pieces as they are generated. The
         inputs are checked here (RuntimeInputError at once); the work starts on the first `next()`."""
-        return StreamingAnswer(self, self._request(image, question, max_new_tokens, experts, keep_tensors))
+        deadline = deadline_after(deadline_s)
+        request = self._request(image, question, max_new_tokens, experts, keep_tensors)
+        if deadline is not None:
+            request.stop = lambda: "deadline" if time.monotonic() > deadline else None
+        return StreamingAnswer(self, request)
+
+    def frame(self, image: Any) -> "FrameHandle":
+        """A handle for several questions on one frame: `with rt.frame(rgb) as f: f.ask(q1); f.ask(q2)`. The frame's
+        pixel-only results are computed once and held by the handle until it closes, with the cache on or off."""
+        rgb = self._frame_pixels(image)
+        return FrameHandle(self, self.frames.state(rgb)[0])
+
+    def submit(self, image: Any, question: str, max_new_tokens: int = 64, *,  # noqa: PLR0913 (ask's options + the queue's)
+               stream: str = "default",
+               policy: str = "latest", deadline_s: float | None = None, experts: Sequence[str] | None = None,
+               on_answer: Callable[[Answer], None] | None = None,
+               on_error: Callable[[BaseException], None] | None = None,
+               on_piece: Callable[[str], None] | None = None) -> AnswerFuture:
+        """Queue a request for the runtime's worker thread; returns a Future[Answer] (runtime/worker.py: the
+        `latest` and `queue` policies per stream, cancel and deadline). on_answer / on_error: the callback form;
+        on_piece(text) is called on the worker thread for each piece as it is generated. Inputs are checked here:
+        RuntimeInputError at once, nothing queued."""
+        if policy not in POLICIES:
+            raise RuntimeInputError(f"unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
+        if not isinstance(stream, str) or not stream:
+            raise RuntimeInputError(f"stream={stream!r}; pass a non-empty name (a camera, a topic)")
+        deadline = deadline_after(deadline_s)
+        request = self._request(image, question, max_new_tokens, experts, False)
+        future = AnswerFuture(stream, policy, deadline)
+        callbacks(future, on_answer, on_error)
+
+        def run(f: AnswerFuture) -> Answer:
+            request.stop = f.stop_reason
+            request.start = time.perf_counter()    # the answer's timings start when it runs, not when queued
+            with self.ask_stream(PreparedRequest(request), request.question) as pieces:
+                for piece in pieces:
+                    if on_piece is not None:
+                        on_piece(piece)
+            assert pieces.answer is not None
+            return pieces.answer
+
+        return self._worker.submit(future, run)
 
     def warmup(self, question: str = "Describe the image.", image: Any = None) -> Answer:
         """One full request on a synthetic frame (a gradient) so the first real frame does not pay for lazy
@@ -219,16 +255,32 @@ class MoVARuntime:
         answer = None
         for group in groups:
             answer = self.ask(frame, question, max_new_tokens=2, experts=group)
+        self.frames.clear()        # the synthetic frame is no robot's
         assert answer is not None
         return answer
 
     # ---- internals ----------------------------------------------------------------------------------------------
-    def _request(self, image: Any, question: Any, max_new_tokens: Any, experts: Sequence[str] | None,
-                 keep_tensors: bool) -> Request:
+    def _frame_pixels(self, image: Any) -> np.ndarray:
         if self._closed:
             raise RuntimeInputError("this MoVARuntime is closed; create a new one with MoVARuntime.from_bundle")
         if image is None:
             raise RuntimeInputError("the frame is None; pass an HxWx3 uint8 numpy array, a PIL image or an image path")
+        if isinstance(image, np.ndarray) and image.ndim == 4:
+            raise RuntimeInputError(f"image array has shape {list(image.shape)}: a batch; MoVA answers one frame "
+                                    "at a time (B=1): pass HxWx3")
+        rgb = load_image(image)  # RuntimeInputError: wrong shape or dtype, unreadable file, unknown type
+        if min(rgb.shape[:2]) < 2:
+            raise RuntimeInputError(f"image has {rgb.shape[1]}x{rgb.shape[0]} pixels; pass a real frame "
+                                    "(at least 2x2)")
+        if isinstance(image, np.ndarray) and np.shares_memory(rgb, image):
+            rgb = rgb.copy()          # a camera loop reuses its buffer: the request keeps the pixels it was given
+        rgb.flags.writeable = False
+        return rgb
+
+    def _request(self, image: Any, question: Any, max_new_tokens: Any, experts: Sequence[str] | None,
+                 keep_tensors: bool) -> Request:
+        if isinstance(image, PreparedRequest):
+            return image.request
         if not isinstance(question, str):
             raise RuntimeInputError(f"the question is a {type(question).__name__}; pass a non-empty string")
         if not question.strip():
@@ -238,14 +290,16 @@ class MoVARuntime:
             raise RuntimeInputError(f"max_new_tokens={max_new_tokens!r}; pass an integer from 1 to "
                                     f"{MAX_NEW_TOKENS_LIMIT}")
         mask = None if experts is None else self.facts.mask_of(experts)
-        if isinstance(image, np.ndarray) and image.ndim == 4:
-            raise RuntimeInputError(f"image array has shape {list(image.shape)}: a batch; MoVA answers one frame "
-                                    "at a time (B=1): pass HxWx3")
-        rgb = load_image(image)  # RuntimeInputError: wrong shape or dtype, unreadable file, unknown type
-        if min(rgb.shape[:2]) < 2:
-            raise RuntimeInputError(f"image has {rgb.shape[1]}x{rgb.shape[0]} pixels; pass a real frame "
-                                    "(at least 2x2)")
-        return Request(rgb, question, int(max_new_tokens), mask, keep_tensors)
+        if isinstance(image, FrameHandle):
+            state = image.state_for(self)
+        else:
+            state = self.frames.state(self._frame_pixels(image))[0]
+        return Request(state.rgb, question, int(max_new_tokens), mask, keep_tensors, frame=state,
+                       helper=self._helper)
+
+    def _wait_idle(self) -> None:
+        with self._lock:
+            pass
 
     def _acquire(self) -> None:
         if self._owner == threading.get_ident():
@@ -265,18 +319,24 @@ class MoVARuntime:
                 raise RuntimeInputError("this MoVARuntime was closed while the request waited")
             out.answer = yield from two_passes(self.facts, self.vision, self._language, request)
         finally:
+            self.frames.trim()
             self._release()
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the LLM and every session. Waits for a request in flight on another thread."""
+        """Free the LLM and every session. Cancels queued submits, stops a running one after its current token and
+        waits for a request in flight on another thread."""
         if self._closed:
             return
         if self._owner == threading.get_ident():
             raise RuntimeInputError("close() called while this thread holds an unfinished ask_stream; close the "
                                     "stream first")
+        self._worker.close()
         with self._lock:
             self._closed = True
+            self.frames.clear()
+            if self._helper is not None:
+                self._helper.shutdown()
             self.vision.close()
             if self.llm is not None:
                 self.llm.close()
