@@ -158,6 +158,10 @@ def markdown(results: dict) -> str:
     lines += ["| target | build min | build peak RSS GiB | bundle GiB | work GiB | units computed / reused |",
               "|---|---:|---:|---:|---:|---|"]
     for t, r in results["targets"].items():
+        if "units" not in r:                       # the build failed: its exit code and log say why
+            lines.append(f"| {t} | failed (exit {r['build']['exit']}) after {r['build']['seconds'] / 60:.1f} | "
+                         f"{r['build']['peak_rss_gib']} | - | - | see {r['build']['log']} |")
+            continue
         units = r["units"]
         computed = sum(u["status"] == "computed" for u in units)
         lines.append(f"| {t} | {r['build']['seconds'] / 60:.1f} | {r['build']['peak_rss_gib']} | {r['bundle_gib']} | "
@@ -168,7 +172,7 @@ def markdown(results: dict) -> str:
                      f"while the log said: `{p['during']}`")
     for t, r in results["targets"].items():
         lines += ["", f"## {t}: minutes per unit", "", "| unit | status | min |", "|---|---|---:|"]
-        lines += [f"| {u['stage']} {u['name']} | {u['status']} | {u['seconds'] / 60:.2f} |" for u in r["units"]]
+        lines += [f"| {u['stage']} {u['name']} | {u['status']} | {u['seconds'] / 60:.2f} |" for u in r.get("units", [])]
         if r.get("cosines"):
             lines += ["", f"## {t}: each shipped graph against PyTorch fp32, worst parity image", "",
                       "| graph | precision | worst cosine | per image |", "|---|---|---:|---|"]
@@ -198,7 +202,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(19, 5))
     stages = ("features", "export", "quantize", "gguf")
     for i, t in enumerate(targets):
-        units = results["targets"][t]["units"]
+        units = results["targets"][t].get("units", [])
         bottom = 0.0
         for s in stages:
             minutes = sum(u["seconds"] for u in units if u["stage"] == s and u["status"] == "computed") / 60

@@ -33,6 +33,7 @@ from .common import (
     stats,
     write_figure,
 )
+from .robot import frame_cache_comparison, overlap_comparison, robot_markdown
 
 # The stages both sides measure the same way (experts: the sum of the routed towers).
 COMPARED = ("preprocess", "base", "adapter_routing", "llm_routing", "experts", "text_encoder", "adapter_answer",
@@ -48,9 +49,11 @@ def _per_stage(timings: Mapping[str, float]) -> dict[str, float]:
 def latency_benchmark(bundle: str | Path, *, runs: int = 5, warmup: int = 1, images: Sequence[Any] | None = None,  # noqa: PLR0913 (an option each)
                       question: str | None = None, max_new_tokens: int = 16, options: Any = None,
                       experts: Sequence[str] | None = None, reference: bool = True, towers: bool = True,
-                      out_dir: str | Path | None = None, log: Log = quiet) -> dict[str, Any]:
+                      out_dir: str | Path | None = None, log: Log = quiet, robot_loop: bool = False
+                      ) -> dict[str, Any]:
     """Run the latency benchmark; returns the result and writes latency.{json,md,png} when out_dir is given.
-    options: runtime.RuntimeOptions for the bundle side."""
+    options: runtime.RuntimeOptions for the bundle side. Every measured request computes from the pixels (the
+    frame cache is dropped before each); robot_loop adds bench/robot.py's cache and overlap comparisons."""
 
     if runs < 1 or warmup < 0:
         raise RuntimeInputError(f"runs={runs}, warmup={warmup}; pass runs >= 1 and warmup >= 0")
@@ -76,6 +79,7 @@ def latency_benchmark(bundle: str | Path, *, runs: int = 5, warmup: int = 1, ima
         requests = []
         for i in range(runs):
             label, rgb, q = frames[i % len(frames)]
+            rt.frames.clear()
             ans = rt.ask(rgb, q, max_new_tokens, experts=experts)
             for k, v in _per_stage(ans.timings_ms).items():
                 per_stage.setdefault(k, []).append(v)
@@ -85,6 +89,10 @@ def latency_benchmark(bundle: str | Path, *, runs: int = 5, warmup: int = 1, ima
                              "total_ms": ans.timings_ms["total"]})
             log(f"run {i + 1}/{runs} {label}: experts {','.join(ans.experts) or 'none'}, "
                 f"{ans.timings_ms['total']:.0f} ms")
+        if robot_loop:
+            log("robot loop: three questions per frame with and without the frame cache; overlap on and off")
+            result["frame_cache"] = frame_cache_comparison(rt, frames, runs, max_new_tokens, experts)
+            result["overlap"] = overlap_comparison(rt, frames, runs, max_new_tokens, experts)
         result["runtime"] = rt.describe()
         result["bundle"]["title"] = run_title(result["bundle"], result["runtime"])
         result["stages"] = {k: stats(v) for k, v in per_stage.items()}
@@ -248,6 +256,7 @@ def latency_markdown(result: Mapping[str, Any]) -> str:
                  if "peak_rss_mib_after_reference" in mem else "")]
     if mem.get("gpu"):
         lines.append(f"GPU memory used (device-wide): {mem['gpu']['device_used_mib']:.0f} MiB")
+    lines += robot_markdown(result)
     return "\n".join(lines) + "\n"
 
 

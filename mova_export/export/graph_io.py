@@ -129,28 +129,53 @@ def _fmt(items: list[tuple]) -> str:
 
 
 def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str, np.ndarray]],
-                  tensors: Sequence[str], chunk: int = 48) -> dict[str, float]:
+                  tensors: Sequence[str], budget_bytes: int = 1 << 30, most: int = 48) -> dict[str, float]:
     """Mean rel L2 of each named intermediate tensor of `candidate` against the same tensor of `reference` over the
-    feeds (Q/DQ run as float math). Both graphs are probed `chunk` tensors at a time, so a large graph's activations
-    are never all in memory at once; a probe output is declared by name only and ONNX Runtime infers its type (fp32
-    in one graph, fp16 in its fp16 variant)."""
+    feeds (Q/DQ run as float math). Both graphs are probed a chunk of tensors at a time (at most `most`, about
+    `budget_bytes` of fp32 by their inferred shapes) and one feed at a time, so a large graph's activations are never
+    all in memory at once: Pix2Struct's 24x2025x2025 attention maps are 390 MB each. A probe output is declared by
+    name only and ONNX Runtime infers its type (fp32 in one graph, fp16 in its fp16 variant)."""
     import onnx
 
     sums: dict[str, float] = {t: 0.0 for t in tensors}
     with tempfile.TemporaryDirectory() as tmp:
-        for start in range(0, len(tensors), chunk):
-            names = list(tensors[start:start + chunk])
-            outs = {}
+        for names in _probe_chunks(reference, tensors, budget_bytes, most):
+            sessions = []
             for label, path in (("ref", reference), ("cand", candidate)):
                 probe = onnx.load(str(path))
                 present = {o.name for o in probe.graph.output}
                 probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in present)
                 save_model(probe, Path(tmp) / f"{label}.onnx")
                 del probe
-                session = OrtRunner(Path(tmp) / f"{label}.onnx", qdq="float").session
-                outs[label] = [session.run(names, dict(f)) for f in feeds]
-                del session
-            for ref_values, cand_values in zip(outs["ref"], outs["cand"]):
+                sessions.append(OrtRunner(Path(tmp) / f"{label}.onnx", qdq="float").session)
+            for feed in feeds:
+                ref_values = sessions[0].run(names, dict(feed))
+                cand_values = sessions[1].run(names, dict(feed))
                 for t, r, c in zip(names, ref_values, cand_values):
                     sums[t] += parity(r, np.asarray(c, np.float32)).rel_l2
+                del ref_values, cand_values
+            del sessions
     return {t: v / max(len(feeds), 1) for t, v in sums.items()}
+
+
+def _probe_chunks(model_path: Path, tensors: Sequence[str], budget_bytes: int, most: int) -> list[list[str]]:
+    """`tensors` in order, cut into chunks of at most `most` names and about `budget_bytes` of fp32 each by the
+    shapes ONNX shape inference gives them (a tensor of unknown shape counts as a quarter of the budget)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
+    sizes = {}
+    for value in (*model.graph.value_info, *model.graph.output):
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            sizes[value.name] = 4 * int(np.prod(dims))
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for t in tensors:
+        size = sizes.get(t, budget_bytes // 4)
+        if chunks[-1] and (used + size > budget_bytes or len(chunks[-1]) >= most):
+            chunks.append([])
+            used = 0
+        chunks[-1].append(t)
+        used += size
+    return [c for c in chunks if c]

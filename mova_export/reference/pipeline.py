@@ -65,7 +65,7 @@ class ReferenceVision:
         return self.modules[name]
 
     def _tensors(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        return [torch.from_numpy(np.array(a)) for a in arrays]   # a writable copy: frames may be read-only
 
     def preprocess(self, rgb: np.ndarray, kind: str) -> list[np.ndarray]:
         return preprocess_input(rgb, self.facts.image_inputs[kind], self.cfg)

@@ -12,12 +12,15 @@ submission) does the same with `cut="deadline"`; a request whose deadline passes
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any, Callable
+
+LOG = logging.getLogger(__name__)
 
 POLICIES = ("latest", "queue")
 
@@ -29,6 +32,7 @@ class AnswerFuture(Future):
         super().__init__()
         self.stream, self.policy, self.deadline = stream, policy, deadline
         self._stop = threading.Event()
+        self.answer_hooks: list[Callable[[Any], None]] = []   # run on the worker before the future resolves
 
     def cancel(self) -> bool:
         if super().cancel():
@@ -109,9 +113,16 @@ class RequestWorker:
                 continue
             self._current = future
             try:
-                future.set_result(job.run(future))
+                answer = job.run(future)
             except BaseException as exc:  # handed to the caller through the future
                 future.set_exception(exc)
+            else:
+                for hook in future.answer_hooks:
+                    try:
+                        hook(answer)
+                    except Exception:     # the app's handler failed; as Future does for its callbacks
+                        LOG.exception("on_answer handler of stream %r raised", future.stream)
+                future.set_result(answer)
             finally:
                 self._current = None
 
@@ -134,18 +145,18 @@ class RequestWorker:
 def callbacks(future: AnswerFuture, on_answer: Callable[[Any], None] | None,
               on_error: Callable[[BaseException], None] | None) -> None:
     """The callback form: on_answer(answer) for every answer (cut ones too), on_error(exception) for a failure and
-    for a request dropped or cancelled before it ran (a concurrent.futures.CancelledError)."""
+    for a request dropped or cancelled before it ran (a concurrent.futures.CancelledError). on_answer runs on the
+    worker before the future resolves: once `future.result()` returns, the answer's handler has run."""
     if on_answer is None and on_error is None:
         return
 
     def done(f: Future) -> None:
         try:
-            answer = f.result()
+            f.result()
         except (CancelledError, Exception) as exc:  # the app's handler decides
             if on_error is not None:
                 on_error(exc)
-            return
-        if on_answer is not None:
-            on_answer(answer)
 
+    if on_answer is not None:
+        future.answer_hooks.append(on_answer)
     future.add_done_callback(done)
