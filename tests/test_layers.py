@@ -15,6 +15,7 @@ LAYERS = {
     "core": 0,
     "runners": 1, "bundle": 1,
     "runtime": 2,
+    "robot": 2, "serve": 2, "ros2": 2,
     "source": 3, "source.config": 3, "source.llama3": 3, "source.photos": 3,
     "components": 4,
     "source.checkpoint": 5,
@@ -27,11 +28,16 @@ LAYERS = {
     "cli": 12,
 }
 RUNTIME_MAY_IMPORT = ("core", "runners", "bundle", "runtime")
+# the device side beyond the runtime: the robot loop and bag replay, the HTTP server, the ROS 2 node
+DEVICE_SIDE = ("robot", "serve", "ros2")
+BUILD_SIDE_ONLY = {"torch", "transformers", "onnx", "onnxscript", "onnxslim", "onnx_ir", "safetensors", "gguf",
+                   "modelopt", "skimage"}
 # third-party packages slow or absent on the device: an import of our own module that pulls one in at its top may
 # stay inside the function that needs it
 HEAVY = {"torch", "transformers", "onnx", "onnxscript", "onnxslim", "onnx_ir", "tensorrt", "tensorrt_rtx",
          "tensorrt_rtx_bindings", "llama_cpp", "skimage", "matplotlib", "gguf", "safetensors", "cuda", "modelopt",
-         "ml_dtypes", "sklearn", "scipy", "fastapi", "uvicorn", "rosbags", "model_signing"}
+         "ml_dtypes", "sklearn", "scipy", "fastapi", "uvicorn", "rosbags", "model_signing", "rclpy", "sensor_msgs",
+         "std_msgs", "launch", "prometheus_client", "starlette"}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
 LONG_MODULES = {
     "gguf/convert.py": "the GGUF writer and its Llama-3 vocabulary metadata, one format read in one place",
@@ -143,6 +149,18 @@ def test_the_device_runtime_reaches_only_the_torch_free_core():
     assert not wrong, "\n".join(wrong)
     heavy = [m for m in _modules() if m.startswith(RUNTIME_MAY_IMPORT) and _heavy(m)]
     assert not heavy, heavy
+
+
+def test_the_device_side_stays_off_the_build_side():
+    """robot/, serve/ and ros2/ run on the device next to the runtime: they reach only the runtime's layers and
+    each other, and never pull torch, transformers or the exporters in (directly or through a module of ours)."""
+    allowed = (*RUNTIME_MAY_IMPORT, *DEVICE_SIDE)
+    wrong = [f"{m}:{line} imports {t}" for m, imps in _imports().items() if m.startswith(DEVICE_SIDE)
+             for t, _, line in imps if not t.startswith(allowed)]
+    assert not wrong, "\n".join(wrong)
+    build = [f"{m} imports {sorted(_third_party_at_top(p) & BUILD_SIDE_ONLY)}" for m, p in _modules().items()
+             if m.startswith(DEVICE_SIDE) and _third_party_at_top(p) & BUILD_SIDE_ONLY]
+    assert not build, build
 
 
 def test_siblings_are_imported_at_the_top():

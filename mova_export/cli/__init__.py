@@ -14,6 +14,7 @@ import click
 from .. import __version__
 from ..core.qtypes import QTYPES
 from .common import console, one_line_errors, parse_components, parse_letters, resolve_image
+from .robot import replay
 from .run import bench, run
 
 DEFAULT_DEMO_DIR = Path("demo")
@@ -40,6 +41,7 @@ def main() -> None:
 
 main.add_command(run)
 main.add_command(bench)
+main.add_command(replay)
 
 
 @main.command()

@@ -131,12 +131,14 @@ def bench() -> None:
 @click.option("--experts", default=None, help="Force the routing, e.g. 'A,D', in every request.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference side (and the ratio column).")
 @click.option("--llm-threads", type=int, default=None, help=THREADS_HELP)
+@click.option("--robot-loop", is_flag=True, help="Also: three questions per frame with and without the frame cache, "
+              "and time to first token with and without the overlap thread.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
               help="Folder for latency.json, latency.md and latency.png.")
 @one_line_errors
 def latency(bundle: Path, runs: int, warmup: int, images: tuple[str, ...], question: str | None,
             max_new_tokens: int, backend: str, device: str, precision: str | None, llm_quant: str | None,
-            experts: str | None, no_reference: bool, llm_threads: int | None, out_dir: Path) -> None:
+            experts: str | None, no_reference: bool, llm_threads: int | None, robot_loop: bool, out_dir: Path) -> None:
     """Per-stage p50/p95 latency, decode tokens/s and peak memory, side by side with the PyTorch reference."""
     from ..bench import latency_benchmark
 
@@ -145,7 +147,7 @@ def latency(bundle: Path, runs: int, warmup: int, images: tuple[str, ...], quest
                                options=_options(device, backend, precision, llm_threads, llm_quant),
                                experts=[e.strip().upper() for e in experts.split(",") if e.strip()]
                                if experts is not None else None,
-                               reference=not no_reference, out_dir=out_dir, log=_log)
+                               reference=not no_reference, out_dir=out_dir, log=_log, robot_loop=robot_loop)
     click.echo(Path(result["files"]["markdown"]).read_text())
     click.echo(f"wrote {', '.join(result['files'].values())}")
 

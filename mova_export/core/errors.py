@@ -51,3 +51,7 @@ class CompileError(MoVAExportError):
 
 class BuildError(MoVAExportError):
     """The build cannot produce a usable bundle for this target (e.g. it would not fit its memory)."""
+
+
+class BagError(MoVAExportError):
+    """A ROS 2 bag is missing, truncated, not a bag, or lacks the topic asked for."""

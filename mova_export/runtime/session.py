@@ -72,7 +72,9 @@ class RuntimeOptions:
     llm_quant: str | None = None            # which shipped GGUF (default: the bundle's)
     verify: bool = True
     frame_cache_mib: float | None = None    # pixel-only results of recent frames (None: 3 frames' worth; 0: off)
-    overlap: bool = True                    # BERT during the routing generation, expert inputs ahead (a thread)
+    # BERT during the routing generation and expert inputs ahead, on a second thread. None: on with device="cuda"
+    # (its CPU work runs beside the GPU's graphs), off on a CPU, where both threads share the cores (2 cores: 0.92x)
+    overlap: bool | None = None
 
     def llm_settings(self, bundled: LLMSettings) -> LLMSettings:
         known = {f.name for f in fields(LLMSettings)}
@@ -127,7 +129,9 @@ class MoVARuntime:
         mib = options.frame_cache_mib
         capacity = FRAMES_BY_DEFAULT * frame_bytes(bundle.manifest.graphs.values()) if mib is None else mib * 2**20
         self.frames = FrameCache(int(capacity))
-        self._helper = ThreadPoolExecutor(1, thread_name_prefix="mova-overlap") if options.overlap else None
+        self._helper = ThreadPoolExecutor(1, thread_name_prefix="mova-overlap")   # its thread starts on first use
+        # settable: a benchmark compares both on one loaded runtime
+        self.overlap = options.device == "cuda" if options.overlap is None else bool(options.overlap)
         self._worker = RequestWorker(self._wait_idle)
 
     @classmethod
@@ -295,7 +299,7 @@ class MoVARuntime:
         else:
             state = self.frames.state(self._frame_pixels(image))[0]
         return Request(state.rgb, question, int(max_new_tokens), mask, keep_tensors, frame=state,
-                       helper=self._helper)
+                       helper=self._helper if self.overlap else None)
 
     def _wait_idle(self) -> None:
         with self._lock:
@@ -335,8 +339,7 @@ class MoVARuntime:
         with self._lock:
             self._closed = True
             self.frames.clear()
-            if self._helper is not None:
-                self._helper.shutdown()
+            self._helper.shutdown()
             self.vision.close()
             if self.llm is not None:
                 self.llm.close()
