@@ -27,23 +27,44 @@ def print_build(result: Any, console: Any) -> None:
     console.print(f"bundle: {result.bundle}  report: {result.bundle / 'report.md'}")
 
 
+def _build_with(recipe: Any) -> str:
+    """How a target's graphs are built, on two short lines: the TensorRT flavor and where / for what."""
+    if recipe.tensorrt is None:
+        return f"{recipe.runtime}\n"
+    from ..compile import default_flavor
+
+    flavor = default_flavor(recipe)
+    if recipe.device.jetpack:
+        return f"{flavor} {recipe.tensorrt.version}\nJetPack {recipe.device.jetpack}"
+    if flavor == "tensorrt-rtx":
+        return f"{flavor}\nSM{recipe.device.cc_str.replace('.', '')} ahead of time"
+    return f"{flavor} {recipe.tensorrt.version}\non the device"
+
+
 def recipes_table(recipes: Sequence[Any]) -> Any:
+    """One row per target, readable in 80 columns: device on a dim second line, the TensorRT flavor and what it
+    builds for, graph precisions, LLM quant and expert policy, the memory budget and the full-size MoVA-8B plan's
+    verdict (`mova-export plan --target T` has the figures)."""
     from rich import box
     from rich.table import Table
 
+    from ..pipeline.plan import full_params, plan_from_params
+
     table = Table(title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    # the target's device on a dim second line: narrow terminals (80 columns) keep every column readable
     width = max((len(r.name) for r in recipes), default=6)
-    for col in ("target / device", "cc", "runtime", "graphs", "LLM", "experts", "GiB"):
-        table.add_column(col, no_wrap=col in ("cc", "LLM", "GiB"), overflow="fold",
+    for col in ("target / device", "cc", "built with", "graphs", "LLM", "GiB", "8B"):
+        table.add_column(col, no_wrap=col != "target / device", overflow="fold",
                          min_width=width if col == "target / device" else None)
+    params = full_params()
     for r in recipes:
         counts: dict[str, int] = {}
         for p in r.precision.values():
             counts[p] = counts.get(p, 0) + 1
-        table.add_row(f"{r.name}\n[dim]{r.device.name}[/dim]", r.device.cc_str or "-", r.runtime,
-                      "\n".join(f"{n} {p}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1])),
-                      r.llm.quant, r.experts.policy,
-                      f"{r.memory.budget_mib / 1024:.1f}")
-    table.caption = "graphs: how many graphs at each precision; GiB: the recipe's memory budget"
+        verdict = plan_from_params(r, params).verdict
+        table.add_row(f"{r.name}\n[dim]{r.device.name.removeprefix('NVIDIA ')}[/dim]", r.device.cc_str or "-",
+                      _build_with(r), "\n".join(f"{n} {p}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1])),
+                      f"{r.llm.quant}\n{r.experts.policy}", f"{r.memory.budget_mib / 1024:.1f}",
+                      {"fits": "[green]fits[/green]", "warn": "[yellow]warn[/yellow]"}.get(verdict, "[red]no[/red]"))
+    table.caption = ("graphs: how many at each precision; LLM: GGUF quant, expert policy; GiB: memory budget; 8B: "
+                     "does the full-size MoVA-8B fit (mova-export plan --target T)")
     return table

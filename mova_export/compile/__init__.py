@@ -4,8 +4,10 @@ Modules (imports go one way, top to bottom; the flavor table - tensorrt-10, tens
 and the API facts behind it - is mova_export.core.tensorrt_flavors, which the device runtime reads too):
   graph     GraphInfo / inspect_graph: Q/DQ and float types of an ONNX graph (onnx only)
   settings  BuilderSettings (frozen) from recipe + component + graph + flavor; resolution against a module's enums
-  host      DeviceInfo / current_device, select_flavor, can_compile_here
-  metadata  EngineMetadata (<engine>.json) and the refusal of an engine that does not belong on this device
+  host      select_flavor, can_compile_here (DeviceInfo / current_device live in core.platforms: the runtime
+            reads them too); on a Jetson the JetPack it runs must be the recipe's (`--target NAME@jetpackX.Y`)
+  metadata  EngineMetadata (<engine>.json, with the platform it was built for) and the refusal of an engine that
+            does not belong on this device (core.platforms.check_platform)
   layers    LayerProfile: a parsed network's compute layers by output dtype (what strong typing will run in fp32)
   build     engine_from_onnx: the one TensorRT builder; timing cache per (GPU, flavor + version)
   parity    engine_parity: each engine against its ONNX graph on a GPU, "unverified" elsewhere

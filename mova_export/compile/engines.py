@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from ..bundle import link_or_copy, load_bundle, staged_dir, terminate_as_interrupt
 from ..bundle.files import FileTable, sha256_file
 from ..core.errors import CompileError
+from ..core.platforms import host_platform
 from ..core.progress import Log, quiet
 from ..export.calibration import read_feeds
 from ..recipe import Recipe
@@ -149,6 +150,7 @@ class _Compiler:
         self.log(f"{plan.graph}: {built.engine_bytes / 2**20:.1f} MiB in {built.seconds:.1f} s, "
                  f"{built.layers.fp32_share:.0%} of compute layers fp32, parity "
                  + (f"cosine {parity.cosine:.6f}" if parity.status == "verified" else f"unverified ({parity.reason})"))
+        jetpack = None if choice.ahead_of_time else self.device.jetpack
         meta = EngineMetadata(
             flavor=choice.flavor, tensorrt_version=choice.version, compute_capability=cc,
             gpu_name=None if choice.ahead_of_time else self.device.gpu_name, source_graph=plan.source_graph,
@@ -156,7 +158,9 @@ class _Compiler:
             dla_core=settings.dla_core, builder=settings.to_json(), recipe=self.recipe.name, compile_key=plan.key,
             engine_sha256=sha256_file(engine), engine_bytes=engine.stat().st_size, build_s=round(built.seconds, 2),
             created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), timing_cache=built.timing_cache,
-            layers=built.layers.to_json(), parity=parity.to_json())
+            layers=built.layers.to_json(), parity=parity.to_json(), cuda_major=self.device.cuda_major(choice.flavor),
+            jetpack=jetpack.version if jetpack else None, l4t=None if jetpack is None else self.device.l4t,
+            built_on=host_platform())
         write_engine_metadata(engine, meta)
         return meta
 
@@ -198,7 +202,8 @@ def _entry(rel_engine: str, meta: EngineMetadata) -> dict[str, Any]:
     return {"engine": rel_engine, "metadata": metadata_path(rel_engine).as_posix(), "precision": meta.precision,
             "flavor": meta.flavor, "tensorrt_version": meta.tensorrt_version,
             "compute_capability": meta.compute_capability, "dla_core": meta.dla_core,
-            "verified": meta.parity.get("status") == "verified", "parity": meta.parity}
+            "verified": meta.parity.get("status") == "verified", "parity": meta.parity, "recipe": meta.recipe,
+            "platform": meta.platform.to_json()}
 
 
 def compile_bundle(bundle_path: str | Path, recipe: Recipe, graphs: Sequence[str] | None = None, *,
@@ -216,6 +221,9 @@ def compile_bundle(bundle_path: str | Path, recipe: Recipe, graphs: Sequence[str
             link_or_copy(cache, tmp / cache.relative_to(bundle.path))
         files = FileTable(tmp, {rel: e for rel, e in manifest.files.items() if not rel.startswith(f"{ENGINE_DIR}/")})
         results = compile_engines(tmp, manifest, recipe, graphs, device=device, files=files, tools=tools, log=log)
+        if manifest.target is not None and manifest.target.get("recipe") != recipe.name:
+            log(f"the bundle now targets {recipe.name} (was {manifest.target.get('recipe')})")
+            manifest.target = {**manifest.target, "recipe": recipe.name, "jetpack": recipe.device.jetpack}
         manifest.write(tmp, files)
     return results
 

@@ -9,55 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
-from ..core.gpu import nvidia_smi
-from ..core.tensorrt_flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT, TRT10, installed_flavors
+from ..core.platforms import DeviceInfo, current_device, jetpack_target
+from ..core.tensorrt_flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT, TRT10
 from ..recipe import Recipe
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    gpu_name: str | None = None                      # None: no CUDA GPU found
-    compute_capability: str | None = None            # "8.7"
-    flavors: tuple[tuple[str, str], ...] = ()        # (flavor, version) of what imports here
-
-    @classmethod
-    def of(cls, gpu_name: str | None, compute_capability: str | None, flavors: Mapping[str, str]) -> "DeviceInfo":
-        return cls(gpu_name, compute_capability, tuple(sorted(flavors.items())))
-
-    def version(self, flavor: str) -> str | None:
-        return dict(self.flavors).get(flavor)
-
-
-def _gpu_from_cuda() -> tuple[str, str] | None:
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6 (e.g. JetPack's)
-        except ImportError:
-            return None
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count < 1:
-        return None
-    err, prop = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        return None
-    name = prop.name.decode() if isinstance(prop.name, bytes) else str(prop.name)
-    return name.rstrip("\x00"), f"{prop.major}.{prop.minor}"
-
-
-def _gpu_from_nvidia_smi() -> tuple[str, str] | None:
-
-    values = nvidia_smi(["name", "compute_cap"])
-    return (values[0], values[1]) if values else None
-
-
-def current_device() -> DeviceInfo:
-    """The installed TensorRT flavors and the first CUDA GPU (cuda-python, else nvidia-smi); None where absent."""
-    gpu = _gpu_from_cuda() or _gpu_from_nvidia_smi() or (None, None)
-    return DeviceInfo.of(gpu[0], gpu[1], installed_flavors())
+from .settings import default_flavor
 
 
 @dataclass(frozen=True)
@@ -68,17 +24,21 @@ class FlavorChoice:
 
 
 def _install_advice(recipe: Recipe) -> str:
-    if recipe.device.kind == "jetson":
-        return FLAVORS[TRT10].install
+    if recipe.device.kind == "jetson":   # the JetPack's TensorRT: 10.3 on 6.2, 10.13+ on 7.x
+        return FLAVORS[default_flavor(recipe)].install
     if recipe.device.cc_str in RTX_COMPUTE_CAPABILITIES:
         return f"{FLAVORS[RTX].install}, or {FLAVORS[TRT].install}"
     return FLAVORS[TRT].install
 
 
-def select_flavor(recipe: Recipe, device: DeviceInfo, command: str = "mova-export compile BUNDLE"
-                  ) -> tuple[FlavorChoice | None, str]:
-    """(the flavor that builds `recipe`'s engines on `device`, why) or (None, why not + what to install and run)."""
+def select_flavor(recipe: Recipe, device: DeviceInfo, command: str = "mova-export compile BUNDLE",
+                  bundle: str | Path = "BUNDLE") -> tuple[FlavorChoice | None, str]:
+    """(the flavor that builds `recipe`'s engines on `device`, why) or (None, why not + what to install and run).
+    A Jetson that reports its L4T release must run the JetPack the recipe names (`--target NAME@jetpackX.Y`)."""
     cc = recipe.device.cc_str
+    refused = _other_jetpack(recipe, device, command, bundle)
+    if refused:
+        return None, refused
     gpu_here = device.gpu_name is not None and device.compute_capability == cc
     for flavor in (TRT10, TRT):
         version = device.version(flavor)
@@ -86,7 +46,7 @@ def select_flavor(recipe: Recipe, device: DeviceInfo, command: str = "mova-expor
             return FlavorChoice(flavor, version, False), (f"TensorRT {version} and {device.gpu_name} ({cc}) match "
                                                           f"{recipe.name}")
     rtx = device.version(RTX)
-    if rtx is not None and recipe.device.kind == "dgpu" and cc in RTX_COMPUTE_CAPABILITIES:
+    if rtx is not None and recipe.device.kind != "jetson" and cc in RTX_COMPUTE_CAPABILITIES:
         return FlavorChoice(RTX, rtx, True), (f"TensorRT-RTX {rtx} builds for compute capability {cc} ahead of time "
                                               f"({recipe.device.name}); engines are specialised at their first run")
     where = f"on the {recipe.device.name} (copy the bundle there first)"
@@ -98,6 +58,23 @@ def select_flavor(recipe: Recipe, device: DeviceInfo, command: str = "mova-expor
     else:
         problem = "no TensorRT Python package is importable here"
     return None, f"{problem}: {_install_advice(recipe)}, then run `{command}` {where}"
+
+
+def _other_jetpack(recipe: Recipe, device: DeviceInfo, command: str, bundle: str | Path) -> str:
+    """Why a Jetson recipe cannot be compiled on this Jetson's JetPack ("" when it can, or the release is unknown)."""
+    wanted = recipe.device.jetpack
+    if recipe.device.kind != "jetson" or not wanted or device.l4t is None or device.compute_capability != \
+            recipe.device.cc_str:
+        return ""
+    here = device.jetpack
+    if here is not None and here.version == wanted:
+        return ""
+    if here is None:
+        return (f"this Jetson runs L4T {device.l4t}, not a JetPack mova-export targets; {recipe.name} assumes JetPack "
+                f"{wanted}: flash it and run `{command}`")
+    return (f"this Jetson runs JetPack {here.version} (L4T {device.l4t}) but {recipe.name} assumes JetPack {wanted}; "
+            f"compile for this JetPack: `mova-export compile {bundle} --target "
+            f"{jetpack_target(recipe.name, here.version)}`")
 
 
 @dataclass(frozen=True)
@@ -117,7 +94,7 @@ def can_compile_here(recipe: Recipe, bundle: str | Path = "BUNDLE", device: Devi
     if recipe.tensorrt is None:
         return CompileCheck(False, f"recipe {recipe.name} runs {recipe.runtime}: there are no TensorRT engines to "
                             "build; the ONNX graphs run as they are", "", device)
-    choice, reason = select_flavor(recipe, device, command)
+    choice, reason = select_flavor(recipe, device, command, bundle)
     return CompileCheck(choice is not None, reason, command, device, choice)
 
 

@@ -1,8 +1,10 @@
 """`<engine>.json`: what an engine was built with, from what, and how it compared with its graph; the refusal of an
 engine that does not belong on this device.
 
-Engines do not move between TensorRT flavors or versions; full-TensorRT engines are tuned for one GPU, TensorRT-RTX
-engines for one compute capability (any GPU of it: `gpu_name` is None) and specialised at first run.
+Engines do not move between TensorRT flavors or versions, CUDA majors or JetPack releases; full-TensorRT engines are
+tuned for one GPU, TensorRT-RTX engines for one compute capability (any GPU of it: `gpu_name` is None) and
+specialised at first run. The platform fields are core.platforms.EnginePlatform's (the runtime checks the same
+record from the manifest).
 """
 from __future__ import annotations
 
@@ -12,8 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..core.errors import BundleError
-from ..core.tensorrt_flavors import FLAVORS
-from .host import DeviceInfo
+from ..core.platforms import DeviceInfo, EnginePlatform, check_platform
 
 METADATA_SUFFIX = ".json"
 REQUIRED = ("flavor", "tensorrt_version", "compute_capability", "source_graph", "source_graph_sha256", "component",
@@ -41,6 +42,15 @@ class EngineMetadata:
     timing_cache: str = ""               # "" (none) | "loaded" | "new" | "mismatch: ..." (see build.py)
     layers: Mapping[str, Any] = field(default_factory=dict)      # layers.LayerProfile.to_json(), after parsing
     parity: Mapping[str, Any] = field(default_factory=dict)      # parity.EngineParity.to_json()
+    cuda_major: int | None = None        # the CUDA major the building TensorRT is built against
+    jetpack: str | None = None           # the JetPack line it was built on ("6.2"); None off a Jetson
+    l4t: str | None = None               # the Jetson Linux release it was built on ("36.4.3")
+    built_on: str = ""                   # OS and CPU of the machine that built it ("linux-x86_64")
+
+    @property
+    def platform(self) -> EnginePlatform:
+        return EnginePlatform(self.flavor, self.tensorrt_version, self.compute_capability, self.gpu_name,
+                              self.cuda_major, self.jetpack, self.l4t, self.built_on)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()}
@@ -77,27 +87,15 @@ def read_engine_metadata(engine_path: str | Path) -> EngineMetadata:
 
 def check_engine_metadata(meta: EngineMetadata, current: DeviceInfo, graph_sha256: str | None = None,
                           bundle: str | Path = "BUNDLE") -> None:
-    """Refuse an engine built with another flavor or version, for another compute capability or GPU, or from another
-    graph: one line naming both sides and the fix. `graph_sha256`: the bundle's current hash of the source graph."""
-    fix = f"run `mova-export compile {bundle}` with the TensorRT that runs it"
+    """Refuse an engine built for another platform (JetPack release, compute capability, flavor or version, CUDA
+    major, tuned GPU: core.platforms.check_platform) or from another graph: one line naming both sides and the
+    command that rebuilds it. `graph_sha256`: the bundle's current hash of the source graph."""
     what = f"engine for {meta.component} ({meta.precision})"
-    if meta.flavor not in FLAVORS:
-        raise BundleError(f"{what} names flavor {meta.flavor!r}, not one of {', '.join(FLAVORS)}; {fix}")
-    here = current.version(meta.flavor)
-    if here is None:
-        raise BundleError(f"{what} was built with {meta.flavor} {meta.tensorrt_version}, which is not importable "
-                          f"here; {FLAVORS[meta.flavor].install}, or run the ONNX graphs with ONNX Runtime")
-    checks = [(f"{meta.flavor} version", meta.tensorrt_version, here),
-              ("compute capability", meta.compute_capability, current.compute_capability or "none (no CUDA GPU)")]
-    if meta.gpu_name is not None:
-        checks.append(("GPU", meta.gpu_name, current.gpu_name or "no CUDA GPU"))
-    for label, built, found in checks:
-        if str(built) != str(found):
-            raise BundleError(f"{what} was built with {label} {built} but this device has {found}; engines do not "
-                              f"move between GPUs or TensorRT versions: {fix}")
+    check_platform(meta.platform, current, what, meta.recipe, bundle)
     if graph_sha256 is not None and graph_sha256 != meta.source_graph_sha256:
         raise BundleError(f"{what} was built from {meta.source_graph} with sha256 {meta.source_graph_sha256[:12]} "
-                          f"but the bundle's graph now has {graph_sha256[:12]}; the engine is stale: {fix}")
+                          f"but the bundle's graph now has {graph_sha256[:12]}; the engine is stale: run "
+                          f"`mova-export compile {bundle}` with the TensorRT that runs it")
 
 
 __all__ = ["EngineMetadata", "METADATA_SUFFIX", "check_engine_metadata", "metadata_path", "read_engine_metadata",

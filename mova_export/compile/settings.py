@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any, Mapping, Sequence
 
 from ..core.errors import CompileError, RecipeError
-from ..core.tensorrt_flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT10, has_fp8, sm_name
+from ..core.tensorrt_flavors import FLAVORS, RTX, RTX_COMPUTE_CAPABILITIES, TRT10, has_fp8, sm_name, tensorrt_flavor
 from ..recipe import Recipe, graph_components
 from .graph import GraphInfo
 
@@ -70,10 +70,11 @@ def graph_kind(graph: GraphInfo | None, precision: str) -> str:
 
 
 def default_flavor(recipe: Recipe) -> str:
-    """The flavor a target is built with when nothing else decides: JetPack's TensorRT 10 on a Jetson, TensorRT-RTX
-    ahead of time for a desktop GPU it covers, full TensorRT otherwise (e.g. Hopper)."""
+    """The flavor a target is built with when nothing else decides: on a Jetson the one of its JetPack's TensorRT
+    (JetPack 6.2: 10.3, tensorrt-10, weak typing allowed; JetPack 7.x: 10.13 / 10.16, tensorrt, strongly typed only),
+    TensorRT-RTX ahead of time for a GPU it covers (RTX cards, DGX Spark), full TensorRT otherwise (e.g. Hopper)."""
     if recipe.device.kind == "jetson":
-        return TRT10
+        return tensorrt_flavor(recipe.tensorrt.version) if recipe.tensorrt is not None else TRT10
     return RTX if recipe.device.cc_str in RTX_COMPUTE_CAPABILITIES else "tensorrt"
 
 

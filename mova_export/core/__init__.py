@@ -10,6 +10,8 @@ bert_inputs.py       the BERT text encoder's WordPiece inputs and length buckets
 image_inputs.py      image loading and every tower's numpy preprocessing
 qtypes.py            the GGUF quant types table
 tensorrt_flavors.py  the three TensorRT flavors as rows of a table
+jetpack.py           the JetPack releases (L4T, CUDA, TensorRT, DLA) and reading a Jetson's L4T release
+platforms.py         DeviceInfo / current_device, EnginePlatform and the refusal of an engine built for another one
 gpu.py               nvidia-smi queries
 progress.py          Console: progress bars and log lines; Log, quiet
 """

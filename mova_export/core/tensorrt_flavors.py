@@ -6,6 +6,9 @@
 | tensorrt     | tensorrt >= 10.12, 11.x      | strongly typed only            | the GPU it builds on  | timing cache  |
 | tensorrt-rtx | tensorrt_rtx / _rtx_bindings | strongly typed only            | a compute capability  | runtime cache |
 
+On a Jetson the JetPack decides the flavor (core/jetpack.py): JetPack 6.2 ships TensorRT 10.3 (tensorrt-10), JetPack
+7.x ships 10.13 / 10.16 (tensorrt). `installed_cuda_majors` reads the CUDA major a wheel is built against.
+
 API facts behind the rows (NVIDIA/TensorRT sources, python/src/infer/pyCore.cpp at tags v10.3.0 and v11.1, and
 the installed tensorrt_rtx_bindings 1.7.1.116):
   * BuilderFlag.FP16 / INT8 exist in 10.3; release/10.12 include/NvInfer.h marks them "Deprecated in TensorRT 10.12.
@@ -24,6 +27,7 @@ Everything here is pure Python except `import_flavor`, which imports a flavor's 
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Mapping
@@ -55,7 +59,8 @@ FLAVORS: dict[str, Flavor] = {f.name: f for f in (
                    "missing: sudo apt install python3-libnvinfer)"),
     Flavor(TRT, ("tensorrt",), weak_typing=False, strongly_typed_flag=True, ahead_of_time=False,
            timing_cache=True, runtime_cache=False,
-           install="pip install tensorrt (10.12+ or 11.x) on the GPU machine"),
+           install="pip install tensorrt (10.12+ or 11.x) on the GPU machine (on a Jetson, JetPack 7.x ships "
+                   "TensorRT 10.13+: sudo apt install python3-libnvinfer)"),
     Flavor(RTX, ("tensorrt_rtx", "tensorrt_rtx_bindings"), weak_typing=False, strongly_typed_flag=False,
            ahead_of_time=True, timing_cache=False, runtime_cache=True,
            install="pip install 'mova-export[tensorrt-rtx]' to build here for the target's compute capability"),
@@ -104,18 +109,51 @@ def import_flavor(name: str) -> ModuleType:
     raise CompileError(f"{name} is not importable here ({' or '.join(flavor.modules)}); {flavor.install}")
 
 
+_MODULES = (("tensorrt", tensorrt_flavor), ("tensorrt_rtx", lambda _: RTX), ("tensorrt_rtx_bindings", lambda _: RTX))
+
+
+def _installed() -> list[tuple[str, str, str]]:
+    """(module, flavor, version) of every TensorRT module that imports here."""
+    out = []
+    for module, flavor_of in _MODULES:
+        try:
+            version = str(importlib.import_module(module).__version__)
+            out.append((module, flavor_of(version), version))
+        except (ImportError, AttributeError, CompileError):
+            continue
+    return out
+
+
 def installed_flavors() -> Mapping[str, str]:
     """flavor -> version of what imports on this machine (lazy imports; empty where nothing TensorRT is installed)."""
     found: dict[str, str] = {}
-    for module, flavor_of in (("tensorrt", tensorrt_flavor), ("tensorrt_rtx", lambda _: RTX),
-                              ("tensorrt_rtx_bindings", lambda _: RTX)):
-        try:
-            version = str(importlib.import_module(module).__version__)
-            found.setdefault(flavor_of(version), version)
-        except (ImportError, AttributeError, CompileError):
-            continue
+    for _module, flavor, version in _installed():
+        found.setdefault(flavor, version)
     return found
 
 
-__all__ = ["FLAVORS", "FP8_MIN_CC", "Flavor", "RTX", "RTX_COMPUTE_CAPABILITIES", "TRT", "TRT10", "has_fp8",
-           "import_flavor", "installed_flavors", "parse_version", "sm_name", "tensorrt_flavor"]
+def cuda_major_of_distribution(name: str) -> int | None:
+    """"tensorrt_rtx_cu12_bindings" / "tensorrt-cu13" -> 12 / 13: the CUDA major a TensorRT wheel is built against
+    (its distribution name says it); None for a name without one (JetPack's apt package has no distribution)."""
+    m = re.search(r"[_-]cu(\d+)(?:[_-]|$)", name.lower())
+    return int(m.group(1)) if m else None
+
+
+def installed_cuda_majors() -> Mapping[str, int]:
+    """flavor -> the CUDA major its installed wheel is built against (from the wheel's distribution name; measured
+    here: tensorrt_rtx_bindings comes from tensorrt_rtx_cu12_bindings). A flavor installed without pip metadata
+    (JetPack's python3-libnvinfer) is absent: its CUDA is the JetPack's."""
+    from importlib.metadata import packages_distributions
+
+    dists = packages_distributions()
+    found: dict[str, int] = {}
+    for module, flavor, _version in _installed():
+        majors = [m for m in (cuda_major_of_distribution(d) for d in dists.get(module, ())) if m is not None]
+        if majors:
+            found.setdefault(flavor, majors[0])
+    return found
+
+
+__all__ = ["FLAVORS", "FP8_MIN_CC", "Flavor", "RTX", "RTX_COMPUTE_CAPABILITIES", "TRT", "TRT10",
+           "cuda_major_of_distribution", "has_fp8", "import_flavor", "installed_cuda_majors", "installed_flavors",
+           "parse_version", "sm_name", "tensorrt_flavor"]

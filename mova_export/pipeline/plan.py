@@ -15,6 +15,10 @@ Expert policy: `resident` loads all seven experts; `lazy` loads base + text enco
 `min(experts.max_loaded, 3)` experts, planned as the largest ones (the router may pick any K <= 3).
 Verdict: fits (peak <= 90 % of memory.budget_mib), warn (within the last 10 %), refuse (over); a refusal comes with
 a fix computed by re-planning with lazy experts and each smaller LLM quant.
+Memory kind (`memory_kind`): on unified memory (Jetson Orin and Thor, DGX Spark) the budget is one pool for the LLM,
+the engines, the process and what the OS keeps (device.memory_mib - budget_mib), so every layer of the LLM counts
+and a lazily loaded expert's file counts while it loads; on a discrete card (RTX, H100) it is the card's memory and
+only the LLM layers offloaded to it count.
 """
 from __future__ import annotations
 
@@ -121,9 +125,11 @@ class MemoryPlan:
     verdict: str                   # fits | warn | refuse
     message: str
     fix: str
+    memory: str = ""               # memory_kind(): unified memory | GPU memory | RAM
 
     def to_json(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "policy": self.policy, "llm_quant": self.llm_quant, "source": self.source,
+                "memory": self.memory,
                 "items": [vars(i) for i in self.items], "skipped_experts": list(self.skipped),
                 "budget_bytes": self.budget_bytes, "peak_bytes": self.peak_bytes,
                 "peak_gib": round(self.peak_bytes / GIB, 2), "budget_gib": round(self.budget_bytes / GIB, 2),
@@ -258,6 +264,7 @@ def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any
     if policy == "lazy":
         k = min(recipe.experts.max_loaded, MAX_ROUTED)
         loaded = sorted(experts, key=lambda e: weights[e][0], reverse=True)[:k]
+    skipped = tuple(e for e in experts if e not in loaded)
     items = [MemoryItem(c, "weights", weights[c][0], weights[c][1])
              for c in graph_components() if c not in experts or c in loaded]
     lb, ldetail = llm_bytes(quant)
@@ -273,27 +280,52 @@ def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any
                             f"ctx x {KV_BYTES} B"))
     items.append(MemoryItem("llm compute", "compute", shape.compute_bytes(ctx),
                             f"KQ {shape.heads} heads x {min(LLAMA_UBATCH, ctx)} x {ctx} + logits, fp32"))
-    running = [c for c in graph_components() if (c not in experts or c in loaded) and c in activations]
-    if running:
-        big = max(running, key=lambda c: activations[c][0] * activations[c][1])
-        t, w = activations[big]
-        items.append(MemoryItem("activations", "activations", t * w * ACTIVATION_FACTOR * 4,
-                                f"{big}: {t} tokens x {w} x {ACTIVATION_FACTOR} x 4 B"))
+    items += _transient_items(recipe, weights, activations, [c for c in graph_components() if c not in skipped],
+                              skipped)
     items.append(MemoryItem("runtime", "runtime", recipe.memory.runtime_overhead_mib * MIB,
                             "memory.runtime_overhead_mib"))
     peak = sum(i.bytes for i in items)
     budget = recipe.memory.budget_mib * MIB
     verdict = "fits" if peak <= WARN_FRACTION * budget else "warn" if peak <= budget else "refuse"
-    skipped = tuple(e for e in experts if e not in loaded)
-    what = (f"{recipe.name}: peak {_gib(peak)} of a {_gib(budget)} budget ({policy} experts, LLM {quant}, "
-            f"context {ctx})")
+    what = (f"{recipe.name}: peak {_gib(peak)} of a {_gib(budget)} budget of {memory_kind(recipe)} ({policy} "
+            f"experts, LLM {quant}, context {ctx})")
     message = {"fits": f"{what}: fits",
                "warn": f"{what}: fits with under 10 % headroom",
                "refuse": f"{what}: does not fit; it cannot hold {model} with {policy} experts"}[verdict]
     fix = ""
     if verdict != "fits" and with_fix:
         fix = _fix(recipe, weights, llm_bytes, shape, activations, source, policy, quant, verdict)
-    return MemoryPlan(recipe.name, policy, quant, source, tuple(items), skipped, budget, peak, verdict, message, fix)
+    return MemoryPlan(recipe.name, policy, quant, source, tuple(items), skipped, budget, peak, verdict, message, fix,
+                      memory_kind(recipe))
+
+
+def memory_kind(recipe: Recipe) -> str:
+    """What the budget is a budget of: "unified memory" where CPU and GPU share one pool (Jetson, DGX Spark: the
+    LLM, the engines, the process and the OS all count), "GPU memory" on a discrete card (host RAM is apart), "RAM"
+    on the cpu target."""
+    if recipe.device.kind == "cpu":
+        return "RAM"
+    return "unified memory" if recipe.device.unified_memory else "GPU memory"
+
+
+def _transient_items(recipe: Recipe, weights: Mapping[str, tuple[int, str]],
+                     activations: Mapping[str, tuple[int, int]], running: Sequence[str],
+                     skipped: Sequence[str]) -> list[MemoryItem]:
+    """Memory that is live only while a stage runs: the largest graph's activations (graphs run one at a time) and,
+    on unified memory with lazy experts, the file of the expert being loaded, which the runner reads into memory
+    before it deserialises the engine (on a discrete card that copy is in host RAM, outside the budget)."""
+    items = []
+    running = [c for c in running if c in activations]
+    if running:
+        big = max(running, key=lambda c: activations[c][0] * activations[c][1])
+        t, w = activations[big]
+        items.append(MemoryItem("activations", "activations", t * w * ACTIVATION_FACTOR * 4,
+                                f"{big}: {t} tokens x {w} x {ACTIVATION_FACTOR} x 4 B"))
+    if skipped and recipe.device.unified_memory:
+        big = max(skipped, key=lambda e: weights[e][0])
+        items.append(MemoryItem("expert load", "transient", weights[big][0],
+                                f"{big}'s file read while its graph loads (unified memory: the same pool)"))
+    return items
 
 
 def _fix(recipe: Recipe, weights: Any, llm_bytes: Any, shape: LLMShape, activations: Any, source: str,  # noqa: PLR0913 (plan inputs)
@@ -355,5 +387,5 @@ def render_plan(plan: MemoryPlan) -> "Table":
     return table
 
 
-__all__ = ["LLMShape", "MemoryItem", "MemoryPlan", "full_activations", "full_params", "plan_bundle",
+__all__ = ["LLMShape", "MemoryItem", "MemoryPlan", "full_activations", "full_params", "memory_kind", "plan_bundle",
            "plan_from_config", "plan_from_manifest", "plan_from_params", "render_plan"]

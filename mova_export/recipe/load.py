@@ -3,6 +3,12 @@ naming the field path (`precision.expert_A`) and the file. Hardware rules checke
   * FP8 needs compute capability >= 8.9 (Ada, Hopper and newer); Orin (8.7) and Ampere (8.6) never have it.
   * DLA exists only on Jetson AGX Orin and Orin NX (2 cores); the Orin Nano has none; DLA runs int8/fp16 only.
   * the `cpu` runtime (ONNX Runtime CPU) has no TensorRT section, no fp8 and no GPU layers.
+  * a Jetson names its JetPack (`device.jetpack`, default 6.2): the JetPack must support the module (7.0 / 7.1 are
+    Thor only), `tensorrt.version` follows from it, and JetPack 7.x's TensorRT has no DLA (core/jetpack.py).
+
+`--target NAME@jetpackX.Y` loads a Jetson recipe for another JetPack (`jetson-orin@jetpack7.2`): one Orin recipe per
+module, not one per JetPack. The recipe keeps its precisions; its TensorRT version (so its flavor) follows the
+JetPack, and DLA components run on the GPU where that JetPack's TensorRT has no DLA.
 
 Where the YAML files live: the top-level `recipes/` folder is the source of truth. `recipe_dirs()` finds it next to
 the package (a source checkout or an editable install), then a packaged copy under `mova_export/data/recipes/` (the
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..core.errors import RecipeError
+from ..core.jetpack import JETPACKS, jetpack_line, jetpacks_for
 from ..core.spec import PRECISIONS
 from ..core.tolerance import Tolerance
 from .hardware import ALIASES, FP8_MIN_CC, KNOWN_GPUS
@@ -40,6 +47,7 @@ from .schema import (
     graph_components,
     llm_quants,
 )
+from .targets import DEFAULT_JETPACK, split_target, with_jetpack
 
 
 def recipe_dirs() -> list[Path]:
@@ -64,8 +72,9 @@ def list_recipes() -> list[str]:
 
 
 def resolve_target(name_or_path: str | Path) -> Path:
-    """A recipe name, an alias (`jetson-orin`) or a path to a YAML file -> the YAML file."""
-    text = str(name_or_path)
+    """A recipe name, an alias (`jetson-orin`) or a path to a YAML file -> the YAML file (a `@jetpackX.Y` choice is
+    ignored here: load_recipe applies it)."""
+    text = split_target(name_or_path)[0]
     path = Path(text)
     if path.suffix in (".yaml", ".yml") or "/" in text or path.is_file():
         if not path.is_file():
@@ -91,7 +100,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path} is not valid YAML{where}; fix the syntax") from None
-    return parse_recipe(raw, source=str(path))
+    jetpack = split_target(name_or_path)[1]
+    chosen = raw if jetpack is None else with_jetpack(raw, jetpack, str(name_or_path), str(path))
+    same = chosen == raw   # no JetPack named, or the recipe's own: the recipe as it is
+    return parse_recipe(chosen, source=str(path) if same else f"{path} as --target {name_or_path}")
 
 
 class _Reader:
@@ -108,6 +120,7 @@ class _Reader:
         return f"{self.path}.{key}" if self.path else key
 
     def fail(self, field: str, problem: str) -> None:
+        field = repr(field)[1:-1][:120]     # a key from the YAML: printable, on one line
         raise RecipeError(f"{self.source}: {field} {problem}")
 
     def has(self, key: str) -> bool:
@@ -164,20 +177,8 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     description = top.get("description", str, "")
     runtime = top.get("runtime", str, choices=RUNTIMES)
 
-    d = top.sub("device")
-    kind = d.get("kind", str, choices=DEVICE_KINDS)
-    gpu_name = d.get("name", str)
-    cc = _compute_capability(d, "compute_capability") if kind != "cpu" else None
-    if kind == "cpu" and d.has("compute_capability"):
-        d.get("compute_capability", (str, float, int))
-        d.fail(d.field("compute_capability"), "is set on a cpu device; remove it")
-    device = Device(kind, gpu_name, cc, d.get("memory_mib", int, lo=256),
-                    d.get("unified_memory", bool, kind == "jetson"))
-    d.done()
-    known = KNOWN_GPUS.get(gpu_name)
-    if known is not None and cc != known["cc"]:
-        d.fail(d.field("compute_capability"), f"is {device.cc_str} but a {gpu_name} has "
-               f"{'%d.%d' % known['cc']}; fix the value")
+    device = _device(top)
+    known = KNOWN_GPUS.get(device.name)
 
     trt = _tensorrt(top, runtime, device, known)
     precision = _precision(top, runtime, trt, source)
@@ -225,6 +226,52 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
                   source)
 
 
+def _device(top: _Reader) -> Device:
+    d = top.sub("device")
+    kind = d.get("kind", str, choices=DEVICE_KINDS)
+    gpu_name = d.get("name", str)
+    cc = _compute_capability(d, "compute_capability") if kind != "cpu" else None
+    if kind == "cpu" and d.has("compute_capability"):
+        d.get("compute_capability", (str, float, int))
+        d.fail(d.field("compute_capability"), "is set on a cpu device; remove it")
+    jetpack = None
+    if kind == "jetson":
+        jetpack = jetpack_line(str(d.get("jetpack", (str, float), DEFAULT_JETPACK)))
+        cc_str = "%d.%d" % cc if cc else ""
+        if jetpack not in JETPACKS:
+            d.fail(d.field("jetpack"), f"is {jetpack!r}; use one of {', '.join(JETPACKS)}")
+        elif cc_str not in JETPACKS[jetpack].compute_capabilities:
+            d.fail(d.field("jetpack"), f"is {jetpack} but JetPack {jetpack} does not support {gpu_name} (compute "
+                   f"capability {cc_str}); use {' or '.join(jetpacks_for(cc_str)) or 'a JetPack that does'}")
+    elif d.has("jetpack"):
+        d.get("jetpack", (str, float))
+        d.fail(d.field("jetpack"), f"is set on a {kind} device; JetPack is a Jetson's: remove it")
+    device = Device(kind, gpu_name, cc, d.get("memory_mib", int, lo=256),
+                    d.get("unified_memory", bool, kind in ("jetson", "igpu")), jetpack)
+    d.done()
+    known = KNOWN_GPUS.get(gpu_name)
+    if known is not None and cc != known["cc"]:
+        d.fail(d.field("compute_capability"), f"is {device.cc_str} but a {gpu_name} has "
+               f"{'%d.%d' % known['cc']}; fix the value")
+    return device
+
+
+def _tensorrt_version(t: _Reader, device: Device) -> str:
+    """tensorrt.version: 10.x or 11.x; on a Jetson it follows from device.jetpack (stating it is allowed only when it
+    agrees)."""
+    jetpack = JETPACKS.get(device.jetpack or "")
+    if jetpack is not None and not t.has("version"):
+        t.get("version", (str, float), None)
+        return jetpack.tensorrt
+    version = str(t.get("version", (str, float)))
+    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) not in (10, 11):
+        t.fail(t.field("version"), f"is {version!r}; mova-export builds with TensorRT 10.x or 11.x (e.g. \"10.3\")")
+    if jetpack is not None and version != jetpack.tensorrt:
+        t.fail(t.field("version"), f"is {version} but JetPack {jetpack.version} ships TensorRT {jetpack.tensorrt}; "
+               "remove tensorrt.version (it follows from device.jetpack)")
+    return version
+
+
 def _tensorrt(top: _Reader, runtime: str, device: Device, known: Mapping[str, Any] | None) -> TensorRTOptions | None:
     t = top.sub("tensorrt", required=runtime == "tensorrt")
     if runtime != "tensorrt":
@@ -233,9 +280,7 @@ def _tensorrt(top: _Reader, runtime: str, device: Device, known: Mapping[str, An
         return None
     if device.kind == "cpu":
         top.fail("runtime", "is tensorrt on a cpu device; use runtime: onnxruntime-cpu")
-    version = str(t.get("version", (str, float)))
-    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) != 10:
-        t.fail(t.field("version"), f"is {version!r}; mova-export builds with TensorRT 10.x (e.g. \"10.3\")")
+    version = _tensorrt_version(t, device)
     fp8 = t.get("fp8", bool)
     if fp8 and (device.compute_capability or (0, 0)) < FP8_MIN_CC:
         t.fail(t.field("fp8"), f"is true but {device.name} (compute capability {device.cc_str}) has no FP8; FP8 "
@@ -265,6 +310,10 @@ def _tensorrt(top: _Reader, runtime: str, device: Device, known: Mapping[str, An
         if comps and not dla_cores:
             dr.fail(dr.field("components"), f"lists {', '.join(comps)} but {device.name} has no DLA "
                     "(tensorrt.dla_cores is 0); empty the list")
+        jetpack = JETPACKS.get(device.jetpack or "")
+        if comps and jetpack is not None and not jetpack.dla:
+            dr.fail(dr.field("components"), f"lists {', '.join(comps)} but JetPack {jetpack.version}'s TensorRT "
+                    f"{jetpack.tensorrt} has no DLA (TensorRT 10.7 was the last 10.x with it); empty the list")
         core = dr.get("core", int, DLAOptions.core, lo=0, hi=1)
         if comps and core >= dla_cores:
             dr.fail(dr.field("core"), f"is {core} but the device has {dla_cores} DLA core(s); use 0..{dla_cores - 1}")

@@ -7,11 +7,14 @@ from typing import Any, Mapping
 
 from ..components import all_specs, expert_specs
 from ..core.errors import RecipeError
+from ..core.jetpack import JETPACKS, jetpacks_for
 from ..core.qtypes import QTYPES
 from ..core.tolerance import Tolerance
 
 RUNTIMES = ("tensorrt", "onnxruntime-cpu")
-DEVICE_KINDS = ("jetson", "dgpu", "cpu")
+# jetson: a Tegra module running JetPack (unified memory); dgpu: a discrete card with its own memory; igpu: a desktop
+# SoC whose GPU shares the CPU's memory without JetPack (DGX Spark's GB10); cpu: no GPU at all.
+DEVICE_KINDS = ("jetson", "dgpu", "igpu", "cpu")
 EXPERT_POLICIES = ("resident", "lazy")
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 QUANT_BACKENDS = ("auto", "onnxruntime", "modelopt")
@@ -39,11 +42,12 @@ def llm_quants() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Device:
-    kind: str                           # jetson | dgpu | cpu
+    kind: str                           # jetson | dgpu | igpu | cpu
     name: str                           # GPU name as the driver reports it ("CPU" for the cpu recipe)
     compute_capability: tuple[int, int] | None
     memory_mib: int                     # physical memory the plan is measured against (unified on Jetson)
     unified_memory: bool
+    jetpack: str | None = None          # Jetson only: the JetPack line assumed ("6.2"); its TensorRT decides the flavor
 
     @property
     def cc_str(self) -> str:
@@ -127,6 +131,24 @@ class Recipe:
 
     def on_dla(self, component: str) -> bool:
         return self.tensorrt is not None and component in self.tensorrt.dla.components
+
+    @property
+    def base_name(self) -> str:
+        """The recipe file's name without a `@jetpackX.Y` choice: "jetson-orin-agx-64gb"."""
+        return self.name.split("@")[0]
+
+    @property
+    def platform_note(self) -> str:
+        """What a Jetson target assumes, in one line ("" elsewhere): "JetPack 6.2 assumed (L4T 36.4.3, CUDA 12.6,
+        TensorRT 10.3); other JetPacks: --target jetson-orin-agx-64gb@jetpack7.2"."""
+        jetpack = JETPACKS.get(self.device.jetpack or "")
+        if self.device.kind != "jetson" or jetpack is None:
+            return ""
+        others = [v for v in jetpacks_for(self.device.cc_str) if v != jetpack.version]
+        tail = f"; other JetPacks: {', '.join(f'--target {self.base_name}@jetpack{v}' for v in others)}" if others \
+            else ""
+        return (f"JetPack {jetpack.version} assumed (L4T {jetpack.l4t[0]}, CUDA {jetpack.cuda}, TensorRT "
+                f"{jetpack.tensorrt}){tail}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)

@@ -4,7 +4,8 @@ TensorRT and cuda-python for a TensorRTRunner, torch for a TorchRunner's first f
 
 base.py      the Runner protocol, check_feed
 ort.py       OrtRunner (qdq="fused" | "float"), runs_in_ort
-tensorrt.py  TensorRTRunner, tensorrt_available
+tensorrt.py  TensorRTRunner (buffers allocated once, outputs left on the device), DeviceChain, engine_runner,
+             tensorrt_available
 pytorch.py   TorchRunner (the build side's reference)
 compare.py   compare_runners -> core.tolerance.ParityReport
 """

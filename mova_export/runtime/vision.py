@@ -4,8 +4,10 @@ Per graph: a precision (the manifest's runtime defaults, overridable) and a back
 
   onnxruntime  the graph of that precision (CPU, or the CUDA EP for device="cuda"; a fallback to CPU is recorded
                in `fallbacks`)
-  tensorrt     the engine in the manifest's `engines` (compiled for the device); graphs without one run in ONNX
-               Runtime (recorded in `fallbacks`)
+  tensorrt     the engine in the manifest's `engines` (compiled for the device; its recorded platform is checked
+               against this one first: runners.tensorrt.engine_runner); graphs without one run in ONNX Runtime
+               (recorded in `fallbacks`). Engines hand their outputs on the device to the next engine
+               (runners.tensorrt.DeviceChain): base -> routing / slot adapter, routed experts -> slot adapter.
   auto         tensorrt where the manifest says so, engines exist and a TensorRT flavor imports; else onnxruntime
 
 The adapter runs as three graphs (components/adapter.py): the routing form (base only) for the routing pass, the
@@ -31,7 +33,7 @@ from ..core.errors import BundleError, RuntimeInputError
 from ..core.image_inputs import preprocess_input
 from ..core.slots import fill_slots, routed_experts
 from ..runners.ort import OrtRunner
-from ..runners.tensorrt import TensorRTRunner, tensorrt_available
+from ..runners.tensorrt import DeviceChain, TensorRTRunner, engine_runner, tensorrt_available
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 EXPERT_POLICIES = ("resident", "lazy")
@@ -100,6 +102,7 @@ class BundleVision:
         self._expert_lru: OrderedDict[str, None] = OrderedDict()
         self._tokenizer = BertTextTokenizer.from_folder(bundle.tokenizer_dir("text"), error=BundleError)
         self._zeros: dict[str, np.ndarray] = {}   # reused zero feeds of unrouted experts (dense adapter)
+        self._chain = DeviceChain()                 # TensorRT outputs still on the device, for the next engine
 
     @staticmethod
     def _input(graph: GraphEntry, name: str) -> Any:
@@ -138,7 +141,7 @@ class BundleVision:
         label = f"{name}.{precision}"
         engines = self.bundle.manifest.engines
         if self.backends[name] == "tensorrt":
-            return TensorRTRunner(self.bundle.path / engines[name]["engine"], name=label)
+            return engine_runner(self.bundle.path, engines[name], label)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             runner = OrtRunner(self.bundle.graph_path(name, precision), device=self.device, name=label,
@@ -171,18 +174,22 @@ class BundleVision:
     def unload(self, component: str) -> None:
         """Drop one expert's runner (its session and weights); it is re-created on next use."""
         graph = self.expert_graphs.get(component)
-        if graph is not None:
-            self._runners.pop(graph.name, None)
+        runner = self._runners.pop(graph.name, None) if graph is not None else None
+        if isinstance(runner, TensorRTRunner):   # its device buffers now, not when the device chain lets go of it
+            runner.close()
         self._expert_lru.pop(component, None)
         gc.collect()
 
     def unload_adapter_fallback(self) -> None:
         """Drop the dense adapter graph's runner (created by a mask with more than num_slots experts)."""
         if self.fallback_graph is not None:
-            self._runners.pop(self.fallback_graph.name, None)
+            runner = self._runners.pop(self.fallback_graph.name, None)
+            if isinstance(runner, TensorRTRunner):
+                runner.close()
             gc.collect()
 
     def close(self) -> None:
+        self._chain.clear()
         self._runners.clear()
         self._expert_lru.clear()
         gc.collect()
@@ -197,8 +204,12 @@ class BundleVision:
 
     # ---- VisionRunners ---------------------------------------------------------------------------------------------
     def _run(self, graph: GraphEntry, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        runner = self.runner(graph.name)
+        if isinstance(runner, TensorRTRunner):   # arrays an engine returned are read where they still are, on the GPU
+            out = self._chain.run(runner, {t.name: a for t, a in zip(graph.inputs, arrays)})
+            return [out[t.name] for t in graph.outputs]
         feed = {t.name: np.ascontiguousarray(a, dtype=t.dtype) for t, a in zip(graph.inputs, arrays)}
-        out = self.runner(graph.name).infer(feed)
+        out = runner.infer(feed)
         return [out[t.name] for t in graph.outputs]
 
     def preprocess(self, rgb: np.ndarray, kind: str) -> list[np.ndarray]:
@@ -236,6 +247,10 @@ class BundleVision:
             return self.adapter_routing(base)[0]
         if form == "slots" or (form == "auto" and len(routed) <= self.num_slots):
             slots = fill_slots(mask, experts, self.num_slots, self.expert_channels, int(base.shape[1]))
+            runner = self.runner(self.answer_graph.name)
+            if isinstance(runner, TensorRTRunner):   # the routed experts' features copied into the slots on the GPU
+                slots["slot_features"] = self._chain.slots(runner, "slot_features", slots["slot_features"],
+                                                           [experts[j] for j in routed])
             arrays = [base if t.name == "base" else text if t.name == "text_features" else slots[t.name]
                       for t in self.answer_graph.inputs]
             return self._run(self.answer_graph, arrays)[0]
