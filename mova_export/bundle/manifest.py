@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,12 +29,16 @@ from ..core.spec import (
     TensorSpec,
 )
 from .files import FileTable, sha256_file
+from .paths import check_contained, inside
 
 FORMAT = "mova-export-bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 BUILD_LOG = "build.log"     # appended to until the build ends, so not hashed
-ARTIFACT_DIRS = ("graphs", "llm", "engines", "checks")  # every file under these must be in the file table
+SIGNATURE = "bundle.sig"    # the bundle's signature (bundle/signing.py): it covers every other file, manifest included
+# every file under these must be in the file table (the runtime reads from them)
+ARTIFACT_DIRS = ("graphs", "llm", "engines", "checks", "tokenizer")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _from(cls: type, raw: Mapping[str, Any]) -> Any:
@@ -194,13 +199,16 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any], source: str = MANIFEST) -> "Manifest":
+        if not isinstance(raw, Mapping):
+            raise BundleError(f"{source} holds a JSON {type(raw).__name__}, not an object; it is not a {FORMAT} "
+                              "manifest: rebuild the bundle")
         if raw.get("format") != FORMAT:
             raise BundleError(f"{source} is not a {FORMAT} manifest")
         if raw.get("format_version") != FORMAT_VERSION:
             raise BundleError(f"{source} has format version {raw.get('format_version')}; this mova-export reads "
                               f"version {FORMAT_VERSION}: rebuild the bundle with `mova-export build`")
         try:
-            return cls(
+            manifest = cls(
                 model=ModelFacts.from_json(raw["model"]), config=dict(raw["config"]),
                 graphs={n: GraphEntry.from_json(g) for n, g in raw["graphs"].items()},
                 tokenizers=dict(raw["tokenizers"]), source_checkpoint=dict(raw.get("source_checkpoint") or {}),
@@ -213,14 +221,18 @@ class Manifest:
                 runtime=_from(RuntimeDefaults, raw.get("runtime") or {}), quantize=dict(raw.get("quantize") or {}),
                 stages=dict(raw.get("stages") or {}), memory_plan=raw.get("memory_plan"), report=raw.get("report"),
                 files=dict(raw.get("files") or {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{source} is malformed ({type(exc).__name__}: {exc}); rebuild the bundle") from None
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+            detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise BundleError(f"{source} is malformed ({type(exc).__name__}: {detail}); rebuild the bundle") from None
+        _check_file_table(manifest.files, source)
+        _check_path_fields(manifest, source)
+        return manifest
 
     def write(self, root: Path, files: "FileTable | None" = None) -> None:
         """Write manifest.json through a temp file (atomic). The file table is `files` with every file under root it
         lacks added (files it holds are not hashed again), or, without one, a fresh scan of root."""
         table = files if files is not None else FileTable(root)
-        self.files = table.scan(skip=(MANIFEST, BUILD_LOG)).entries
+        self.files = table.scan(skip=(MANIFEST, BUILD_LOG, SIGNATURE)).entries
         tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         os.replace(tmp, root / MANIFEST)
@@ -251,35 +263,79 @@ class Bundle:
         return m.llms[qtype]
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read manifest.json and (by default) check every listed file's size and sha256; refuse any mismatch, missing
-    file or unlisted artifact, naming the file."""
+def _check_file_table(files: Mapping[str, Any], source: str) -> None:
+    """Every entry of the file table is {"sha256": 64 hex digits, "bytes": a size}."""
+    for rel, meta in files.items():
+        ok = (isinstance(meta, Mapping) and isinstance(meta.get("sha256"), str) and _SHA256.fullmatch(meta["sha256"])
+              and isinstance(meta.get("bytes"), int) and not isinstance(meta["bytes"], bool) and meta["bytes"] >= 0)
+        if not ok:
+            raise BundleError(f"{source}: file table entry {str(rel)[:200]!r} is {repr(meta)[:80]}, not "
+                              '{"sha256": ..., "bytes": ...}; the manifest was edited or damaged: rebuild the bundle')
+
+
+def _check_path_fields(m: Manifest, source: str) -> None:
+    """The fields that name files have the shapes the loader walks (the JSON could hold anything there)."""
+    def bad(field: str, value: Any, want: str) -> None:
+        raise BundleError(f"{source}: {repr(field)[1:-1][:120]} is {repr(value)[:60]}, not {want}; the manifest was "
+                          "edited or damaged: rebuild the bundle")
+
+    for name, graph in m.graphs.items():
+        for precision, variant in graph.variants.items():
+            if not isinstance(variant.files, list):
+                bad(f"graphs.{name}.variants.{precision}.files", variant.files, "a list of paths")
+    for which, entry in m.tokenizers.items():
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("files", []), list):
+            bad(f"tokenizers.{which}", entry, '{"dir": ..., "files": [...]}')
+    for name, entry in m.engines.items():
+        if not isinstance(entry, Mapping):
+            bad(f"engines.{name}", entry, '{"engine": ..., "metadata": ...}')
+    if m.report is not None and not isinstance(m.report, Mapping):
+        bad("report", m.report, '{"json": ..., "markdown": ...}')
+
+
+def load_bundle(path: str | Path, verify: bool = True, hashed: Mapping[str, str] | None = None) -> Bundle:
+    """Read manifest.json, refuse any path it names that leaves the bundle (always), and (by default) check every
+    listed file's size and sha256; refuse any mismatch, missing file or unlisted artifact, naming the file.
+
+    hashed: {bundle-relative path: sha256} already computed from the files (a verified signature's digests): a file
+    whose manifest sha256 equals it is not hashed again."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"bundle folder {path} does not exist; create one with `mova-export build`")
     if not manifest_path.is_file():
         raise BundleError(f"{path} has no {MANIFEST}; it is not a mova-export bundle (or the build was interrupted)")
+    inside(path, MANIFEST, "manifest")        # manifest.json itself may not be a symlink out of the bundle
     try:
         raw = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); rebuild the bundle") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise BundleError(f"{manifest_path} is not valid JSON ({detail}); rebuild the bundle") from None
+    except OSError as exc:
+        raise BundleError(f"{manifest_path} cannot be read ({exc.strerror or exc}); check the bundle's "
+                          "permissions") from None
     manifest = Manifest.from_json(raw, source=str(manifest_path))
     if verify:
-        verify_files(path, manifest)
+        verify_files(path, manifest, hashed)
+    else:
+        check_contained(path, manifest)
     return Bundle(path, manifest)
 
 
-def verify_files(path: Path, manifest: Manifest) -> None:
+def verify_files(path: Path, manifest: Manifest, hashed: Mapping[str, str] | None = None) -> None:
+    """Containment first (nothing outside the bundle is read), then every listed file's size and sha256 (`hashed`:
+    see load_bundle), then no artifact the table does not list."""
     files = manifest.files
+    check_contained(path, manifest)
     for rel, meta in files.items():
         f = path / rel
         if not f.is_file():
-            raise BundleError(f"bundle {path}: file {rel} listed in the manifest is missing")
+            raise BundleError(f"bundle {path}: file {rel} listed in the manifest is missing; copy the whole "
+                              "bundle again (or rebuild it)")
         if f.stat().st_size != meta["bytes"]:
             raise BundleError(f"bundle {path}: file {rel} has {f.stat().st_size} bytes, the manifest says "
                               f"{meta['bytes']}; it is truncated or modified: rebuild the bundle")
-        if sha256_file(f) != meta["sha256"]:
+        if (hashed or {}).get(rel) != meta["sha256"] and sha256_file(f) != meta["sha256"]:
             raise BundleError(f"bundle {path}: file {rel} does not match its sha256 in the manifest; it was "
                               "modified or corrupted: rebuild the bundle")
     for graph in manifest.graphs.values():

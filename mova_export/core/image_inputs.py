@@ -35,6 +35,7 @@ Upstream then casts everything to bf16 on the GPU; these arrays are fp32, the ex
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
@@ -46,6 +47,11 @@ from .errors import ComponentError, RuntimeInputError
 
 PATCH_SIDE = 14          # side None: image_feat_size * 14 pixels (672), the CLIP / DINOv2 input
 PIX2STRUCT_PATCH = 16
+# The most pixels a picture may have, checked from the file's header before it is decoded (and for arrays and PIL
+# images): 8192 x 8192 = 67.1 megapixels, 192 MiB as RGB. Far above any camera frame MoVA needs (its largest input
+# is 1024 x 1024), below Pillow's own decompression-bomb threshold (89.5 megapixels), so a 30000 x 30000 PNG of a
+# few kilobytes is refused in microseconds instead of asking for 2.5 GiB.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 class PreprocessConfig(Protocol):
@@ -118,17 +124,39 @@ def load_image(image: Any) -> np.ndarray:
         if not path.is_file():
             raise RuntimeInputError(f"image file {path} does not exist; pass the path of a JPEG/PNG picture")
         try:
-            with Image.open(path) as pil:
-                return np.asarray(pil.convert("RGB"), dtype=np.uint8).copy()
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            with warnings.catch_warnings():   # Pillow warns above its own limit; ours (below it) refuses first
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as pil:     # reads the header only
+                    check_pixels(pil.width, pil.height, str(path))
+                    return np.asarray(pil.convert("RGB"), dtype=np.uint8).copy()
+        except Image.DecompressionBombError as exc:   # Pillow's own check, in open(), past twice its limit
+            size = "".join(c for c in str(exc).split(" pixels")[0] if c.isdigit())
+            raise RuntimeInputError(f"{path} is {int(size or 0) / 1e6:.1f} megapixels, above the limit of "
+                                    f"{_limit()}; downscale it (MoVA's largest input is 1024x1024)") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
             raise RuntimeInputError(f"{path} is not an image PIL can read ({type(exc).__name__}); pass a JPEG/PNG "
                                     "picture") from None
     if isinstance(image, Image.Image):
+        check_pixels(image.width, image.height, "the PIL image")
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     if isinstance(image, np.ndarray):
+        if image.ndim >= 2:
+            check_pixels(image.shape[1], image.shape[0], "the image array")
         return _rgb_array(image)
     raise RuntimeInputError(f"cannot read an image from a {type(image).__name__}; pass a file path, a PIL image or "
                             "a numpy HxWx3 uint8 array")
+
+
+def _limit() -> str:
+    side = math.isqrt(MAX_IMAGE_PIXELS)
+    return f"{MAX_IMAGE_PIXELS / 1e6:.1f} megapixels" + (f" ({side}x{side})" if side * side == MAX_IMAGE_PIXELS else "")
+
+
+def check_pixels(width: int, height: int, what: str) -> None:
+    """RuntimeInputError when a picture has more than MAX_IMAGE_PIXELS pixels (before anything is decoded)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise RuntimeInputError(f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit "
+                                f"of {_limit()}; downscale it (MoVA's largest input is 1024x1024)")
 
 
 def _rgb_array(a: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 to pipeline.build / export_bundle instead of a dozen keyword arguments."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import BuildError
@@ -27,6 +27,8 @@ class BuildRequest:
     overwrite: bool = False                     # export only: replace a non-empty --out
     full_sweep: bool | None = None              # the adapter's parity over every mask (None: at tiny scale)
     quiet: bool = False
+    sign_key: Path | None = None                # sign the finished bundle with this EC private key (PEM)
+    sign_password: bytes | None = field(default=None, repr=False)   # the key's password, if it is encrypted
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", Path(self.checkpoint))

@@ -1,6 +1,7 @@
 """The unit protocol every stage shares: a stage declares the settings it consumes and the units it reads; the unit's
 key is a hash of exactly those (plus the stage's name and version), so a key cannot drift from behaviour. `run_unit`
-finds a finished unit by that key or produces it (disk check, atomic write, record): once, here, for every stage.
+finds a finished unit by that key or produces it (lock, disk check, atomic write, record): once, here, for every
+stage.
 """
 from __future__ import annotations
 
@@ -137,12 +138,15 @@ def run_unit(ctx: BuildContext, stage: Stage, item: Any, **detail: Any) -> UnitO
     name = stage.unit_name(item)
     key = unit_key(stage, ctx, item)
     unit, reused = ctx.find(stage.name, name, key)
+    if not reused:
+        with unit.lock(ctx.console.line):       # one producer per unit across builds on this work folder
+            reused = ctx.reuse and unit.done and not unit.changed_files()   # another build finished it meanwhile
+            if not reused:
+                ctx.work.require_free(stage.bytes_needed(ctx, item), f"{stage.name} {name}")
+                with unit.produce() as tmp:
+                    data = stage.produce(ctx, item, tmp)
+                    write_unit(tmp, data)
     if reused:
         data = unit.read()
-    else:
-        ctx.work.require_free(stage.bytes_needed(ctx, item), f"{stage.name} {name}")
-        with unit.produce() as tmp:
-            data = stage.produce(ctx, item, tmp)
-            write_unit(tmp, data)
     ctx.record(stage.name, name, key, reused, start, **detail)
     return UnitOutput(unit.path, data, key, reused)

@@ -2,6 +2,10 @@
 
     <work>/<stage>/<name>/<key>/          a finished unit: its files and unit.json (what it produced)
     <work>/<stage>/<name>/<key>.partial-<pid>/   a unit being produced (renamed into place when it finishes)
+    <work>/<stage>/<name>/<key>.lock      held while the unit is produced: two builds on one work folder (two
+                                          terminals, two CI jobs) never produce one unit at once; the second waits,
+                                          then reuses it. An OS lock (flock): a killed build's lock is released with
+                                          its process, so it never blocks the next build
 
 A unit's key hashes exactly what its output depends on (checkpoint fingerprint, calibration set, the recipe fields of
 that component, the keys of the units it reads), so a change to one component's precision redoes that component's
@@ -19,7 +23,9 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
+
+from filelock import FileLock, Timeout
 
 from ..bundle.staging import PARTIAL_MARK
 from ..core.errors import BuildError
@@ -69,6 +75,23 @@ class Unit:
             return [STAMP_FILE]
         now = _stamps(self.path)
         return sorted(rel for rel in set(recorded) | set(now) if recorded.get(rel) != now.get(rel))
+
+    @contextmanager
+    def lock(self, waiting: Callable[[str], None] = lambda message: None) -> Iterator[None]:
+        """Hold the unit's lock file (filelock: flock on POSIX, released by the OS when the holder dies). When another
+        build holds it, `waiting` is told once and this waits until that build has finished the unit or died."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.path.with_name(f"{self.key}.lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            waiting(f"{self.stage} {self.name}: another build is producing this unit; waiting for it "
+                    f"({lock.lock_file})")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def read(self) -> dict[str, Any]:
         try:

@@ -319,12 +319,14 @@ def _read_weight_map(path: Path) -> tuple[str, str, dict[str, str]]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError, UnicodeDecodeError, RecursionError) as exc:
                 raise CheckpointError(f"{index} is not a shard index ({_first_line(exc)}); re-download it (it maps "
                                       "each key to its shard under 'weight_map')") from None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has an empty 'weight_map'; re-download the index")
-            return fmt, index_name, {str(k): str(v) for k, v in weight_map.items()}
+            weight_map = {str(k): str(v) for k, v in weight_map.items()}
+            _check_names(index, weight_map)
+            return fmt, index_name, weight_map
     for fmt, file_name in SINGLE_FILES.items():
         if (path / file_name).is_file():
             try:
@@ -340,6 +342,19 @@ def _read_weight_map(path: Path) -> tuple[str, str, dict[str, str]]:
                               "index json that maps keys to shards")
     raise CheckpointError(f"no weights in {path}: expected {INDEX_FILES['bin']} (+ shards), "
                           f"{INDEX_FILES['safetensors']} (+ shards), {SINGLE_FILES['bin']} or {SINGLE_FILES['safetensors']}")
+
+
+def _check_names(index: Path, weight_map: dict[str, str]) -> None:
+    """Keys and shard names are printable, and each shard is a file name in the checkpoint folder itself (an index
+    is outside input: `../x` or `/etc/x` would make the loader open a file elsewhere)."""
+    for key, shard in weight_map.items():
+        bad = next((text for text in (key, shard) if any(ord(c) < 0x20 or c == "\x7f" for c in text)), None)
+        if bad is not None:
+            raise CheckpointError(f"{index} holds a name with control characters ({bad[:80]!r}); re-download the "
+                                  "index")
+        if shard in ("", ".", "..") or "/" in shard or "\\" in shard or len(shard.encode("utf-8", "replace")) > 255:
+            raise CheckpointError(f"{index} maps key {key[:120]!r} to {shard[:120]!r}, which is not a file name in the "
+                                  "checkpoint folder; re-download the index")
 
 
 # ---- describe --------------------------------------------------------------------------------------------------------

@@ -31,6 +31,41 @@ LLM_FIELDS = (
     "eos_token_id", "tie_word_embeddings", "rope_scaling", "head_dim", "hidden_act",
 )
 
+# config.json is outside input: the type of every field read from it (sizes are positive integers)
+_POSITIVE = ("mm_hidden_size", "image_feat_size", "num_projector_layers", "num_routing_tokens", "pix2struct_max_patches",
+             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "head_dim")
+_TYPES: dict[str, tuple[type, ...]] = {
+    "mm_vision_select_layer": (int,), "topk_experts": (int,), "topk": (int,), "mm_vision_select_feature": (str,),
+    "image_aspect_ratio": (str,), "mm_projector_type": (str,), "hidden_act": (str,), "mm_use_im_start_end": (bool,),
+    "tokenizer_adds_bos": (bool,), "tie_word_embeddings": (bool,), "rope_theta": (int, float),
+    "rms_norm_eps": (int, float), "rope_scaling": (dict, type(None)), "mm_projector_text_encoder": (str, type(None)),
+    "bos_token_id": (int, type(None)), "eos_token_id": (int, list, type(None)), "mova_export": (dict,),
+    "expert_channels": (list,)}
+
+
+def _check_types(raw: Mapping[str, Any], source: str) -> None:
+    """ConfigError naming the first field of config.json whose value has the wrong type (or is not a positive size)."""
+    for name, value in raw.items():
+        kinds = (int,) if name in _POSITIVE else _TYPES.get(name)
+        if kinds is None:
+            continue
+        wrong = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+        if not wrong and name in _POSITIVE:
+            wrong = value < 1
+        if not wrong and name == "expert_channels":
+            wrong = not value or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value)
+        if wrong:
+            want = ("a positive integer" if name in _POSITIVE else "a list of positive channel counts"
+                    if name == "expert_channels" else " or ".join(k.__name__ for k in kinds))
+            raise ConfigError(f"{source}: {name}={repr(value)[:60]} must be {want}; fix config.json or re-download it")
+    ours = raw.get("mova_export", {})
+    if not isinstance(ours.get("scale", "full"), str) or not isinstance(ours.get("arch", {}), dict) or not all(
+            isinstance(v, dict) for v in ours.get("arch", {}).values()):
+        raise ConfigError(f"{source}: mova_export must be {{scale: str, arch: {{component: {{field: value}}}}}}; "
+                          "rewrite the checkpoint with `mova-export synth`")
+
+
 FULL_LLM: dict[str, Any] = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -92,6 +127,9 @@ class MoVAConfig:
     # ---- (de)serialisation ---------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config.json") -> "MoVAConfig":
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source} holds a JSON {type(raw).__name__}, not an object; re-download config.json")
+        _check_types(raw, source)
         if raw.get("mm_projector_type", "mov_adapter") != "mov_adapter":
             raise ConfigError(f"{source}: mm_projector_type={raw['mm_projector_type']!r}; mova-export only "
                               "handles MoVA checkpoints (mm_projector_type 'mov_adapter')")
@@ -135,6 +173,8 @@ class MoVAConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-download it") from None
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise ConfigError(f"{path} is not valid JSON ({type(exc).__name__}); re-download it") from None
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

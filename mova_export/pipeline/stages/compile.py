@@ -49,7 +49,7 @@ def compile_stage(ctx: BuildContext, root: Path, recipe: "Recipe", manifest: "Ma
         metas = compile_engines(root, manifest, recipe, device=check.device, files=files, log=log)
     for name, (unit, reused, rel) in units.items():
         if not reused:
-            with unit.produce() as tmp:
+            with unit.lock(ctx.console.line), unit.produce() as tmp:   # one writer per unit across builds
                 for f in (rel, metadata_path(rel).as_posix()):
                     link_or_copy(root / f, tmp / Path(f).name)
                 write_unit(tmp, manifest.engines[name])
