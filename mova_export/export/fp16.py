@@ -102,7 +102,9 @@ def fp16_sensitivity(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.nda
     nodes = [n for n in full.graph.node if n.op_type in REPAIR_OPS and n.name not in blocked and n.output
              and n.output[0] in in_both]
     tensors = list(dict.fromkeys(t for n in nodes for t in (*n.input, n.output[0]) if t in in_both))
-    errors = tensor_errors(fp32, fp16, feeds, tensors)   # graph inputs and weights: 0 (fed / stored as they are)
+    # one sample ranks the nodes (a full-size Pix2Struct probe is ~1 min per chunk per sample); graph inputs and
+    # weights are 0 (fed / stored as they are)
+    errors = tensor_errors(fp32, fp16, feeds[:1], tensors, budget_bytes=2 << 30)
     ranking = [(n.name, errors[n.output[0]] - max((errors.get(t, 0.0) for t in n.input), default=0.0))
                for n in nodes]
     return sorted(ranking, key=lambda item: -item[1])
