@@ -16,6 +16,8 @@ from ..core.qtypes import QTYPES
 from .common import console, one_line_errors, parse_components, parse_letters, resolve_image
 from .robot import replay
 from .run import bench, run
+from .serve import serve
+from .trust import KEY_PASSWORD_HELP, key_password, sign, verify
 
 DEFAULT_DEMO_DIR = Path("demo")
 WORK_DIR_HELP = "Work folder of finished build units (default ~/.cache/mova-export/work); shared by every build."
@@ -35,6 +37,8 @@ def main() -> None:
       mova-export bench parity bundle                     # routing / answers / per-graph cosine vs PyTorch
       mova-export bench latency bundle                    # p50/p95 per stage, TTFT, tokens/s, memory
       mova-export compile bundle                          # on the device: TensorRT engines
+      mova-export serve bundle --port 8000                # OpenAI-compatible endpoint (/v1/chat/completions)
+      mova-export replay BAG --bundle bundle --question Q # a ROS 2 bag through the robot loop
       mova-export demo                                    # synth + build + runtime vs reference
     """
 
@@ -42,6 +46,9 @@ def main() -> None:
 main.add_command(run)
 main.add_command(bench)
 main.add_command(replay)
+main.add_command(sign)
+main.add_command(verify)
+main.add_command(serve)
 
 
 @main.command()
@@ -66,12 +73,15 @@ def synth(scale: str, out_dir: Path, seed: int, fmt: str, overwrite: bool) -> No
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of a bundle's files.")
+@click.option("--trusted-key", type=click.Path(path_type=Path), default=None,
+              help="Also check the bundle's signature with this PEM public key (or root CA certificate).")
 @one_line_errors
-def inspect(path: Path, as_json: bool, no_verify: bool) -> None:
-    """Describe a checkpoint or a bundle: components, parameter counts, dtypes, shapes, parity, engines, size."""
+def inspect(path: Path, as_json: bool, no_verify: bool, trusted_key: Path | None) -> None:
+    """Describe a checkpoint or a bundle: components, parameter counts, dtypes, shapes, parity, engines, size, and
+    who signed it (and whether the signature verifies, given --trusted-key)."""
     from .inspect import describe_path, render_description
 
-    info = describe_path(path, verify=not no_verify)
+    info = describe_path(path, verify=not no_verify, trusted_key=trusted_key)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:
@@ -173,21 +183,30 @@ def gguf(checkpoint: Path, out_file: Path | None, bundle_dir: Path | None, qtype
 @click.option("--also-llm", "also_llm", multiple=True,
               type=click.Choice(list(QTYPES)), help="Also ship the LLM as this GGUF type (repeat).")
 @click.option("--quiet", is_flag=True, help="No progress output (errors only); the bundle's build.log has it all.")
+@click.option("--sign-key", type=click.Path(path_type=Path), default=None,
+              help="Sign the bundle with this EC private key (PEM) as the last step (see `mova-export sign`).")
+@click.option("--sign-key-password-file", type=click.Path(path_type=Path), default=None, help=KEY_PASSWORD_HELP)
 @one_line_errors
 def build(target: str, checkpoint: Path, out_dir: Path, calib: Path | None, components: str | None,
           work_dir: Path | None, no_reuse: bool, no_compile: bool, allow_over_budget: bool,
-          also_precisions: tuple[str, ...], also_llm: tuple[str, ...], quiet: bool) -> None:
-    """Checkpoint -> device bundle: export, calibrate/quantize, GGUF, plan, compile (where possible), report."""
+          also_precisions: tuple[str, ...], also_llm: tuple[str, ...], quiet: bool, sign_key: Path | None,
+          sign_key_password_file: Path | None) -> None:
+    """Checkpoint -> device bundle: export, calibrate/quantize, GGUF, plan, compile (where possible), report, and
+    with --sign-key a signature over every file."""
     from ..pipeline import BuildRequest
     from ..pipeline import build as build_bundle
     from .render import print_build
 
+    password = key_password(sign_key, sign_key_password_file) if sign_key is not None else None
     result = build_bundle(BuildRequest(checkpoint=checkpoint, target=target, out=out_dir, calib=calib,
                                        components=parse_components(components), reuse=not no_reuse,
                                        compile=not no_compile, allow_over_budget=allow_over_budget, work_dir=work_dir,
-                                       quiet=quiet, also_precisions=also_precisions, also_llm=also_llm))
+                                       quiet=quiet, also_precisions=also_precisions, also_llm=also_llm,
+                                       sign_key=sign_key, sign_password=password))
     if not quiet:
         print_build(result, console())
+    if result.signature is not None:
+        click.echo(f"signed {out_dir} ({len(result.signature.files)} files) by {result.signature.signer}")
 
 
 @main.command()
@@ -206,7 +225,8 @@ def clean(work_dir: Path | None, partials: bool) -> None:
 
 @main.command(name="compile")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--target", default=None, help="Recipe (default: the one the bundle was built for).")
+@click.option("--target", default=None, help="Recipe (default: the one the bundle was built for); a Jetson on another "
+              "JetPack: NAME@jetpackX.Y, e.g. jetson-orin@jetpack7.2.")
 @click.option("--components", default=None, help="Comma-separated subset (default: every graph).")
 @one_line_errors
 def compile_cmd(bundle: Path, target: str | None, components: str | None) -> None:
@@ -221,15 +241,20 @@ def compile_cmd(bundle: Path, target: str | None, components: str | None) -> Non
     if not name:
         raise CompileError(f"bundle {bundle} records no target; pass --target (see `mova-export recipes`)")
     recipe = load_recipe(name)
+    if recipe.platform_note:            # `--target jetson-orin` says which JetPack it assumed
+        click.echo(f"{recipe.name}: {recipe.platform_note}", err=True)
     check = can_compile_here(recipe, bundle)
     if not check.ok:
         raise CompileError(check.reason)
-    engines = compile_bundle(bundle, recipe, parse_components(components), log=lambda m: click.echo(m, err=True))
+    click.echo(f"on {check.device.describe()}: {check.reason}", err=True)
+    engines = compile_bundle(bundle, recipe, parse_components(components), device=check.device,
+                             log=lambda m: click.echo(m, err=True))
     click.echo(f"compiled {len(engines)} engine(s) into {bundle / 'engines'}")
 
 
 @main.command()
-@click.option("--target", required=True, help="Recipe name, alias or YAML path.")
+@click.option("--target", required=True, help="Recipe name, alias or YAML path (a Jetson on another JetPack: "
+              "NAME@jetpackX.Y).")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
               help="Plan from this bundle's real file sizes (default: the full-size MoVA-8B parameter counts).")
 @click.option("--policy", type=click.Choice(["resident", "lazy"]), default=None, help="Override the expert policy.")
@@ -249,9 +274,11 @@ def plan(target: str, bundle_dir: Path | None, policy: str | None, llm_quant: st
 
         result = plan_from_config(recipe, synthetic_config("full"), policy=policy, llm_quant=llm_quant)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(json.dumps({**result.to_json(), "platform": recipe.platform_note or None}, indent=2))
     else:
         console().print(render_plan(result))
+        if recipe.platform_note:        # a Jetson target says which JetPack it assumed
+            console().print(f"{recipe.name}: {recipe.platform_note}")
     if result.verdict == "refuse":
         sys.exit(1)
 
@@ -268,8 +295,10 @@ def recipes(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({r.name: r.to_dict() for r in loaded}, indent=2))
         return
-    console().print(recipes_table(loaded))
-    click.echo("aliases: " + ", ".join(f"{a} -> {t}" for a, t in sorted(ALIASES.items())))
+    out = console()
+    out.print(recipes_table(loaded))
+    out.print("aliases: " + ", ".join(f"{a} -> {t}" for a, t in sorted(ALIASES.items())), soft_wrap=False)
+    out.print("a Jetson on another JetPack: --target NAME@jetpackX.Y (e.g. jetson-orin@jetpack7.2)")
 
 
 @main.command()

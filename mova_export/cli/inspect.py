@@ -5,13 +5,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import MoVAExportError
+from ..core.errors import MoVAExportError, SignatureError
 
 
-def describe_path(path: str | Path, verify: bool = True) -> dict[str, Any]:
+def describe_path(path: str | Path, verify: bool = True, trusted_key: str | Path | None = None) -> dict[str, Any]:
     path = Path(path)
     if (path / "manifest.json").is_file():
-        return describe_bundle(path, verify)
+        return describe_bundle(path, verify, trusted_key)
     if (path / "config.json").is_file():
         from ..source.checkpoint import describe
 
@@ -22,12 +22,13 @@ def describe_path(path: str | Path, verify: bool = True) -> dict[str, Any]:
     raise MoVAExportError(f"{path} holds neither config.json (checkpoint) nor manifest.json (bundle); pass one of those")
 
 
-def describe_bundle(path: str | Path, verify: bool = True) -> dict[str, Any]:
+def describe_bundle(path: str | Path, verify: bool = True, trusted_key: str | Path | None = None) -> dict[str, Any]:
     """What `mova-export inspect BUNDLE` shows: one row per graph variant (quantized ones included), the LLMs, the
-    engines with their flavor and whether their parity was checked on a GPU."""
+    engines with their flavor and whether their parity was checked on a GPU, and who signed it."""
     from ..bundle import load_bundle
 
     bundle = load_bundle(path, verify=verify)
+    signature = describe_signature(bundle.path, trusted_key)
     m = bundle.manifest
     graphs = []
     for name, g in m.graphs.items():
@@ -49,20 +50,62 @@ def describe_bundle(path: str | Path, verify: bool = True) -> dict[str, Any]:
             "llms": {q: e.to_json() for q, e in (m.llms or ({m.llm.qtype: m.llm} if m.llm else {})).items()},
             "default_llm": m.llm.qtype if m.llm else None, "experts": list(m.model.letters),
             "text_buckets": list(m.model.text_buckets), "tools": m.tools, "source_checkpoint": m.source_checkpoint,
-            "total_bytes": sum(f["bytes"] for f in m.files.values()), "num_files": len(m.files)}
+            "total_bytes": sum(f["bytes"] for f in m.files.values()), "num_files": len(m.files),
+            "signature": signature}
+
+
+def describe_signature(root: Path, trusted_key: str | Path | None) -> dict[str, Any] | None:
+    """Who signed the bundle and whether it verifies: None when unsigned; `verified` is None without a trusted key
+    (the signature is then only read), else True, or False with the one-line `problem`."""
+    from ..bundle.signing import read_signature, verify_bundle
+
+    try:
+        claimed = read_signature(root)
+    except SignatureError as exc:
+        return {"signer": None, "verified": False, "problem": str(exc)}
+    if claimed is None:
+        if trusted_key is None:
+            return None
+        return {"signer": None, "verified": False, "problem": f"the bundle is not signed; sign it with `mova-export "
+                                                              f"sign {root} --key KEY`"}
+    info = {**claimed.to_json(), "problem": None}
+    if trusted_key is not None:
+        try:
+            info.update(verify_bundle(root, trusted_key).to_json())
+        except SignatureError as exc:
+            info.update(verified=False, trusted=str(trusted_key), problem=str(exc))
+    return info
 
 
 def _engine_figures(root: Path, entry: dict[str, Any]) -> dict[str, Any]:
-    """Size, build seconds and fp32 share of the compute layers, from the engine's metadata file (hashed with the
-    bundle, so it is the one the engine was built with)."""
+    """Size, build seconds, fp32 share of the compute layers and the platform it was built for (JetPack, compute
+    capability, TensorRT, CUDA major: core.platforms.EnginePlatform), from the engine's metadata file (hashed with
+    the bundle, so it is the one the engine was built with)."""
+    from ..core.platforms import EnginePlatform
+
     meta_file = Path(root) / str(entry.get("metadata") or f"{entry.get('engine')}.json")
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError):
-        return {"bytes": None, "build_s": None, "fp32_layer_share": None}
+        meta = {}
     layers = meta.get("layers") or {}
     share = layers["fp32"] / layers["compute_layers"] if layers.get("compute_layers") else None
-    return {"bytes": meta.get("engine_bytes"), "build_s": meta.get("build_s"), "fp32_layer_share": share}
+    platform = EnginePlatform.from_json({**entry, **(entry.get("platform") or {}), **meta})
+    return {"bytes": meta.get("engine_bytes"), "build_s": meta.get("build_s"), "fp32_layer_share": share,
+            "platform": {**platform.to_json(), "describe": platform.describe()}}
+
+
+def _signature_line(sig: dict[str, Any] | None) -> str:
+    if sig is None:
+        return "signature: none (unsigned; `mova-export sign BUNDLE --key KEY` signs it)"
+    if sig.get("signer") is None:
+        return f"signature: {sig['problem']}"
+    head = f"signature: signed by {sig['signer']} ({sig['kind']}, {sig['files']} files)"
+    if sig["verified"] is None:
+        return head + "; not checked (pass --trusted-key PUBLIC.pem to verify it)"
+    if sig["verified"]:
+        return head + f"; verifies with {sig['trusted']}"
+    return head + f"; DOES NOT VERIFY with {sig['trusted']}: {sig['problem']}"
 
 
 def _human_bytes(n: float) -> str:
@@ -120,11 +163,11 @@ def render_description(info: dict[str, Any], console: Any) -> None:
         if info["engines"]:
             flavors = sorted({f"{e['flavor']} {e['tensorrt_version']}" for e in info["engines"]})
             engines = Table(title=f"TensorRT engines ({', '.join(flavors)}): engines/<graph>.<precision>.engine",
-                            title_justify="left", box=box.SIMPLE_HEAD,
+                            title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                             caption="fp32 layers: share of the compute layers TensorRT runs in fp32; verified: "
                                     "checked against the ONNX graph on a GPU", caption_justify="left")
             for col in ("graph", "precision", "cc", "size", "build s", "fp32 layers", "verified"):
-                engines.add_column(col, no_wrap=True, min_width=len(col),
+                engines.add_column(col, no_wrap=True, min_width=4 if col == "cc" else len(col),   # "12.0"
                                    justify="left" if col in ("graph", "precision") else "right")
             for e in info["engines"]:
                 engines.add_row(e["graph"], str(e["precision"]), str(e["compute_capability"]),
@@ -132,7 +175,15 @@ def render_description(info: dict[str, Any], console: Any) -> None:
                                 "-" if e["fp32_layer_share"] is None else f"{100 * e['fp32_layer_share']:.0f}%",
                                 "yes" if e["verified"] else "no")
             console.print(engines)
+            built_for: dict[str, int] = {}
+            for e in info["engines"]:
+                where = e["platform"]["describe"] + (f" (built on {e['platform']['built_on']})"
+                                                     if e["platform"].get("built_on") else "")
+                built_for[where] = built_for.get(where, 0) + 1
+            for where, count in built_for.items():
+                console.print(f"engines built for {where}: {count}")
         console.print(f"experts {', '.join(info['experts'])}; text length buckets {info['text_buckets']}")
+        console.print(_signature_line(info.get("signature")), markup=False)
         return
 
     cfg = info["config"]

@@ -40,7 +40,8 @@ def _questions(questions: tuple[str, ...], questions_file: Path | None) -> list[
 @one_line_errors
 def replay(bag: Path, bundle: Path, image_topic: str, questions: tuple[str, ...], questions_file: Path | None,  # noqa: PLR0913 (click: an option each)
            every: int | None, rate_hz: float | None, out_dir: Path, max_new_tokens: int, overwrite: bool,
-           backend: str, device: str, precision: str | None, llm_quant: str | None, llm_threads: int | None) -> None:
+           backend: str, device: str, precision: str | None, llm_quant: str | None, trusted_key: Path | None,
+           llm_threads: int | None) -> None:
     """Answer questions about the frames of a ROS 2 bag (MCAP or sqlite3), as the ROS 2 node would live."""
     try:
         from ..robot.loop import Pacer
@@ -54,7 +55,8 @@ def replay(bag: Path, bundle: Path, image_topic: str, questions: tuple[str, ...]
     pacer = Pacer(every, rate_hz)
     prepare_out(out_dir, overwrite)
     open_bag(bag).close()              # a bad bag fails before the bundle loads
-    with MoVARuntime.from_bundle(bundle, _options(device, backend, precision, llm_threads, llm_quant)) as rt:
+    with MoVARuntime.from_bundle(bundle, _options(device, backend, precision, llm_threads, llm_quant,
+                                                  trusted_key=trusted_key)) as rt:
         result = replay_bag(rt, bag, image_topic, asked, out_dir, pacer=pacer, max_new_tokens=max_new_tokens,
                             overwrite=overwrite, log=_log)
     summary = result.summary()

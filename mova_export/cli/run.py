@@ -20,16 +20,19 @@ BACKEND_HELP = "Vision graphs: onnxruntime, tensorrt (the bundle's engines) or a
 PRECISION_HELP = "Graph precision instead of the bundle's plan: fp32 | fp16 | int8 | fp8, or GRAPH=PRECISION,..."
 THREADS_HELP = "llama.cpp threads (default: the recipe's, capped at this host's cores)."
 LLM_HELP = "Which of the bundle's GGUF types to load (default: the recipe's; see `mova-export inspect`)."
+TRUSTED_KEY_HELP = ("Refuse the bundle unless it is signed (`mova-export sign`) by this PEM public key (or a chain to "
+                    "this root CA certificate) and unchanged since: checked before anything is loaded.")
 
 
 def runtime_choices(command: Any) -> Any:
-    """The options that pick how a bundle runs (backend, device, graph precision, GGUF), shared by `run` and
-    `bench latency`."""
+    """The options that pick how a bundle runs (backend, device, graph precision, GGUF) and which signer it must
+    have, shared by every command that loads a bundle's runtime (run, serve, replay, bench latency)."""
     for option in reversed((
             click.option("--backend", type=BACKEND_CHOICE, default="auto", show_default=True, help=BACKEND_HELP),
             click.option("--device", type=DEVICE_CHOICE, default="cpu", show_default=True, help=DEVICE_HELP),
             click.option("--precision", default=None, help=PRECISION_HELP),
-            click.option("--llm", "llm_quant", default=None, help=LLM_HELP))):
+            click.option("--llm", "llm_quant", default=None, help=LLM_HELP),
+            click.option("--trusted-key", type=click.Path(path_type=Path), default=None, help=TRUSTED_KEY_HELP))):
         command = option(command)
     return command
 
@@ -47,15 +50,15 @@ def _precision(text: str | None) -> Any:
     return out
 
 
-def _options(device: str, backend: str, precision: str | None, llm_threads: int | None, llm_quant: str | None,
-             f32_kv: bool = False, verify: bool = True) -> Any:
+def _options(device: str, backend: str, precision: str | None, llm_threads: int | None, llm_quant: str | None,  # noqa: PLR0913 (the shared runtime options)
+             f32_kv: bool = False, verify: bool = True, trusted_key: Path | None = None) -> Any:
     from ..runtime import RuntimeOptions
 
     llm: dict[str, Any] = {"f32_kv": True} if f32_kv else {}
     if llm_threads:
         llm["n_threads"] = llm_threads
     return RuntimeOptions(device=device, backend=backend, precision=_precision(precision), llm=llm,
-                          llm_quant=llm_quant, verify=verify)
+                          llm_quant=llm_quant, verify=verify, trusted_key=trusted_key)
 
 
 def _log(msg: str) -> None:
@@ -77,8 +80,8 @@ def _log(msg: str) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files at load.")
 @one_line_errors
 def run(bundle: Path, image: str, question: str, stream: bool, as_json: bool, max_new_tokens: int, backend: str,
-        device: str, precision: str | None, llm_quant: str | None, experts: str | None, llm_threads: int | None,
-        f32_kv: bool, warmup: bool, no_verify: bool) -> None:
+        device: str, precision: str | None, llm_quant: str | None, trusted_key: Path | None, experts: str | None,
+        llm_threads: int | None, f32_kv: bool, warmup: bool, no_verify: bool) -> None:
     """Answer a question about an image with a bundle (ONNX Runtime / TensorRT vision, llama.cpp LLM).
 
     Without --warmup the timings are those of the process's first request: they include one-time initialisation
@@ -88,7 +91,7 @@ def run(bundle: Path, image: str, question: str, stream: bool, as_json: bool, ma
     frame = resolve_image(image)
     start = time.perf_counter()
     with MoVARuntime.from_bundle(bundle, _options(device, backend, precision, llm_threads, llm_quant, f32_kv,
-                                                  not no_verify)) as rt:
+                                                  not no_verify, trusted_key)) as rt:
         load_ms = (time.perf_counter() - start) * 1e3
         forced = parse_letters(experts, rt.facts.letters) if experts is not None else None
         if warmup:
@@ -138,13 +141,15 @@ def bench() -> None:
 @one_line_errors
 def latency(bundle: Path, runs: int, warmup: int, images: tuple[str, ...], question: str | None,
             max_new_tokens: int, backend: str, device: str, precision: str | None, llm_quant: str | None,
-            experts: str | None, no_reference: bool, llm_threads: int | None, robot_loop: bool, out_dir: Path) -> None:
+            trusted_key: Path | None, experts: str | None, no_reference: bool, llm_threads: int | None,
+            robot_loop: bool, out_dir: Path) -> None:
     """Per-stage p50/p95 latency, decode tokens/s and peak memory, side by side with the PyTorch reference."""
     from ..bench import latency_benchmark
 
     result = latency_benchmark(bundle, runs=runs, warmup=warmup, images=list(images) or None, question=question,
                                max_new_tokens=max_new_tokens,
-                               options=_options(device, backend, precision, llm_threads, llm_quant),
+                               options=_options(device, backend, precision, llm_threads, llm_quant,
+                                                trusted_key=trusted_key),
                                experts=[e.strip().upper() for e in experts.split(",") if e.strip()]
                                if experts is not None else None,
                                reference=not no_reference, out_dir=out_dir, log=_log, robot_loop=robot_loop)

@@ -29,6 +29,10 @@ class BundleError(MoVAExportError):
     """A bundle is missing, incomplete, tampered with, or built for another target."""
 
 
+class SignatureError(BundleError):
+    """A bundle is unsigned, signed by another key, or changed after signing; or a signing key cannot be used."""
+
+
 class RecipeError(MoVAExportError):
     """A recipe YAML has an unknown, missing or invalid field."""
 
@@ -55,3 +59,7 @@ class BuildError(MoVAExportError):
 
 class BagError(MoVAExportError):
     """A ROS 2 bag is missing, truncated, not a bag, or lacks the topic asked for."""
+
+
+class ServeError(MoVAExportError):
+    """The server could not start (address taken) or its bundle did not load."""

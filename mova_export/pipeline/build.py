@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..bundle import (
     FileTable,
@@ -35,6 +35,7 @@ from ..bundle import (
     tool_versions,
 )
 from ..bundle.manifest import BUILD_LOG, MANIFEST
+from ..bundle.signing import check_signing_key, read_signature, sign_bundle
 from ..components import all_specs, component_names, facts_from_config, get_spec
 from ..core.errors import BuildError, BundleError, ComponentError
 from ..core.progress import Console
@@ -58,6 +59,7 @@ class BuildResult:
     report: dict[str, Any]
     manifest: Manifest
     compile: dict[str, Any] = field(default_factory=dict)
+    signature: Any = None        # bundle.signing.Signature when the build signed the bundle (--sign-key)
 
 
 def check_components(components: Sequence[str] | None) -> list[str]:
@@ -90,8 +92,10 @@ def _context(request: BuildRequest, checkpoint: Checkpoint, console: Console) ->
 
 
 @contextmanager
-def _session(ctx: BuildContext, out: Path, overwrite: bool, start: float) -> Iterator[Path]:
-    """The staged bundle folder with build.log in it, SIGTERM as an interrupt, and the closing line of a build."""
+def _session(ctx: BuildContext, out: Path, overwrite: bool, start: float,
+             sign: Callable[[Path], Any] | None = None) -> Iterator[Path]:
+    """The staged bundle folder with build.log in it, SIGTERM as an interrupt, and the closing line of a build;
+    `sign` runs on the finished folder (build.log closed) before it is renamed into place."""
     with terminate_as_interrupt(), staged_dir(out, overwrite=overwrite) as tmp:
         ctx.console.log_to(tmp / BUILD_LOG)
         try:
@@ -105,6 +109,8 @@ def _session(ctx: BuildContext, out: Path, overwrite: bool, start: float) -> Ite
             ctx.console.line(f"{reused} unit(s) reused from the work folder, {len(ctx.records) - reused} computed, "
                              f"{time.perf_counter() - start:.1f} s")
             ctx.console.close()
+        if sign is not None:
+            sign(tmp)
 
 
 def build(request: BuildRequest, console: Console | None = None) -> BuildResult:
@@ -119,14 +125,29 @@ def build(request: BuildRequest, console: Console | None = None) -> BuildResult:
     checkpoint = Checkpoint.open(request.checkpoint)      # CheckpointError names the file and key
     names = check_components(request.components)
     _check_replaceable(request.out)
+    sign = _signer(request)
     ctx = _context(request, checkpoint, console or Console(quiet=request.quiet))
-    with _session(ctx, request.out, True, start) as tmp:
+    with _session(ctx, request.out, True, start, sign) as tmp:
         ctx.console.line(f"building {recipe.name} ({recipe.description}) from {checkpoint.path}; work folder "
                          f"{ctx.work.root}; calibration: {len(ctx.calibration.labels)} images "
                          f"({ctx.calibration.source})")
+        if recipe.platform_note:   # a Jetson target says which JetPack it assumed
+            ctx.console.line(f"{recipe.name}: {recipe.platform_note}")
         exported = run_exports(ctx, names, _feeders())
         manifest = recipe_manifest(ctx, tmp, recipe, exported, request.also_precisions, request.also_llm)
-        return _finish(ctx, tmp, request, recipe, manifest)
+        result = _finish(ctx, tmp, request, recipe, manifest)
+    if sign is not None:
+        result.signature = read_signature(request.out)
+    return result
+
+
+def _signer(request: BuildRequest) -> Callable[[Path], Any] | None:
+    """--sign-key: the key is checked now (a bad key or password fails before the build, not after it); the step
+    returned signs the finished folder, every file and the manifest included."""
+    if request.sign_key is None:
+        return None
+    check_signing_key(request.sign_key, request.sign_password)
+    return lambda root: sign_bundle(root, request.sign_key, password=request.sign_password, verify=False)
 
 
 def _check_replaceable(out_dir: Path) -> None:

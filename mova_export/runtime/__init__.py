@@ -14,10 +14,11 @@ llm.py       the GGUF LLM in llama.cpp, with the image embeddings injected
 The ONNX Runtime and TensorRT runners are mova_export.runners (shared with the build side).
 """
 from .frames import FrameCache, FrameState, frame_key
-from .requests import FrameHandle, StreamingAnswer
+from .requests import FrameHandle, StreamingAnswer, sampling_of
 from .session import MoVARuntime, RuntimeOptions, peak_rss_mib
-from .two_pass import STAGES, Answer, Request, two_passes
+from .two_pass import STAGES, Answer, Request, Sampling, two_passes
 from .worker import POLICIES, AnswerFuture
 
 __all__ = ["POLICIES", "STAGES", "Answer", "AnswerFuture", "FrameCache", "FrameHandle", "FrameState", "MoVARuntime",
-           "Request", "RuntimeOptions", "StreamingAnswer", "frame_key", "peak_rss_mib", "two_passes"]
+           "Request", "RuntimeOptions", "Sampling", "StreamingAnswer", "frame_key", "peak_rss_mib", "sampling_of",
+           "two_passes"]

@@ -242,8 +242,9 @@ class LlamaCppLLM:
         return np.stack(self._eval(segments, all_logits=True))
 
     def generate(self, ids: Sequence[int], image_embeddings: Any = None, max_new_tokens: int = 64,
-                 stop_ids: Sequence[int] | None = None) -> Iterator[tuple[int, str]]:
+                 stop_ids: Sequence[int] | None = None, sampling: Any = None) -> Iterator[tuple[int, str]]:
         """Greedy decoding from a fresh KV cache: yields (token id, text piece) until a stop id or max_new_tokens.
+        sampling (two_pass.Sampling): llama.cpp's own sampler chain (top-p, temperature, seeded draw) instead.
 
         Pieces are decoded incrementally, so a multi-byte character split over tokens appears once complete.
         Checks (marker vs embeddings, width, context length) run here, before the iterator is returned.
@@ -252,20 +253,48 @@ class LlamaCppLLM:
             raise LLMError(f"max_new_tokens={max_new_tokens}; ask for at least one token")
         segments = self._check_prompt(ids, image_embeddings, max_new_tokens, "generate")
         stops = set(self.stop_ids if stop_ids is None else (int(s) for s in stop_ids))
-        return self._generate(segments, max_new_tokens, stops)
+        return self._generate(segments, max_new_tokens, stops, sampling)
 
-    def _generate(self, segments: list[tuple[str, Any]], max_new_tokens: int, stops: set[int]
+    def _generate(self, segments: list[tuple[str, Any]], max_new_tokens: int, stops: set[int], sampling: Any
                   ) -> Iterator[tuple[int, str]]:
         self.reset()
         logits = self._eval(segments, all_logits=False)[-1]
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for step in range(max_new_tokens):
-            token = int(np.argmax(logits))
-            if token in stops:
-                break
-            yield token, decoder.decode(self.token_bytes(token))
-            if step + 1 < max_new_tokens:
-                logits = self._eval([("tokens", [token])], all_logits=False)[-1]
+        sampled = sampling is not None and sampling.temperature > 0
+        chain = self._sampler(sampling) if sampled else None
+        bias = None
+        if sampling is not None and sampling.logit_bias and not sampled:
+            bias = np.zeros(self.n_vocab, np.float32)
+            for token_id, value in sampling.logit_bias:
+                bias[token_id] = value
+        try:
+            for step in range(max_new_tokens):
+                if chain is not None:
+                    token = int(self._lc.llama_sampler_sample(chain, self.llama.ctx, -1))   # the last logits
+                else:
+                    token = int(np.argmax(logits if bias is None else logits + bias))
+                if token in stops:
+                    break
+                yield token, decoder.decode(self.token_bytes(token))
+                if step + 1 < max_new_tokens:
+                    logits = self._eval([("tokens", [token])], all_logits=False)[-1]
+        finally:
+            if chain is not None:
+                self._lc.llama_sampler_free(chain)
+
+    def _sampler(self, sampling: Any) -> Any:
+        """llama.cpp's sampler chain for one request: logit bias, top-p (where < 1), temperature, a seeded draw."""
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if sampling.logit_bias:
+            biases = (lc.llama_logit_bias * len(sampling.logit_bias))(*sampling.logit_bias)
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
+        if sampling.top_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(float(sampling.top_p), 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(float(sampling.temperature)))
+        seed = lc.LLAMA_DEFAULT_SEED if sampling.seed is None else int(sampling.seed) & 0xFFFFFFFF
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        return chain
 
     def generate_ids(self, ids: Sequence[int], image_embeddings: Any = None, max_new_tokens: int = 64,
                      stop_ids: Sequence[int] | None = None) -> list[int]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import RuntimeInputError
 from .frames import FrameState
-from .two_pass import Answer, Request
+from .two_pass import Answer, Request, Sampling
 from .worker import AnswerFuture
 
 if TYPE_CHECKING:
@@ -84,3 +84,41 @@ def deadline_after(seconds: Any) -> float | None:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise RuntimeInputError(f"deadline_s={seconds!r}; pass a number of seconds > 0 (or None for no deadline)")
     return time.monotonic() + float(seconds)
+
+
+def sampling_of(temperature: Any = None, top_p: Any = None, seed: Any = None, logit_bias: Any = None,
+                n_vocab: int | None = None) -> Sampling | None:
+    """The answer pass's decoding from OpenAI-style values: None (plain greedy) for temperature 0 or omitted and no
+    logit_bias. Raises RuntimeInputError naming the value out of range."""
+    def number(name: str, value: Any, low: float, high: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
+            raise RuntimeInputError(f"{name}={value!r}; pass a number from {low:g} to {high:g}")
+        return float(value)
+
+    t = 0.0 if temperature is None else number("temperature", temperature, 0.0, 2.0)
+    p = 1.0 if top_p is None else number("top_p", top_p, 0.0, 1.0)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RuntimeInputError(f"seed={seed!r}; pass an integer")
+    if p <= 0.0:
+        raise RuntimeInputError("top_p=0; pass a number above 0 (1 keeps every token)")
+    bias = _logit_bias(logit_bias, n_vocab)
+    return None if t == 0.0 and not bias else Sampling(t, p, seed, bias)
+
+
+def _logit_bias(value: Any, n_vocab: int | None) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise RuntimeInputError(f"logit_bias is a {type(value).__name__}; pass an object of token id -> bias")
+    out = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise RuntimeInputError(f"logit_bias key {key!r} is not a token id; use integer token ids") from None
+        if token < 0 or (n_vocab is not None and token >= n_vocab):
+            raise RuntimeInputError(f"logit_bias token {token} is outside the vocabulary (0..{(n_vocab or 1) - 1})")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise RuntimeInputError(f"logit_bias[{token}]={bias!r}; pass a number from -100 to 100")
+        out.append((token, float(bias)))
+    return tuple(sorted(out))

@@ -41,12 +41,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..bundle import MANIFEST, Bundle, LLMSettings, load_bundle, sha256_file
+from ..bundle.signing import load_trusted_bundle
 from ..core.errors import RuntimeInputError
 from ..core.image_inputs import load_image
 from .frames import FRAMES_BY_DEFAULT, FrameCache, frame_bytes
+from .limits import check_context
 from .llm import LlamaCppLLM
 from .requests import FrameHandle, PreparedRequest, StreamingAnswer, deadline_after
-from .two_pass import Answer, Request, two_passes
+from .two_pass import Answer, Request, Sampling, two_passes
 from .vision import BACKENDS, BundleVision
 from .worker import POLICIES, AnswerFuture, RequestWorker, callbacks
 
@@ -75,6 +77,9 @@ class RuntimeOptions:
     # BERT during the routing generation and expert inputs ahead, on a second thread. None: on with device="cuda"
     # (its CPU work runs beside the GPU's graphs), off on a CPU, where both threads share the cores (2 cores: 0.92x)
     overlap: bool | None = None
+    # a PEM public key (or the root CA certificate) the bundle must be signed with (`mova-export sign`): an unsigned
+    # bundle, another signer or a file changed after signing is refused before any graph, engine or GGUF is opened
+    trusted_key: str | Path | None = None
 
     def llm_settings(self, bundled: LLMSettings) -> LLMSettings:
         known = {f.name for f in fields(LLMSettings)}
@@ -105,8 +110,9 @@ class _PromptCache:
         self.cache.move_to_end(prompt)
         return self.cache[prompt]
 
-    def generate(self, ids: Sequence[int], image_embeddings: np.ndarray, max_new_tokens: int) -> Iterator[Any]:
-        return self.llm.generate(ids, image_embeddings, max_new_tokens)
+    def generate(self, ids: Sequence[int], image_embeddings: np.ndarray, max_new_tokens: int, **sampling: Any
+                 ) -> Iterator[Any]:
+        return self.llm.generate(ids, image_embeddings, max_new_tokens, **sampling)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.llm.detokenize(ids)
@@ -139,7 +145,8 @@ class MoVARuntime:
                     **overrides: Any) -> "MoVARuntime":
         """Load a bundle once: check its files (options.verify), create the sessions and the llama.cpp context.
         `overrides` are RuntimeOptions fields (`MoVARuntime.from_bundle(b, device="cuda", precision="fp32")`).
-        Raises BundleError (missing/tampered bundle, unknown precision), LLMError (GGUF), RuntimeInputError."""
+        Raises BundleError (missing/tampered bundle, unknown precision; SignatureError: not signed by
+        options.trusted_key), LLMError (GGUF), RuntimeInputError."""
 
         try:
             options = replace(options or RuntimeOptions(), **overrides)
@@ -150,7 +157,10 @@ class MoVARuntime:
             raise RuntimeInputError(f"frame_cache_mib={mib!r}; pass a size in MiB >= 0 (0 turns the cache off)")
         if options.backend not in BACKENDS:
             raise RuntimeInputError(f"unknown backend {options.backend!r}; use one of {', '.join(BACKENDS)}")
-        bundle = path if isinstance(path, Bundle) else load_bundle(path, verify=options.verify)
+        if options.trusted_key is not None:      # the signature first: nothing is opened before it verifies
+            bundle = load_trusted_bundle(path.path if isinstance(path, Bundle) else path, options.trusted_key)[0]
+        else:
+            bundle = path if isinstance(path, Bundle) else load_bundle(path, verify=options.verify)
         defaults = bundle.manifest.runtime
         vision = BundleVision(bundle, options.precision, options.device, backend=options.backend,
                               expert_policy=options.expert_policy or defaults.expert_policy,
@@ -184,15 +194,17 @@ class MoVARuntime:
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def ask(self, image: Any, question: str, max_new_tokens: int = 64, *, experts: Sequence[str] | None = None,
-            keep_tensors: bool = False, deadline_s: float | None = None) -> Answer:
+            keep_tensors: bool = False, deadline_s: float | None = None, sampling: Sampling | None = None
+            ) -> Answer:
         """Answer one question about one frame (see the module docstring for the contract).
 
         image: a frame (numpy, PIL, path) or a `rt.frame(...)` handle. experts: override the routing with letters
         (e.g. ["A", "D"], [] for none), like `reference --experts`; the routing generation still runs.
         keep_tensors: put the intermediate features in `Answer.tensors`. deadline_s: stop the answer after the token
-        that passes it (`Answer.cut == "deadline"`). Raises RuntimeInputError for a bad frame or question."""
+        that passes it (`Answer.cut == "deadline"`). sampling: the answer pass samples (runtime.sampling_of(
+        temperature, top_p, seed)); greedy when None. Raises RuntimeInputError for a bad frame or question."""
         stream = self.ask_stream(image, question, max_new_tokens, experts=experts, keep_tensors=keep_tensors,
-                                 deadline_s=deadline_s)
+                                 deadline_s=deadline_s, sampling=sampling)
         for _ in stream:
             pass
         assert stream.answer is not None
@@ -200,11 +212,11 @@ class MoVARuntime:
 
     def ask_stream(self, image: Any, question: str, max_new_tokens: int = 64, *,
                    experts: Sequence[str] | None = None, keep_tensors: bool = False,
-                   deadline_s: float | None = None) -> StreamingAnswer:
+                   deadline_s: float | None = None, sampling: Sampling | None = None) -> StreamingAnswer:
         """Like ask, but returns a StreamingAnswer yielding the answer's text pieces as they are generated. The
         inputs are checked here (RuntimeInputError at once); the work starts on the first `next()`."""
         deadline = deadline_after(deadline_s)
-        request = self._request(image, question, max_new_tokens, experts, keep_tensors)
+        request = self._request(image, question, max_new_tokens, experts, keep_tensors, sampling)
         if deadline is not None:
             request.stop = lambda: "deadline" if time.monotonic() > deadline else None
         return StreamingAnswer(self, request)
@@ -220,7 +232,7 @@ class MoVARuntime:
                policy: str = "latest", deadline_s: float | None = None, experts: Sequence[str] | None = None,
                on_answer: Callable[[Answer], None] | None = None,
                on_error: Callable[[BaseException], None] | None = None,
-               on_piece: Callable[[str], None] | None = None) -> AnswerFuture:
+               on_piece: Callable[[str], None] | None = None, sampling: Sampling | None = None) -> AnswerFuture:
         """Queue a request for the runtime's worker thread; returns a Future[Answer] (runtime/worker.py: the
         `latest` and `queue` policies per stream, cancel and deadline). on_answer / on_error: the callback form;
         on_piece(text) is called on the worker thread for each piece as it is generated. Inputs are checked here:
@@ -230,7 +242,7 @@ class MoVARuntime:
         if not isinstance(stream, str) or not stream:
             raise RuntimeInputError(f"stream={stream!r}; pass a non-empty name (a camera, a topic)")
         deadline = deadline_after(deadline_s)
-        request = self._request(image, question, max_new_tokens, experts, False)
+        request = self._request(image, question, max_new_tokens, experts, False, sampling)
         future = AnswerFuture(stream, policy, deadline)
         callbacks(future, on_answer, on_error)
 
@@ -281,8 +293,8 @@ class MoVARuntime:
         rgb.flags.writeable = False
         return rgb
 
-    def _request(self, image: Any, question: Any, max_new_tokens: Any, experts: Sequence[str] | None,
-                 keep_tensors: bool) -> Request:
+    def _request(self, image: Any, question: Any, max_new_tokens: Any, experts: Sequence[str] | None,  # noqa: PLR0913 (ask's options)
+                 keep_tensors: bool, sampling: Sampling | None = None) -> Request:
         if isinstance(image, PreparedRequest):
             return image.request
         if not isinstance(question, str):
@@ -293,13 +305,17 @@ class MoVARuntime:
                 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS_LIMIT):
             raise RuntimeInputError(f"max_new_tokens={max_new_tokens!r}; pass an integer from 1 to "
                                     f"{MAX_NEW_TOKENS_LIMIT}")
+        check_context(self, question, int(max_new_tokens))   # both passes fit the LLM's context (runtime/limits.py)
         mask = None if experts is None else self.facts.mask_of(experts)
         if isinstance(image, FrameHandle):
             state = image.state_for(self)
         else:
             state = self.frames.state(self._frame_pixels(image))[0]
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise RuntimeInputError(f"sampling is a {type(sampling).__name__}; pass runtime.sampling_of(temperature, "
+                                    "top_p, seed) or None for greedy")
         return Request(state.rgb, question, int(max_new_tokens), mask, keep_tensors, frame=state,
-                       helper=self._helper if self.overlap else None)
+                       helper=self._helper if self.overlap else None, sampling=sampling)
 
     def _wait_idle(self) -> None:
         with self._lock:

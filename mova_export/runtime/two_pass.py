@@ -63,10 +63,22 @@ class LanguageModel(Protocol):
 
     def generate(self, ids: Sequence[int], image_embeddings: np.ndarray, max_new_tokens: int
                  ) -> Iterator[tuple[int, str]]:
-        """Greedy (token id, text piece) from a fresh KV state until a stop id or max_new_tokens."""
+        """Greedy (token id, text piece) from a fresh KV state until a stop id or max_new_tokens; a model that
+        samples also takes `sampling=Sampling(...)` (only passed when a request asks for it)."""
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of ids, special tokens dropped."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The answer pass's decoding when it is not plain greedy: logit_bias (token id -> added logit, OpenAI's
+    -100..100) then, at temperature > 0, llama.cpp's chain (top-p, temperature, a draw seeded by `seed`; None: a
+    fresh seed per request). The routing pass stays greedy and unbiased, as upstream MoVA decodes it."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -82,6 +94,7 @@ class Answer:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)  # keep_tensors=True: the intermediates
     cache_hits: list[str] = field(default_factory=list)  # stages served from the frame's state (not in timings_ms)
     cut: str | None = None                  # "cancelled" / "deadline": stopped early, text is what came before
+    prompt_tokens: int = 0                  # the answer pass's prompt positions (image tokens included)
 
     def to_json(self) -> dict[str, Any]:
         return {"experts": self.experts, "answer": self.text, "routing_text": self.routing_text,
@@ -101,6 +114,7 @@ class Request:
     frame: FrameState | None = None         # the frame's pixel-only results so far (cache, rt.frame handle)
     stop: Callable[[], str | None] | None = None   # a reason ("cancelled", "deadline") ends it after this token
     helper: Executor | None = None          # a second thread: BERT during the routing generation, inputs ahead
+    sampling: Sampling | None = None        # None: greedy (the reference's decoding)
 
 
 class _Clock:
@@ -224,8 +238,9 @@ def two_passes(facts: ModelFacts, vision: VisionRunners, llm: LanguageModel, req
         answer_in = llm.encode_prompt(chat_prompt(question, use_im_start_end=facts.mm_use_im_start_end))
         timing = _Generation(request)
         cut = stopped()
+        sampled = {} if request.sampling is None else {"sampling": request.sampling}
         if cut is None:
-            for token, piece in llm.generate(answer_in, image_tokens[0], request.max_new_tokens):
+            for token, piece in llm.generate(answer_in, image_tokens[0], request.max_new_tokens, **sampled):
                 timing.token()
                 ids.append(token)
                 if piece:
@@ -244,7 +259,8 @@ def two_passes(facts: ModelFacts, vision: VisionRunners, llm: LanguageModel, req
         tensors.update({f"expert_{facts.experts[i].letter}": f for i, f in experts.items()})
     return Answer(text=llm.detokenize(ids).strip(), experts=facts.routed(mask), routing_text=routing_text,
                   routing_mask=mask, token_ids=ids, routing_ids=routing_ids, timings_ms=timings,
-                  tokens_per_s=timing.tokens_per_s, tensors=tensors, cache_hits=pixels.hits, cut=cut)
+                  tokens_per_s=timing.tokens_per_s, tensors=tensors, cache_hits=pixels.hits, cut=cut,
+                  prompt_tokens=sum(t >= 0 for t in answer_in) + int(image_tokens[0].shape[0]))
 
 
 class _Generation:
