@@ -520,7 +520,7 @@ def _lock_held(lock: Path) -> bool:
 def test_a_killed_builds_lock_does_not_block_the_next(tiny_checkpoint, calib_dir, work_dir, cpu_build, tmp_path):
     work = _work_copy(work_dir, tmp_path / "work", {"quantize": {"text_encoder"}})
     key = cpu_build.manifest.stages["quantize/text_encoder"]["key"]
-    lock = work / "quantize" / "text_encoder" / f"{key}.lock"
+    lock = work / ".locks" / f"quantize.text_encoder.{key}.lock"
     first = subprocess.Popen(_build_cmd(tiny_checkpoint, calib_dir, work, tmp_path / "a"), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240

@@ -2,10 +2,12 @@
 
     <work>/<stage>/<name>/<key>/          a finished unit: its files and unit.json (what it produced)
     <work>/<stage>/<name>/<key>.partial-<pid>/   a unit being produced (renamed into place when it finishes)
-    <work>/<stage>/<name>/<key>.lock      held while the unit is produced: two builds on one work folder (two
+    <work>/.locks/<stage>.<name>.<key>.lock   held while the unit is produced: two builds on one work folder (two
                                           terminals, two CI jobs) never produce one unit at once; the second waits,
                                           then reuses it. An OS lock (flock): a killed build's lock is released with
-                                          its process, so it never blocks the next build
+                                          its process, so it never blocks the next build. Apart from the units so a
+                                          failed unit leaves nothing in its stage folder; never deleted while in use
+                                          (unlinking a flock file lets two holders in)
 
 A unit's key hashes exactly what its output depends on (checkpoint fingerprint, calibration set, the recipe fields of
 that component, the keys of the units it reads), so a change to one component's precision redoes that component's
@@ -81,7 +83,9 @@ class Unit:
         """Hold the unit's lock file (filelock: flock on POSIX, released by the OS when the holder dies). When another
         build holds it, `waiting` is told once and this waits until that build has finished the unit or died."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.path.with_name(f"{self.key}.lock")))
+        locks = self.path.parents[2] / ".locks"
+        locks.mkdir(exist_ok=True)
+        lock = FileLock(str(locks / f"{self.stage}.{self.name}.{self.key}.lock"))
         try:
             lock.acquire(timeout=0)
         except Timeout:
