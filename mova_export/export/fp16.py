@@ -89,7 +89,8 @@ class Fp16Repair:
         return {"ok": self.ok, "kept_fp32": list(self.kept_fp32), "tries": list(self.tries)}
 
 
-def fp16_sensitivity(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[str, float]]:
+def fp16_sensitivity(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray]], log: Log = quiet
+                     ) -> list[tuple[str, float]]:
     """Rank the fp16 graph's converted nodes by the error each adds: rel_l2 of its output y minus the largest rel_l2
     of its inputs, against the fp32 graph's same tensors (the converter keeps node names and output names; inputs it
     casts are read from the fp32 graph's structure). Largest first."""
@@ -104,7 +105,7 @@ def fp16_sensitivity(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.nda
     tensors = list(dict.fromkeys(t for n in nodes for t in (*n.input, n.output[0]) if t in in_both))
     # one sample ranks the nodes (a full-size Pix2Struct probe is ~1 min per chunk per sample); graph inputs and
     # weights are 0 (fed / stored as they are)
-    errors = tensor_errors(fp32, fp16, feeds[:1], tensors, budget_bytes=2 << 30)
+    errors = tensor_errors(fp32, fp16, feeds[:1], tensors, budget_bytes=2 << 30, log=log)
     ranking = [(n.name, errors[n.output[0]] - max((errors.get(t, 0.0) for t in n.input), default=0.0))
                for n in nodes]
     return sorted(ranking, key=lambda item: -item[1])
@@ -115,7 +116,7 @@ def repair_fp16(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray]
                 max_kept: int = 32, log: Log = quiet) -> Fp16Repair:
     """Keep the fp16 graph's most error-adding nodes in fp32 (1, 2, 4, ... up to `max_kept`), reconverting with
     `convert(kept)` and checking with `passes()` -> (ok, figures), until it passes."""
-    ranking = [name for name, gain in fp16_sensitivity(fp32, fp16, feeds) if gain > 0]
+    ranking = [name for name, gain in fp16_sensitivity(fp32, fp16, feeds, log) if gain > 0]
     log(f"{fp16.name}: most error-adding nodes in fp16 {ranking[:5]}")
     repair = Fp16Repair(False)
     k = 1

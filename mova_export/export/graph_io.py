@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -128,8 +128,9 @@ def _fmt(items: list[tuple]) -> str:
     return "[" + ", ".join(f"{n}{list(s)}:{d}" for n, s, d in items) + "]"
 
 
-def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str, np.ndarray]],
-                  tensors: Sequence[str], budget_bytes: int = 1 << 30, most: int = 48) -> dict[str, float]:
+def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str, np.ndarray]],  # noqa: PLR0913 (a probe's bounds)
+                  tensors: Sequence[str], budget_bytes: int = 1 << 30, most: int = 48,
+                  log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Mean rel L2 of each named intermediate tensor of `candidate` against the same tensor of `reference` over the
     feeds (Q/DQ run as float math). Both graphs are probed a chunk of tensors at a time (at most `most`, about
     `budget_bytes` of fp32 by their inferred shapes) and one feed at a time, so a large graph's activations are never
@@ -138,8 +139,12 @@ def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str,
     import onnx
 
     sums: dict[str, float] = {t: 0.0 for t in tensors}
+    chunks = _probe_chunks(reference, tensors, budget_bytes, most)
     with tempfile.TemporaryDirectory() as tmp:
-        for names in _probe_chunks(reference, tensors, budget_bytes, most):
+        for i, names in enumerate(chunks):
+            if log is not None:     # a full-size graph takes minutes per chunk: say where it is
+                log(f"{candidate.name}: probing intermediate tensors, chunk {i + 1}/{len(chunks)} ({len(names)} "
+                    f"tensors)")
             sessions = []
             for label, path in (("ref", reference), ("cand", candidate)):
                 probe = onnx.load(str(path))
