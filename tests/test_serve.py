@@ -299,3 +299,17 @@ def test_serve_command_refuses_a_missing_bundle_and_a_taken_port(tmp_path, parit
         port = taken.getsockname()[1]
         result = CliRunner().invoke(main, ["serve", str(parity_bundle), "--port", str(port)])
     assert result.exit_code == 2 and f"127.0.0.1:{port} is in use; pass another --port" in result.output
+
+
+def test_a_missing_extra_is_named_in_one_line(capsys):
+    from mova_export.cli.common import one_line_errors
+
+    @one_line_errors
+    def needs_fastapi():
+        raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
+
+    with pytest.raises(SystemExit) as code:
+        needs_fastapi()
+    assert code.value.code == 2
+    assert capsys.readouterr().err == ("error: this command needs the `serve` extra (No module named 'fastapi'); "
+                                       "install it with pip install 'mova-export[serve]'\n")

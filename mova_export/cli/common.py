@@ -10,6 +10,12 @@ import click
 
 from ..core.errors import MoVAExportError
 
+# The extra that brings each optional top-level module (pyproject.toml), for a one-line "install it" error.
+EXTRA_OF = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "prometheus_client": "serve",
+            "rosbags": "ros", "model_signing": "sign", "OpenSSL": "sign", "torch": "export", "transformers": "export",
+            "onnx": "export", "onnxscript": "export", "onnxslim": "export", "gguf": "export", "skimage": "export",
+            "matplotlib": "export", "filelock": "export", "llama_cpp": "llm", "tensorrt_rtx": "tensorrt-rtx"}
+
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A MoVAExportError ends the command with `error: <message>` on stderr and exit code 2 (no traceback)."""
@@ -19,6 +25,13 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except MoVAExportError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as exc:
+            extra = EXTRA_OF.get((exc.name or "").split(".")[0])
+            if extra is None:
+                raise
+            click.echo(f"error: this command needs the `{extra}` extra ({exc}); install it with "
+                       f"pip install 'mova-export[{extra}]'", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the cleanup already ran in the library
             click.echo(f"error: interrupted ({exc or 'Ctrl-C'}); finished build units stay in the work folder, "
