@@ -162,6 +162,8 @@ BAD = [  # (what is wrong, request changes, status, words the message must hold)
     ("body too large", {"body_mb": 1.5}, 413, "--max-body-mb"),
     ("unknown model", {"model": "gpt-4o"}, 404, "is not served here"),
     ("n > 1", {"n": 2}, 400, "n=2"),
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools is not supported"),
+    ("json mode", {"response_format": {"type": "json_object"}}, 400, "response_format 'json_object'"),
     ("zero tokens", {"max_tokens": 0}, 400, "max_tokens=0"),
     ("too many tokens", {"max_completion_tokens": 10**6}, 400, "max_completion_tokens=1000000"),
     ("hot temperature", {"temperature": 5}, 400, "temperature=5"),

@@ -170,9 +170,21 @@ def max_new_tokens_of(request: ChatRequest, default: int, limit: int) -> int:
 
 
 def check_choices(request: ChatRequest) -> None:
+    """Refuse, rather than silently ignore, the OpenAI features MoVA does not have."""
     if request.n is not None and request.n != 1:
         raise ApiError(400, f"n={request.n}; MoVA returns one choice per request: pass n=1 or leave it out",
                        param="n")
+    extra = request.model_extra or {}
+    unsupported = {"tools": "tool calls", "functions": "function calls", "logprobs": "logprobs",
+                   "top_logprobs": "logprobs", "audio": "audio output"}
+    for name, what in unsupported.items():
+        if extra.get(name):
+            raise ApiError(400, f"{name} is not supported: MoVA answers in text, without {what}; leave it out",
+                           param=name)
+    fmt = extra.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+        raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported: MoVA answers in plain text; "
+                       "leave it out", param="response_format")
 
 
 # ---- responses ------------------------------------------------------------------------------------------------------
