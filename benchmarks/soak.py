@@ -3,7 +3,7 @@ answered one after another, to show that memory stays flat (the frame cache evic
 latency does not drift.
 
     mova-export demo                                   # writes demo/bundle-cpu (the tiny trained cpu bundle)
-    python benchmarks/soak.py --bundle demo/bundle-cpu --frames 2000 --out benchmarks/results/soak
+    python benchmarks/soak.py --bundle demo/bundle-cpu --frames 2200 --warmup-frames 200 --out benchmarks/results/soak
 
 Every frame is a sample photo with a per-frame pattern added, so no two frames share a cache key. RSS is sampled
 after each answer. The first --warmup-frames are warm-up: the frame cache fills to its bound and ONNX Runtime's
