@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from mova_export.core.spec import TensorSpec
 from mova_export.core.tolerance import TOLERANCES
-from mova_export.export.fp16 import fp16_from_onnx, fp16_sensitivity, repair_fp16
+from mova_export.export.fp16 import block_of, fp16_block_sensitivity, fp16_from_onnx, fp16_sensitivity, repair_fp16
 from mova_export.runners import OrtRunner, compare_runners
 
 
@@ -33,6 +33,32 @@ class TinyWeights(torch.nn.Module):
         return self.fc2(self.fc1(x * 1e4))
 
 
+class Block(torch.nn.Module):
+    """A residual block as transformer layers are written (the residual add inside the block's scope)."""
+
+    def __init__(self, mlp: torch.nn.Module, gain: float):
+        super().__init__()
+        self.mlp, self.gain = mlp, gain
+
+    def forward(self, x):
+        return x + self.gain * self.mlp(x)
+
+
+class Blocks(torch.nn.Module):
+    """Six residual blocks (`/layers.N/...` in the graph); the fourth holds a TinyWeights whose output dominates the
+    residual stream: the block-level probe finds it and keeping that one block in fp32 is the repair."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(Block(TinyWeights(), 100.0) if i == 3 else Block(torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)), 0.5) for i in range(6))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 INPUTS, OUTPUTS = (TensorSpec("x", (1, 8, 16)),), (TensorSpec("y", (1, 8, 16)),)
 
 
@@ -43,6 +69,18 @@ def graphs(tmp_path_factory):
     fp32 = root / "toy.fp32.onnx"
     with torch.no_grad():
         torch.onnx.export(TinyWeights().eval(), (torch.randn(1, 8, 16),), str(fp32), input_names=["x"],
+                          output_names=["y"], opset_version=18, dynamo=False)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 8, 16)).astype(np.float32)} for i in range(3)]
+    return root, fp32, feeds
+
+
+@pytest.fixture(scope="module")
+def block_graphs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp16-blocks")
+    torch.manual_seed(0)
+    fp32 = root / "blocks.fp32.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Blocks().eval(), (torch.randn(1, 8, 16),), str(fp32), input_names=["x"],
                           output_names=["y"], opset_version=18, dynamo=False)
     feeds = [{"x": np.random.default_rng(i).standard_normal((1, 8, 16)).astype(np.float32)} for i in range(3)]
     return root, fp32, feeds
@@ -101,3 +139,25 @@ def test_a_build_goes_on_when_a_fp16_graph_cannot_be_repaired(tiny_checkpoint, c
     assert "| base | fp16 | fp32 |" in (result.bundle / "report.md").read_text()
     # the text encoder's INT8 graph missed nothing, but with no fp16 graph its fallback would be the fp32 one
     assert result.manifest.runtime.precision["text_encoder"] in ("int8", "fp32")
+
+
+def test_a_graph_of_blocks_is_probed_at_its_boundaries_and_keeps_the_lossy_block_in_fp32(block_graphs):
+    root, fp32, feeds = block_graphs
+    fp16 = root / "blocks.fp16.onnx"
+    fp16_from_onnx(fp32, fp16, INPUTS, OUTPUTS, "blocks")
+    assert not _report(fp32, fp16, feeds).passed
+    ranking = fp16_block_sensitivity(fp32, fp16, feeds)
+    assert {name for name, _ in ranking} == {f"layers.{i}" for i in range(6)}
+    assert ranking[0][0] == "layers.3" and ranking[0][1] > 0.01 > max(gain for _, gain in ranking[1:])
+
+    def convert(kept):
+        fp16_from_onnx(fp32, fp16, INPUTS, OUTPUTS, "blocks", keep_fp32=kept)
+
+    def passes():
+        report = _report(fp32, fp16, feeds)
+        return report.passed, report.summary()
+
+    repair = repair_fp16(fp32, fp16, feeds, convert, passes)
+    assert repair.ok and [t["kept"] for t in repair.tries] == ["1 block(s): layers.3"]
+    assert {block_of(n) for n in repair.kept_fp32} == {"layers.3"} and len(repair.kept_fp32) >= 2   # both Gemms
+    assert _report(fp32, fp16, feeds).passed

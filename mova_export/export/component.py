@@ -275,7 +275,7 @@ def _export_form(job: _FormJob, real: list[Sample], ins: ExportInputs, precision
             variant = _fp16_variant(job, fp32, path, checked16)
         if variant is None:
             entry.missing[precision] = (f"the {precision} graph misses its parity tolerance even with its most "
-                                        "error-adding nodes kept in fp32 (the export log has the figures)")
+                                        "error-adding blocks or nodes kept in fp32 (the export log has the figures)")
             continue
         entry.variants[precision] = variant
         entry.proven[precision] = variant.min_cosine()
@@ -308,11 +308,12 @@ def _fp16_variant(job: _FormJob, fp32: Path, path: Path, checked: Sequence[Sampl
         report = latest[0]
         if not repair.ok:
             job.console.line(f"{form.name} [fp16]: not shipped, still {report.failures()[0]} with "
-                             f"{repair.tries[-1]['kept_fp32'] if repair.tries else 0} node(s) kept in fp32")
+                             f"{repair.tries[-1]['kept'] if repair.tries else 'nothing'} kept in fp32")
             for f in graph_files(path):
                 f.unlink(missing_ok=True)
             return None
-        job.console.line(f"{form.name} [fp16]: within tolerance with {len(repair.kept_fp32)} node(s) kept in fp32")
+        job.console.line(f"{form.name} [fp16]: within tolerance with {repair.tries[-1]['kept']} kept in fp32 "
+                         f"({len(repair.kept_fp32)} nodes)")
     variant = _variant(job, path, report, time.perf_counter() - t0)
     if repair is not None:
         variant.decision = {"fp16_repair": repair.to_json()}

@@ -3,9 +3,11 @@
 onnxruntime.transformers.float16 converts every float op to fp16 except FP32_OPS (the bilinear alignment, norms,
 softmax: what the reference computes in fp32), the nodes of decomposed norms (`fp16_block_nodes`) and any nodes a
 caller asks to keep. Some towers lose too much in fp16 anyway (Pix2Struct's T5-style activations grow past what a
-10-bit mantissa carries through a residual stream): `repair_fp16` ranks the nodes by the error each adds in fp16
-(one probe of both graphs on the parity samples) and keeps the worst 1, 2, 4, ... of them in fp32 until the graph
-meets the tolerance, as the INT8 budget excludes nodes from quantization.
+10-bit mantissa carries through a residual stream): `repair_fp16` keeps the parts that add the most error in fp32
+until the graph meets the tolerance, as the INT8 budget excludes nodes from quantization. Coarse to fine, because a
+full-size probe costs two whole-graph runs per chunk of tensors: a graph of numbered blocks (`/layer.3/`,
+`/encoder/layers.11/`) is probed once, at its block boundaries, and its worst 1, 2, 4, ... blocks (at most half of
+them) are kept in fp32; a graph without blocks ranks its nodes one by one and keeps the worst 1, 2, 4, ... of them.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ FP32_OPS = ("Resize", "LayerNormalization", "GroupNormalization", "InstanceNorma
 # module scope whose name contains "norm"; their weight-free arithmetic stays fp32 too.
 _NORM_SCOPE = re.compile(r"/[^/]*norm[^/]*/", re.IGNORECASE)
 _NORM_SCOPE_OPS = frozenset({"Sub", "Add", "Mul", "Div", "Sqrt", "Pow", "ReduceMean", "Reciprocal", "Cast"})
+# A numbered block by its scope: the shortest scope prefix ending in a numbered segment (`layer.3`, `layers_11`).
+_BLOCK_SCOPE = re.compile(r"^/((?:[^/]+/)*?[^/]*?[._]\d+)/")
+
+
 def toposorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """The float16 converter appends its Cast nodes at the end; onnx_ir puts the graph back in topological order."""
     import onnx_ir as ir
@@ -91,9 +97,63 @@ class Fp16Repair:
 
 def fp16_sensitivity(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray]], log: Log = quiet
                      ) -> list[tuple[str, float]]:
-    """Rank the fp16 graph's converted nodes by the error each adds: rel_l2 of its output y minus the largest rel_l2
+    """Rank the fp16 graph's converted nodes by the error each adds: rel_l2 of its output minus the largest rel_l2
     of its inputs, against the fp32 graph's same tensors (the converter keeps node names and output names; inputs it
-    casts are read from the fp32 graph's structure). Largest first."""
+    casts are read from the fp32 graph's structure). Largest first. One sample ranks them; graph inputs and weights
+    count 0 (fed / stored as they are)."""
+    nodes, in_both = _candidates(fp32, fp16)
+    tensors = list(dict.fromkeys(t for n in nodes for t in (*n.input, n.output[0]) if t in in_both))
+    errors = tensor_errors(fp32, fp16, feeds[:1], tensors, budget_bytes=2 << 30, log=log)
+    return _ranked({n.name: ([n.output[0]], list(n.input)) for n in nodes}, errors)
+
+
+def block_of(node_name: str) -> str:
+    """The numbered block a node belongs to by its scope (`/encoder/layers.11/mlp/fc1/MatMul` -> `encoder/layers.11`),
+    "" outside any."""
+    match = _BLOCK_SCOPE.match(node_name or "")
+    return match.group(1) if match else ""
+
+
+def fp16_block_sensitivity(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray]], log: Log = quiet
+                           ) -> list[tuple[str, float]]:
+    """Rank the graph's blocks (`block_of`; the nodes outside any block are one more, "") by the error each adds in
+    fp16: the largest rel_l2 of the tensors leaving it minus the largest of those entering it, from one probe of
+    the tensors that cross block boundaries only (a residual stream per layer, not every activation). Largest
+    first; empty when the graph has fewer than three blocks."""
+    import onnx
+
+    full = onnx.load(str(fp32), load_external_data=False)
+    block = {o: block_of(n.name) for n in full.graph.node for o in n.output}
+    if len(set(block.values())) < 3:
+        return []
+    _, in_both = _candidates(fp32, fp16)
+    exits: dict[str, set[str]] = {}
+    entries: dict[str, set[str]] = {}
+    for n in full.graph.node:
+        for t in n.input:
+            if t in block and block[t] != block_of(n.name):
+                exits.setdefault(block[t], set()).add(t)
+                entries.setdefault(block_of(n.name), set()).add(t)
+    for t in (o.name for o in full.graph.output):
+        exits.setdefault(block.get(t, ""), set()).add(t)
+    crossing = [t for t in dict.fromkeys(o for n in full.graph.node for o in n.output)
+                if t in in_both and any(t in e for e in exits.values())]
+    errors = tensor_errors(fp32, fp16, feeds[:1], crossing, budget_bytes=2 << 30, most=256, log=log)
+    return _ranked({b: (sorted(exits.get(b, ())), sorted(entries.get(b, ()))) for b in set(block.values())}, errors)
+
+
+def _ranked(parts: Mapping[str, tuple[Sequence[str], Sequence[str]]], errors: Mapping[str, float]
+            ) -> list[tuple[str, float]]:
+    """(name, error added) per part of {name: (tensors out, tensors in)}: the largest error out minus the largest in."""
+    def largest(tensors: Sequence[str]) -> float:
+        return max((errors.get(t, 0.0) for t in tensors), default=0.0)
+    return sorted(((name, largest(outs) - largest(ins)) for name, (outs, ins) in parts.items()),
+                  key=lambda item: -item[1])
+
+
+def _candidates(fp32: Path, fp16: Path) -> tuple[list["onnx.NodeProto"], set[str]]:
+    """The fp32 graph's nodes the repair may keep in fp32 (REPAIR_OPS the conversion did not already block, whose
+    output the fp16 graph has too), and the tensor names both graphs have."""
     import onnx
 
     half = onnx.load(str(fp16), load_external_data=False)
@@ -102,30 +162,43 @@ def fp16_sensitivity(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.nda
     in_both = {o for n in half.graph.node for o in n.output} & {o for n in full.graph.node for o in n.output}
     nodes = [n for n in full.graph.node if n.op_type in REPAIR_OPS and n.name not in blocked and n.output
              and n.output[0] in in_both]
-    tensors = list(dict.fromkeys(t for n in nodes for t in (*n.input, n.output[0]) if t in in_both))
-    # one sample ranks the nodes (a full-size Pix2Struct probe is ~1 min per chunk per sample); graph inputs and
-    # weights are 0 (fed / stored as they are)
-    errors = tensor_errors(fp32, fp16, feeds[:1], tensors, budget_bytes=2 << 30, log=log)
-    ranking = [(n.name, errors[n.output[0]] - max((errors.get(t, 0.0) for t in n.input), default=0.0))
-               for n in nodes]
-    return sorted(ranking, key=lambda item: -item[1])
+    return nodes, in_both
+
+
+def repair_steps(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray]], max_kept: int = 32,
+                 log: Log = quiet) -> list[tuple[str, list[str]]]:
+    """The repair's tries, smallest first: (what is kept, its nodes). The worst 1, 2, 4, ... blocks that add error
+    (at most half of the blocks), or for a graph without blocks the worst 1, 2, 4, ... nodes up to `max_kept`."""
+    blocks = [name for name, gain in fp16_block_sensitivity(fp32, fp16, feeds, log) if gain > 0]
+    if blocks:
+        nodes, _ = _candidates(fp32, fp16)
+        log(f"{fp16.name}: blocks adding the most error in fp16 {blocks[:5]}")
+        total = len({block_of(n.name) for n in nodes})
+        counts = [k for k in _doubling(len(blocks)) if k <= max(1, total // 2)]
+        return [(f"{k} block(s): {', '.join(b or '(outside blocks)' for b in blocks[:k])}",
+                 [n.name for n in nodes if block_of(n.name) in set(blocks[:k])]) for k in counts]
+    ranking = [name for name, gain in fp16_sensitivity(fp32, fp16, feeds, log) if gain > 0]
+    log(f"{fp16.name}: most error-adding nodes in fp16 {ranking[:5]}")
+    return [(f"{k} node(s)", ranking[:k]) for k in _doubling(min(max_kept, len(ranking)))]
+
+
+def _doubling(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n itself."""
+    counts = [1 << i for i in range(max(n, 1).bit_length()) if (1 << i) < n]
+    return [*counts, n] if n else []
 
 
 def repair_fp16(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray]],
                 convert: Callable[[Sequence[str]], None], passes: Callable[[], tuple[bool, dict[str, Any]]],
                 max_kept: int = 32, log: Log = quiet) -> Fp16Repair:
-    """Keep the fp16 graph's most error-adding nodes in fp32 (1, 2, 4, ... up to `max_kept`), reconverting with
+    """Keep the fp16 graph's most error-adding blocks or nodes in fp32 (`repair_steps`), reconverting with
     `convert(kept)` and checking with `passes()` -> (ok, figures), until it passes."""
-    ranking = [name for name, gain in fp16_sensitivity(fp32, fp16, feeds, log) if gain > 0]
-    log(f"{fp16.name}: most error-adding nodes in fp16 {ranking[:5]}")
     repair = Fp16Repair(False)
-    k = 1
-    while k <= min(max_kept, len(ranking)):
-        convert(ranking[:k])
+    for label, kept in repair_steps(fp32, fp16, feeds, max_kept, log):
+        convert(kept)
         ok, figures = passes()
-        repair.tries.append({"kept_fp32": k, **figures})
+        repair.tries.append({"kept": label, "kept_fp32": len(kept), **figures})
         if ok:
-            repair.ok, repair.kept_fp32 = True, ranking[:k]
+            repair.ok, repair.kept_fp32 = True, kept
             return repair
-        k *= 2
     return repair

@@ -21,7 +21,7 @@ class ExportItem:
 
 class ExportStage:
     name = "export"
-    version = 4
+    version = 5             # 5: the fp16 repair keeps whole blocks of a layered graph (export/fp16.py)
 
     def __init__(self, upstream: Mapping[str, Mapping[str, Any]]):
         self.features = upstream               # component -> parity features, for the item's produce()
