@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 
 from mova_export.core.spec import TensorSpec
 from mova_export.core.tolerance import TOLERANCES
-from mova_export.export.fp16 import block_of, fp16_block_sensitivity, fp16_from_onnx, fp16_sensitivity, repair_fp16
+from mova_export.export.blocks import block_of, block_sensitivity
+from mova_export.export.fp16 import fp16_from_onnx, fp16_sensitivity, repair_fp16
 from mova_export.runners import OrtRunner, compare_runners
 
 
@@ -146,7 +147,7 @@ def test_a_graph_of_blocks_is_probed_at_its_boundaries_and_keeps_the_lossy_block
     fp16 = root / "blocks.fp16.onnx"
     fp16_from_onnx(fp32, fp16, INPUTS, OUTPUTS, "blocks")
     assert not _report(fp32, fp16, feeds).passed
-    ranking = fp16_block_sensitivity(fp32, fp16, feeds)
+    ranking = block_sensitivity(fp32, fp16, feeds)
     assert {name for name, _ in ranking} == {f"layers.{i}" for i in range(6)}
     assert ranking[0][0] == "layers.3" and ranking[0][1] > 0.01 > max(gain for _, gain in ranking[1:])
 

@@ -88,6 +88,35 @@ class OutlierMLP(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
+class OutlierBlock(torch.nn.Module):
+    """A residual block (the add inside its scope, as transformer layers are written); `outlier` scales channel 0 of
+    the block's own fc1 input by 3000 (an OutlierMLP inside it)."""
+
+    def __init__(self, outlier: bool):
+        super().__init__()
+        self.mlp = OutlierMLP() if outlier else torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                                                     torch.nn.Linear(32, 16))
+        self.register_buffer("scale", torch.ones(16))
+        if outlier:
+            self.scale[0] = 3000.0
+
+    def forward(self, x):
+        return x + self.mlp(x * self.scale)
+
+
+class LayeredOutlier(torch.nn.Module):
+    """Six blocks (`/layers.N/` in the graph), the third of which holds the outlier."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(OutlierBlock(i == 2) for i in range(6))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 def _export(module, example, path: Path, outputs) -> Path:
     torch.manual_seed(0)
     with torch.no_grad():
@@ -402,6 +431,24 @@ def test_sensitive_node_is_excluded_and_int8_kept_partially(outlier, tmp_path):
     assert decision.history[0]["cosine"] < 0.999  # the whole graph in int8 misses the budget
     assert decision.final == "int8-partial" and decision.excluded_nodes == [fc1] and decision.tries == 2
     assert decision.budget_met and decision.measured["cosine"] >= 0.999
+
+
+def test_a_layered_graph_ranks_only_the_nodes_of_its_worst_block(tmp_path):
+    """node_sensitivity with a pool probes the block boundaries first and ranks only the worst block's nodes; the
+    budget then leaves out that block's fc1 alone, as the every-node ranking would."""
+    torch.manual_seed(0)
+    fp32 = _export(LayeredOutlier(), torch.randn(1, 10, 16), tmp_path / "layered.fp32.onnx", ["y"])
+    feeds = _split([{"x": np.random.default_rng(i).standard_normal((1, 10, 16)).astype(np.float32)}
+                    for i in range(6)], 2)
+    full = qdq_from_onnx(fp32, tmp_path / "full.onnx", _settings(), feeds.calibration)
+    assert len(full.quantized_nodes) == 12
+    every = node_sensitivity(fp32, full.path, feeds.held_out[:1], full.quantized_nodes)
+    pooled = node_sensitivity(fp32, full.path, feeds.held_out[:1], full.quantized_nodes, pool=2)
+    assert {name.split("/")[1] for name, _ in pooled} == {"layers.2"} and len(pooled) == 2
+    assert pooled[0][0] == every[0][0] and "layers.2" in pooled[0][0] and "fc1" in pooled[0][0]
+    decision = quantize_with_budget(fp32, tmp_path, "layered", _settings(budget=Tolerance(0.999, 0.05)), feeds)
+    assert decision.history[0]["cosine"] < 0.99 and decision.final == "int8-partial"
+    assert decision.excluded_nodes == [pooled[0][0]]
 
 
 def test_fp8_budget_decision(tower, tmp_path):

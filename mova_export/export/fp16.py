@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core.progress import Log, quiet
 from ..core.spec import TensorSpec
+from .blocks import block_of, block_sensitivity, ranked
 from .graph_io import check_graph, save_model, tensor_errors, too_large
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,9 +35,6 @@ FP32_OPS = ("Resize", "LayerNormalization", "GroupNormalization", "InstanceNorma
 # module scope whose name contains "norm"; their weight-free arithmetic stays fp32 too.
 _NORM_SCOPE = re.compile(r"/[^/]*norm[^/]*/", re.IGNORECASE)
 _NORM_SCOPE_OPS = frozenset({"Sub", "Add", "Mul", "Div", "Sqrt", "Pow", "ReduceMean", "Reciprocal", "Cast"})
-# A numbered block by its scope: the shortest scope prefix ending in a numbered segment (`layer.3`, `layers_11`).
-_BLOCK_SCOPE = re.compile(r"^/((?:[^/]+/)*?[^/]*?[._]\d+)/")
-
 
 def toposorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """The float16 converter appends its Cast nodes at the end; onnx_ir puts the graph back in topological order."""
@@ -104,51 +102,7 @@ def fp16_sensitivity(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.nda
     nodes, in_both = _candidates(fp32, fp16)
     tensors = list(dict.fromkeys(t for n in nodes for t in (*n.input, n.output[0]) if t in in_both))
     errors = tensor_errors(fp32, fp16, feeds[:1], tensors, budget_bytes=2 << 30, log=log)
-    return _ranked({n.name: ([n.output[0]], list(n.input)) for n in nodes}, errors)
-
-
-def block_of(node_name: str) -> str:
-    """The numbered block a node belongs to by its scope (`/encoder/layers.11/mlp/fc1/MatMul` -> `encoder/layers.11`),
-    "" outside any."""
-    match = _BLOCK_SCOPE.match(node_name or "")
-    return match.group(1) if match else ""
-
-
-def fp16_block_sensitivity(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray]], log: Log = quiet
-                           ) -> list[tuple[str, float]]:
-    """Rank the graph's blocks (`block_of`; the nodes outside any block are one more, "") by the error each adds in
-    fp16: the largest rel_l2 of the tensors leaving it minus the largest of those entering it, from one probe of
-    the tensors that cross block boundaries only (a residual stream per layer, not every activation). Largest
-    first; empty when the graph has fewer than three blocks."""
-    import onnx
-
-    full = onnx.load(str(fp32), load_external_data=False)
-    block = {o: block_of(n.name) for n in full.graph.node for o in n.output}
-    if len(set(block.values())) < 3:
-        return []
-    _, in_both = _candidates(fp32, fp16)
-    exits: dict[str, set[str]] = {}
-    entries: dict[str, set[str]] = {}
-    for n in full.graph.node:
-        for t in n.input:
-            if t in block and block[t] != block_of(n.name):
-                exits.setdefault(block[t], set()).add(t)
-                entries.setdefault(block_of(n.name), set()).add(t)
-    for t in (o.name for o in full.graph.output):
-        exits.setdefault(block.get(t, ""), set()).add(t)
-    crossing = [t for t in dict.fromkeys(o for n in full.graph.node for o in n.output)
-                if t in in_both and any(t in e for e in exits.values())]
-    errors = tensor_errors(fp32, fp16, feeds[:1], crossing, budget_bytes=2 << 30, most=256, log=log)
-    return _ranked({b: (sorted(exits.get(b, ())), sorted(entries.get(b, ()))) for b in set(block.values())}, errors)
-
-
-def _ranked(parts: Mapping[str, tuple[Sequence[str], Sequence[str]]], errors: Mapping[str, float]
-            ) -> list[tuple[str, float]]:
-    """(name, error added) per part of {name: (tensors out, tensors in)}: the largest error out minus the largest in."""
-    def largest(tensors: Sequence[str]) -> float:
-        return max((errors.get(t, 0.0) for t in tensors), default=0.0)
-    return sorted(((name, largest(outs) - largest(ins)) for name, (outs, ins) in parts.items()),
-                  key=lambda item: -item[1])
+    return ranked({n.name: ([n.output[0]], list(n.input)) for n in nodes}, errors)
 
 
 def _candidates(fp32: Path, fp16: Path) -> tuple[list["onnx.NodeProto"], set[str]]:
@@ -169,7 +123,7 @@ def repair_steps(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray
                  log: Log = quiet) -> list[tuple[str, list[str]]]:
     """The repair's tries, smallest first: (what is kept, its nodes). The worst 1, 2, 4, ... blocks that add error
     (at most half of the blocks), or for a graph without blocks the worst 1, 2, 4, ... nodes up to `max_kept`."""
-    blocks = [name for name, gain in fp16_block_sensitivity(fp32, fp16, feeds, log) if gain > 0]
+    blocks = [name for name, gain in block_sensitivity(fp32, fp16, feeds, log) if gain > 0]
     if blocks:
         nodes, _ = _candidates(fp32, fp16)
         log(f"{fp16.name}: blocks adding the most error in fp16 {blocks[:5]}")

@@ -1,8 +1,8 @@
 """The accuracy budget: quantize, judge every held-out sample, leave the most error-adding nodes out, else fall back.
 
 1. Q/DQ graph of every eligible node (try 1). Every held-out sample within budget -> final = precision.
-2. Otherwise rank the quantized nodes by the error each adds (sensitivity.node_sensitivity, one run on the held-out
-   feeds) and re-quantize excluding the top 1, 2, 4, ... nodes (sensitivity.exclusion_schedule); the calibration
+2. Otherwise rank the quantized nodes by the error each adds (sensitivity.node_sensitivity on the worst held-out
+   sample; a layered graph only the nodes of its worst blocks) and re-quantize excluding the top 1, 2, 4, ... nodes (sensitivity.exclusion_schedule); the calibration
    ranges of try 1 serve every later try. The first within budget -> final = "<precision>-partial".
 3. Otherwise the fp16 graph (graph_io.fp16_from_onnx; its figures recorded, budget_met says whether it met it).
 
@@ -102,7 +102,11 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
         quantized = list(result.quantized_nodes)
         with tempfile.TemporaryDirectory() as tmp:
             probe = result.path if result.parity_method == "ort" else simulate_fp8(result.path, Path(tmp) / "sim.onnx")
-            ranking = [name for name, _ in node_sensitivity(src, probe, held_out, quantized)]
+            # ranked on the sample the gate failed (the worst one), coarse to fine: a full-size probe of every node
+            # on every held-out sample would be hours
+            worst = held_out[labels.index(history[-1]["worst_sample"])] if labels else held_out[0]
+            ranking = [name for name, _ in node_sensitivity(src, probe, [worst], quantized,
+                                                            pool=2 * settings.max_excluded, log=log)]
         log(f"{component} [{precision}]: most error-adding nodes {ranking[:5]}")
         for k in exclusion_schedule(len(ranking), len(quantized), settings.max_excluded, settings.max_tries - 1):
             result = qdq_from_onnx(src, dst, settings, calibration, exclude_nodes=ranking[:k],

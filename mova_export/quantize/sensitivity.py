@@ -8,18 +8,22 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..core.progress import Log, quiet
+from ..export.blocks import block_of, block_sensitivity, worst_blocks_holding
 from ..export.graph_io import tensor_errors
 from .select import name_nodes
 
 Feed = Mapping[str, np.ndarray]
 
 
-def node_sensitivity(fp32: str | Path, qdq: str | Path, feeds: Sequence[Feed], nodes: Sequence[str]
-                     ) -> list[tuple[str, float]]:
+def node_sensitivity(fp32: str | Path, qdq: str | Path, feeds: Sequence[Feed], nodes: Sequence[str],
+                     pool: int | None = None, log: Log = quiet) -> list[tuple[str, float]]:
     """Rank quantized nodes by the error they add: for node n with activation input x and output y,
     rel_l2(y_q, y_fp32) - rel_l2(x_q, x_fp32) (x is the tensor before its Q/DQ, present in both graphs), each the mean
-    over the feeds (graph_io.tensor_errors probes both graphs a few tensors at a time). Largest first. `qdq` must run
-    in ONNX Runtime (pass simulate_fp8's twin for a float8 graph that does not)."""
+    over the feeds (graph_io.tensor_errors probes both graphs a few tensors at a time). Largest first. With `pool`, a
+    layered graph is ranked coarse to fine: one probe of its block boundaries (export/blocks.py), then only the nodes
+    of the worst blocks, at least `pool` of them, are probed (a full-size tower's every node is an hour of probes).
+    `qdq` must run in ONNX Runtime (pass simulate_fp8's twin for a float8 graph that does not)."""
     import onnx
 
     fp32, qdq = Path(fp32), Path(qdq)
@@ -27,8 +31,19 @@ def node_sensitivity(fp32: str | Path, qdq: str | Path, feeds: Sequence[Feed], n
     if any(not n.name for n in model.graph.node):
         name_nodes(model)
     by_name = {n.name: n for n in model.graph.node}
+    del model
     pairs = [(name, by_name[name].input[0], by_name[name].output[0]) for name in nodes if name in by_name]
-    errors = tensor_errors(fp32, qdq, feeds, list(dict.fromkeys(t for _, x, y in pairs for t in (x, y))))
+    if pool is not None and len(pairs) > pool:
+        blocks = block_sensitivity(fp32, qdq, feeds, log)
+        if blocks:
+            by_block: dict[str, list[str]] = {}
+            for name, _, _ in pairs:
+                by_block.setdefault(block_of(name), []).append(name)
+            keep = set(worst_blocks_holding(blocks, by_block, pool))
+            log(f"{qdq.name}: blocks adding the most error {[b for b, _ in blocks[:3]]}; ranking their "
+                f"{len(keep)} of {len(pairs)} quantized nodes")
+            pairs = [p for p in pairs if p[0] in keep] or pairs
+    errors = tensor_errors(fp32, qdq, feeds, list(dict.fromkeys(t for _, x, y in pairs for t in (x, y))), log=log)
     return sorted(((name, errors[y] - errors[x]) for name, x, y in pairs), key=lambda item: -item[1])
 
 

@@ -33,7 +33,7 @@ class QuantizeItem:
 
 class QuantizeStage:
     name = "quantize"
-    version = 4
+    version = 5             # 5: the INT8 budget ranks nodes on the worst held-out sample, worst blocks first
 
     def __init__(self, adapter_features: dict[str, Any] | None = None):
         self.adapter_features = adapter_features or {}
