@@ -14,7 +14,9 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from ..core.progress import Log, quiet
 from ..core.tolerance import ParityReport
@@ -100,13 +102,8 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
         if report.passed:
             return decision(precision, dst, [], report, how)
         quantized = list(result.quantized_nodes)
-        with tempfile.TemporaryDirectory() as tmp:
-            probe = result.path if result.parity_method == "ort" else simulate_fp8(result.path, Path(tmp) / "sim.onnx")
-            # ranked on the sample the gate failed (the worst one), coarse to fine: a full-size probe of every node
-            # on every held-out sample would be hours
-            worst = held_out[labels.index(history[-1]["worst_sample"])] if labels else held_out[0]
-            ranking = [name for name, _ in node_sensitivity(src, probe, [worst], quantized,
-                                                            pool=2 * settings.max_excluded, log=log)]
+        worst = held_out[labels.index(history[-1]["worst_sample"])] if labels else held_out[0]
+        ranking = _ranking(src, result, worst, quantized, settings, log)
         log(f"{component} [{precision}]: most error-adding nodes {ranking[:5]}")
         for k in exclusion_schedule(len(ranking), len(quantized), settings.max_excluded, settings.max_tries - 1):
             result = qdq_from_onnx(src, dst, settings, calibration, exclude_nodes=ranking[:k],
@@ -123,6 +120,16 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
         f"worst held-out cosine {report.summary()['cosine']:.6f}"
         f"{'' if report.passed else f' ({fallback} misses the budget too)'}")
     return decision(fallback, path, [], report, "ort")
+
+
+def _ranking(src: Path, result: QuantResult, worst: Mapping[str, np.ndarray], quantized: list[str],
+             settings: QuantSettings, log: Log) -> list[str]:
+    """The quantized nodes by the error each adds, on the sample the gate failed (the worst one) and coarse to fine
+    (node_sensitivity's pool): a full-size probe of every node on every held-out sample would be hours."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = result.path if result.parity_method == "ort" else simulate_fp8(result.path, Path(tmp) / "sim.onnx")
+        return [name for name, _ in node_sensitivity(src, probe, [worst], quantized, pool=2 * settings.max_excluded,
+                                                     log=log)]
 
 
 def _fallback(src: Path, dst_dir: Path, component: str, settings: QuantSettings, reference: list, feeds: FeedSplit,
