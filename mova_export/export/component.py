@@ -298,6 +298,7 @@ def _fp16_variant(job: _FormJob, fp32: Path, path: Path, checked: Sequence[Sampl
         latest = [report]
 
         def convert(kept: Sequence[str]) -> None:
+            job.steps.grow(len(checked))                    # each try is one more parity pass
             fp16_from_onnx(fp32, path, form.inputs, form.outputs, form.name, log=job.console.line, keep_fp32=kept)
 
         def passes() -> tuple[bool, dict[str, float]]:
