@@ -140,7 +140,9 @@ def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str,
 
     sums: dict[str, float] = {t: 0.0 for t in tensors}
     chunks = _probe_chunks(reference, tensors, budget_bytes, most)
-    with tempfile.TemporaryDirectory() as tmp:
+    # beside the candidate (inside the build unit's partial folder): a killed build leaves its probe graphs, each
+    # as large as the model, where `mova-export clean --partials` finds them rather than in the system's /tmp
+    with tempfile.TemporaryDirectory(dir=candidate.parent, prefix=".probe-") as tmp:
         for i, names in enumerate(chunks):
             if log is not None:     # a full-size graph takes minutes per chunk: say where it is
                 log(f"{candidate.name}: probing intermediate tensors, chunk {i + 1}/{len(chunks)} ({len(names)} "

@@ -126,7 +126,7 @@ def _ranking(src: Path, result: QuantResult, worst: Mapping[str, np.ndarray], qu
              settings: QuantSettings, log: Log) -> list[str]:
     """The quantized nodes by the error each adds, on the sample the gate failed (the worst one) and coarse to fine
     (node_sensitivity's pool): a full-size probe of every node on every held-out sample would be hours."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=result.path.parent, prefix=".sim-") as tmp:     # in the unit's folder
         probe = result.path if result.parity_method == "ort" else simulate_fp8(result.path, Path(tmp) / "sim.onnx")
         return [name for name, _ in node_sensitivity(src, probe, [worst], quantized, pool=2 * settings.max_excluded,
                                                      log=log)]
