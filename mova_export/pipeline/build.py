@@ -38,6 +38,7 @@ from ..bundle.manifest import BUILD_LOG, MANIFEST
 from ..bundle.signing import check_signing_key, read_signature, sign_bundle
 from ..components import all_specs, component_names, facts_from_config, get_spec
 from ..core.errors import BuildError, BundleError, ComponentError
+from ..core.memory import return_large_blocks_when_freed
 from ..core.progress import Console
 from ..core.qtypes import QTYPES
 from ..export import load_calibration
@@ -119,6 +120,7 @@ def build(request: BuildRequest, console: Console | None = None) -> BuildResult:
     disk) with no bundle written; a previous bundle at `out` stays untouched, finished units stay in the work
     folder."""
     start = time.perf_counter()
+    return_large_blocks_when_freed()                      # an hour of 10-400 MB arrays: keep the heap from holding them
     if request.target is None:
         raise BuildError("a build needs a target recipe (--target); `mova-export export` writes graphs without one")
     recipe = load_recipe(request.target)                  # RecipeError names the field

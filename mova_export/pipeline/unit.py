@@ -15,6 +15,7 @@ import numpy as np
 from ..bundle.files import tool_versions
 from ..components import get_spec
 from ..core.bert_inputs import BertTextTokenizer
+from ..core.memory import release_freed_memory
 from ..core.progress import Console
 from ..core.spec import BYTES_PER_PRECISION
 from .work import Unit, WorkFolder, digest, write_unit
@@ -146,6 +147,7 @@ def run_unit(ctx: BuildContext, stage: Stage, item: Any, **detail: Any) -> UnitO
                 with unit.produce() as tmp:
                     data = stage.produce(ctx, item, tmp)
                     write_unit(tmp, data)
+                release_freed_memory()              # the next unit starts from what is live, not the last peak
     if reused:
         data = unit.read()
     ctx.record(stage.name, name, key, reused, start, **detail)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ..core.memory import release_freed_memory
 from ..core.progress import Log, quiet
 from ..export.graph_io import save_model, too_large
 from .select import QUANT_OP_TYPES
@@ -132,6 +133,7 @@ def calibration_ranges(model_path: Path, scratch: Path, feeds: Sequence[dict[str
     for i, feed in enumerate(feeds, 1):
         with silenced():
             calibrator.collect_data(FeedReader([feed]))
+        release_freed_memory()          # this sample's tensors (GBs at full size) back to the system before the next
         log(f"int8 calibration: batch {i}/{len(feeds)} ({time.perf_counter() - start:.1f} s)")
     path = scratch / "calibration.json"
     with silenced():
