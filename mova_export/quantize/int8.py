@@ -107,6 +107,7 @@ def calibration_ranges(model_path: Path, scratch: Path, feeds: Sequence[dict[str
     with the tensor selection narrowed to the chosen nodes, fed one sample per call (the histogram collector and
     the min/max ranges merge across calls), keep one sample of the tensors that get Q/DQ.
     """
+    import onnxruntime
     from onnxruntime.quantization import calibrate
 
     classes = {calibrate.CalibrationMethod.MinMax: (calibrate.MinMaxCalibrater, {}),
@@ -122,6 +123,13 @@ def calibration_ranges(model_path: Path, scratch: Path, feeds: Sequence[dict[str
             tensors, infos = super().select_tensors_to_calibrate(model)
             used = {t for node in model.graph.node if node.name in wanted for t in (*node.input, *node.output)}
             return tensors & used, infos
+
+        def create_inference_session(self) -> None:
+            options = onnxruntime.SessionOptions()
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL   # as the base
+            options.enable_cpu_mem_arena = False    # a sample's tensors are freed after its run, not kept as arena
+            self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=options,
+                                                              providers=self.execution_providers)
 
     with silenced():
         calibrator = NarrowCalibrater(str(model_path), list(QUANT_OP_TYPES),
