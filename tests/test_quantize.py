@@ -215,6 +215,23 @@ def test_int8_parity_on_held_out(tower, int8):
     assert set(report.per_output()) == {"probs", "hidden"} and len(report.samples) == 3
 
 
+def test_int8_of_a_graph_with_external_weights_is_the_same_graph(tower, int8, tmp_path):
+    """A tower over 2 GB keeps its weights in a .data file; INT8 reads its structure only and copies the weights:
+    the Q/DQ graph is the one the in-memory path writes (same ranges, same weights)."""
+    external = tmp_path / "src" / "tower.fp32.onnx"
+    external.parent.mkdir()
+    onnx.save_model(onnx.load(str(tower)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="tower.fp32.onnx.data", size_threshold=0)
+    result = qdq_from_onnx(external, tmp_path / "out" / "tower.int8.onnx", _settings(), _tower_feeds(6, 1))
+    assert not list((tmp_path / "out").glob(".tower*"))                     # the scratch folder is gone
+    same, _ = int8
+    assert (result.quantized_nodes, result.num_q, result.num_dq) == (same.quantized_nodes, same.num_q, same.num_dq)
+    for feed in _tower_feeds(2, 5):
+        ours, theirs = OrtRunner(result.path).infer(feed), OrtRunner(same.path).infer(feed)
+        for name in ours:
+            np.testing.assert_array_equal(ours[name], theirs[name])
+
+
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_int8_other_calibrators_are_quiet(tower, tmp_path, method, capfd):
     logs: list[str] = []

@@ -4,6 +4,7 @@ data past 2 GB, the declaration check, a graph's declared I/O, and the per-tenso
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
@@ -52,9 +53,29 @@ def weights_bytes(model: "onnx.ModelProto") -> int:
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
+def has_external_data(model: "onnx.ModelProto") -> bool:
+    """True for a graph read with load_external_data=False whose weights live in a file beside it."""
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def too_large(model: "onnx.ModelProto") -> bool:
-    """True when the proto cannot be one file (2 GB protobuf limit, with a margin for the graph itself)."""
-    return weights_bytes(model) > PROTO_LIMIT - (256 << 20) or model.ByteSize() > PROTO_LIMIT - (64 << 20)
+    """True when the proto cannot be one file (2 GB protobuf limit, with a margin for the graph itself), or its
+    weights were left in their file when it was read."""
+    return (weights_bytes(model) > PROTO_LIMIT - (256 << 20) or model.ByteSize() > PROTO_LIMIT - (64 << 20)
+            or has_external_data(model))
+
+
+def save_linked(model: "onnx.ModelProto", source: Path, path: Path) -> None:
+    """Save a graph read from `source` with load_external_data=False: its proto at `path` and its weight files
+    copied beside it file to file, so a 4 GB tower is never held in memory to be rewritten. (Copied, not linked: the
+    ONNX checker refuses weight files with several hard links, as a possible hard-link attack.)"""
+    import onnx
+
+    onnx.save_model(model, str(path))
+    for location in {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}:
+        shutil.copyfile(source.parent / location, path.parent / location)
 
 
 def save_model(model: "onnx.ModelProto", path: Path) -> list[Path]:

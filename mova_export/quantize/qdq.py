@@ -100,7 +100,10 @@ def qdq_from_onnx(src: str | Path, dst: str | Path, settings: QuantSettings, cal
         raise ExportError(f"fp32 graph {src} not found; export the component first (export.onnx_from_component)")
     if src.resolve() == dst.resolve():
         raise ExportError(f"quantizing {src.name} would overwrite it; pass another dst")
-    model = onnx.load(str(src))
+    # INT8 by onnxruntime reads the weights from files: its graph here is the structure (a 4.4 GB tower's weights
+    # held while onnxruntime loads its own copies took a full-size build into the OOM killer)
+    lean = settings.precision == "int8" and settings.backend != "modelopt"
+    model = onnx.load(str(src), load_external_data=not lean)
     feeds = check_feeds(calibration, graph_input_names(model), "calibration", src)
     start = time.perf_counter()
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +164,7 @@ def _write(model: Any, src: Path, scratch: Path, settings: QuantSettings, feeds:
     if settings.precision == "int8":
         kept = ranges_dir / "int8-ranges.json" if ranges_dir is not None else None
         out, ranges = int8_qdq(model, scratch, feeds, settings.method, nodes.chosen, nodes.islands, log,
-                               ranges=kept if kept is not None and kept.is_file() else None)
+                               ranges=kept if kept is not None and kept.is_file() else None, source=src)
         if kept is not None and ranges is not None and not kept.is_file():
             shutil.copyfile(ranges, kept)
         return out, "onnxruntime"
