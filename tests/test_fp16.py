@@ -63,28 +63,27 @@ class Blocks(torch.nn.Module):
 INPUTS, OUTPUTS = (TensorSpec("x", (1, 8, 16)),), (TensorSpec("y", (1, 8, 16)),)
 
 
-@pytest.fixture(scope="module")
-def graphs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp16")
+def _exported(module: torch.nn.Module, root: Path, name: str):
+    """(folder, fp32 graph, three feeds) of a toy module."""
     torch.manual_seed(0)
-    fp32 = root / "toy.fp32.onnx"
+    fp32 = root / f"{name}.fp32.onnx"
     with torch.no_grad():
-        torch.onnx.export(TinyWeights().eval(), (torch.randn(1, 8, 16),), str(fp32), input_names=["x"],
-                          output_names=["y"], opset_version=18, dynamo=False)
+        torch.onnx.export(module.eval(), (torch.randn(1, 8, 16),), str(fp32), input_names=["x"], output_names=["y"],
+                          opset_version=18, dynamo=False)
     feeds = [{"x": np.random.default_rng(i).standard_normal((1, 8, 16)).astype(np.float32)} for i in range(3)]
     return root, fp32, feeds
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    torch.manual_seed(0)
+    return _exported(TinyWeights(), tmp_path_factory.mktemp("fp16"), "toy")
 
 
 @pytest.fixture(scope="module")
 def block_graphs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp16-blocks")
     torch.manual_seed(0)
-    fp32 = root / "blocks.fp32.onnx"
-    with torch.no_grad():
-        torch.onnx.export(Blocks().eval(), (torch.randn(1, 8, 16),), str(fp32), input_names=["x"],
-                          output_names=["y"], opset_version=18, dynamo=False)
-    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 8, 16)).astype(np.float32)} for i in range(3)]
-    return root, fp32, feeds
+    return _exported(Blocks(), tmp_path_factory.mktemp("fp16-blocks"), "blocks")
 
 
 def _report(fp32: Path, fp16: Path, feeds):
