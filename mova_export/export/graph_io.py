@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..core.errors import ExportError
+from ..core.memory import release_freed_memory
 from ..core.spec import TensorSpec
 from ..core.tolerance import parity
 from ..runners.ort import OrtRunner
@@ -154,8 +155,9 @@ def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str,
                   log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Mean rel L2 of each named intermediate tensor of `candidate` against the same tensor of `reference` over the
     feeds (Q/DQ run as float math). Both graphs are probed a chunk of tensors at a time (at most `most`, about
-    `budget_bytes` of fp32 by their inferred shapes) and one feed at a time, so a large graph's activations are never
-    all in memory at once: Pix2Struct's 24x2025x2025 attention maps are 390 MB each. A probe output is declared by
+    `budget_bytes` of fp32 by their inferred shapes) and one graph at a time (its values for every feed kept: the
+    callers pass one), so a large graph's activations are never all in memory at once: Pix2Struct's 24x2025x2025
+    attention maps are 390 MB each. A probe output is declared by
     name only and ONNX Runtime infers its type (fp32 in one graph, fp16 in its fp16 variant)."""
     import onnx
 
@@ -168,21 +170,21 @@ def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str,
             if log is not None:     # a full-size graph takes minutes per chunk: say where it is
                 log(f"{candidate.name}: probing intermediate tensors, chunk {i + 1}/{len(chunks)} ({len(names)} "
                     f"tensors)")
-            sessions = []
+            values = []       # per graph, per feed: one graph's session at a time (Co-DETR's two peaked at 22.6 GiB)
             for label, path in (("ref", reference), ("cand", candidate)):
                 probe = onnx.load(str(path))
                 present = {o.name for o in probe.graph.output}
                 probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in present)
                 save_model(probe, Path(tmp) / f"{label}.onnx")
                 del probe
-                sessions.append(OrtRunner(Path(tmp) / f"{label}.onnx", qdq="float").session)
-            for feed in feeds:
-                ref_values = sessions[0].run(names, dict(feed))
-                cand_values = sessions[1].run(names, dict(feed))
+                session = OrtRunner(Path(tmp) / f"{label}.onnx", qdq="float").session
+                values.append([session.run(names, dict(feed)) for feed in feeds])
+                del session
+                release_freed_memory()
+            for ref_values, cand_values in zip(*values):
                 for t, r, c in zip(names, ref_values, cand_values):
                     sums[t] += parity(r, np.asarray(c, np.float32)).rel_l2
-                del ref_values, cand_values
-            del sessions
+            del values
     return {t: v / max(len(feeds), 1) for t, v in sums.items()}
 
 
