@@ -86,6 +86,18 @@ def block_graphs(tmp_path_factory):
     return _exported(Blocks(), tmp_path_factory.mktemp("fp16-blocks"), "blocks")
 
 
+def _repair(fp32: Path, fp16: Path, feeds, name: str):
+    """repair_fp16 reconverting with fp16_from_onnx and judging with _report, as the export does."""
+    def convert(kept):
+        fp16_from_onnx(fp32, fp16, INPUTS, OUTPUTS, name, keep_fp32=kept)
+
+    def passes():
+        report = _report(fp32, fp16, feeds)
+        return report.passed, report.summary()
+
+    return repair_fp16(fp32, fp16, feeds, convert, passes)
+
+
 def _report(fp32: Path, fp16: Path, feeds):
     return compare_runners(OrtRunner(fp16), feeds, OrtRunner(fp32), TOLERANCES["fp16"], graph="toy", precision="fp16")
 
@@ -99,14 +111,7 @@ def test_a_lossy_node_is_found_and_kept_in_fp32(graphs):
     ranking = fp16_sensitivity(fp32, fp16, feeds)
     assert ranking[0][0] == "/fc1/MatMul" and ranking[0][1] > 0.01   # the layer of tiny weights adds the error
 
-    def convert(kept):
-        fp16_from_onnx(fp32, fp16, INPUTS, OUTPUTS, "toy", keep_fp32=kept)
-
-    def passes():
-        report = _report(fp32, fp16, feeds)
-        return report.passed, report.summary()
-
-    repair = repair_fp16(fp32, fp16, feeds, convert, passes)
+    repair = _repair(fp32, fp16, feeds, "toy")
     assert repair.ok and repair.kept_fp32 == ["/fc1/MatMul"] and [t["kept_fp32"] for t in repair.tries] == [1]
     assert _report(fp32, fp16, feeds).passed
     kept = {n.name for n in onnx.load(str(fp16)).graph.node} & set(repair.kept_fp32)
@@ -150,14 +155,7 @@ def test_a_graph_of_blocks_is_probed_at_its_boundaries_and_keeps_the_lossy_block
     assert {name for name, _ in ranking} == {f"layers.{i}" for i in range(6)}
     assert ranking[0][0] == "layers.3" and ranking[0][1] > 0.01 > max(gain for _, gain in ranking[1:])
 
-    def convert(kept):
-        fp16_from_onnx(fp32, fp16, INPUTS, OUTPUTS, "blocks", keep_fp32=kept)
-
-    def passes():
-        report = _report(fp32, fp16, feeds)
-        return report.passed, report.summary()
-
-    repair = repair_fp16(fp32, fp16, feeds, convert, passes)
+    repair = _repair(fp32, fp16, feeds, "blocks")
     assert repair.ok and [t["kept"] for t in repair.tries] == ["1 block(s): layers.3"]
     assert {block_of(n) for n in repair.kept_fp32} == {"layers.3"} and len(repair.kept_fp32) >= 2   # both Gemms
     assert _report(fp32, fp16, feeds).passed

@@ -63,7 +63,8 @@ def block_sensitivity(reference: Path, candidate: Path, feeds: Sequence[Mapping[
                 entries.setdefault(block_of(n.name), set()).add(t)
     for t in (o.name for o in full.graph.output):
         exits.setdefault(block.get(t, ""), set()).add(t)
-    crossing = [t for t in block if t in in_both and any(t in e for e in exits.values())]
+    leaving = set().union(*exits.values())
+    crossing = [t for t in block if t in in_both and t in leaving]
     errors = tensor_errors(reference, candidate, feeds[:1], crossing, budget_bytes=2 << 30, most=256, log=log)
     return ranked({b: (sorted(exits.get(b, ())), sorted(entries.get(b, ()))) for b in set(block.values())}, errors)
 

@@ -36,6 +36,7 @@ FP32_OPS = ("Resize", "LayerNormalization", "GroupNormalization", "InstanceNorma
 _NORM_SCOPE = re.compile(r"/[^/]*norm[^/]*/", re.IGNORECASE)
 _NORM_SCOPE_OPS = frozenset({"Sub", "Add", "Mul", "Div", "Sqrt", "Pow", "ReduceMean", "Reciprocal", "Cast"})
 
+
 def toposorted(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """The float16 converter appends its Cast nodes at the end; onnx_ir puts the graph back in topological order."""
     import onnx_ir as ir
@@ -130,10 +131,14 @@ def repair_steps(fp32: Path, fp16: Path, feeds: Sequence[Mapping[str, np.ndarray
         total = len({block_of(n.name) for n in nodes})
         counts = [k for k in _doubling(len(blocks)) if k <= max(1, total // 2)]
         return [(f"{k} block(s): {', '.join(b or '(outside blocks)' for b in blocks[:k])}",
-                 [n.name for n in nodes if block_of(n.name) in set(blocks[:k])]) for k in counts]
+                 _nodes_in(nodes, set(blocks[:k]))) for k in counts]
     ranking = [name for name, gain in fp16_sensitivity(fp32, fp16, feeds, log) if gain > 0]
     log(f"{fp16.name}: most error-adding nodes in fp16 {ranking[:5]}")
     return [(f"{k} node(s)", ranking[:k]) for k in _doubling(min(max_kept, len(ranking)))]
+
+
+def _nodes_in(nodes: Sequence["onnx.NodeProto"], blocks: set[str]) -> list[str]:
+    return [n.name for n in nodes if block_of(n.name) in blocks]
 
 
 def _doubling(n: int) -> list[int]:

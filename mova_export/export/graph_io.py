@@ -68,7 +68,7 @@ def too_large(model: "onnx.ModelProto") -> bool:
             or has_external_data(model))
 
 
-def save_linked(model: "onnx.ModelProto", source: Path, path: Path) -> None:
+def save_copying_weights(model: "onnx.ModelProto", source: Path, path: Path) -> None:
     """Save a graph read from `source` with load_external_data=False: its proto at `path` and its weight files
     copied beside it file to file, so a 4 GB tower is never held in memory to be rewritten. (Copied, not linked: the
     ONNX checker refuses weight files with several hard links, as a possible hard-link attack.)"""
@@ -157,8 +157,8 @@ def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str,
     feeds (Q/DQ run as float math). Both graphs are probed a chunk of tensors at a time (at most `most`, about
     `budget_bytes` of fp32 by their inferred shapes) and one graph at a time (its values for every feed kept: the
     callers pass one), so a large graph's activations are never all in memory at once: Pix2Struct's 24x2025x2025
-    attention maps are 390 MB each. A probe output is declared by
-    name only and ONNX Runtime infers its type (fp32 in one graph, fp16 in its fp16 variant)."""
+    attention maps are 390 MB each. A probe output is declared by name only and ONNX Runtime infers its type (fp32
+    in one graph, fp16 in its fp16 variant)."""
     import onnx
 
     sums: dict[str, float] = {t: 0.0 for t in tensors}

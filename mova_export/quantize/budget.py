@@ -2,8 +2,8 @@
 
 1. Q/DQ graph of every eligible node (try 1). Every held-out sample within budget -> final = precision.
 2. Otherwise rank the quantized nodes by the error each adds (sensitivity.node_sensitivity on the worst held-out
-   sample; a layered graph only the nodes of its worst blocks) and re-quantize excluding the top 1, 2, 4, ... nodes (sensitivity.exclusion_schedule); the calibration
-   ranges of try 1 serve every later try. The first within budget -> final = "<precision>-partial".
+   sample; a layered graph only the nodes of its worst blocks) and re-quantize excluding the top 1, 2, 4, ... nodes
+   (sensitivity.exclusion_schedule); the calibration ranges of try 1 serve every later try. The first within budget -> final = "<precision>-partial".
 3. Otherwise the fp16 graph (graph_io.fp16_from_onnx; its figures recorded, budget_met says whether it met it).
 
 The gate is the worst held-out sample: a graph that is good on average and bad on one photo misses the budget. The

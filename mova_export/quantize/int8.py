@@ -18,7 +18,7 @@ import numpy as np
 
 from ..core.memory import release_freed_memory
 from ..core.progress import Log, quiet
-from ..export.graph_io import has_external_data, save_linked, save_model, too_large
+from ..export.graph_io import has_external_data, save_copying_weights, save_model, too_large
 from .select import QUANT_OP_TYPES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,7 +63,7 @@ def int8_qdq(model: "onnx.ModelProto", scratch: Path, feeds: list[dict], method:
     large = too_large(model)
     named = scratch.absolute() / "named.onnx"
     if source is not None and has_external_data(model):
-        save_linked(model, source, named)
+        save_copying_weights(model, source, named)
     else:
         save_model(model, named)
     pre = scratch.absolute() / "pre.onnx"
