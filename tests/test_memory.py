@@ -1,5 +1,6 @@
 """A build gives freed memory back: after many large arrays are freed between small live objects (the pattern that
-left a full-size build holding 10.9 GB of heap), the process's anonymous RSS is back near where it started."""
+left a full-size build holding 10.9 GB of heap), the process's anonymous RSS is back near where it started; and a
+build's ONNX Runtime sessions, whose outputs outlive them, do not leave their arenas behind."""
 from __future__ import annotations
 
 import subprocess
@@ -36,6 +37,40 @@ CHILD = textwrap.dedent("""
 """)
 
 
+# A session's kept output after the session is gone: three 32 MB intermediate tensors, a 4-byte output.
+ARENA_CHILD = textwrap.dedent("""
+import sys, gc
+import numpy as np, onnx
+from onnx import helper, TensorProto
+from mova_export.core.memory import release_freed_memory, return_large_blocks_when_freed
+from mova_export.runners.ort import OrtRunner
+
+def rss_anon_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+
+return_large_blocks_when_freed()
+n = 8 << 20                                  # 32 MB per intermediate tensor
+graph = helper.make_graph(
+    [helper.make_node("Mul", ["x", "two"], ["y"]), helper.make_node("Add", ["y", "two"], ["z"]),
+     helper.make_node("Mul", ["z", "y"], ["w"]), helper.make_node("ReduceSum", ["w"], ["total"], keepdims=1)],
+    "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+    [helper.make_tensor_value_info("total", TensorProto.FLOAT, [1])],
+    [helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])])
+path = sys.argv[2]
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+x = np.ones(n, np.float32)
+before = rss_anon_mib()
+runner = OrtRunner(path, memory_arena=sys.argv[1] == "arena")
+kept = runner.infer({"x": x})              # a kept output, as a build keeps its references
+del runner
+gc.collect()
+release_freed_memory()
+print(round(rss_anon_mib() - before), float(kept["total"][0]))
+""")
+
+
 def _held_mib(mode: str) -> tuple[int, str]:
     out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True).stdout
     held, released = out.split()
@@ -48,3 +83,18 @@ def test_freed_large_arrays_go_back_to_the_system():
     # 300 x 2 MB were allocated; 300 x 64 KB (19 MB) stay live
     assert held_untuned > 400                        # glibc keeps the 600 MB of freed arrays in its heap
     assert held_tuned < 60, (held_untuned, held_tuned)
+
+
+def _held_by_a_kept_output_mib(arena: str, graph_path: str) -> int:
+    out = subprocess.run([sys.executable, "-c", ARENA_CHILD, arena, graph_path], capture_output=True, text=True,
+                         check=True).stdout
+    held, total = out.split()
+    assert float(total) == 8 * (8 << 20)             # (2x + 2) * 2x = 8 for each of the 8 Mi ones
+    return int(held)
+
+
+def test_a_kept_output_pins_the_arena_of_a_finished_session_unless_it_is_off(tmp_path):
+    graph = str(tmp_path / "chain.onnx")
+    # ONNX Runtime's numpy outputs wrap arena buffers: the 4-byte output keeps ~100 MB of arena alive
+    assert _held_by_a_kept_output_mib("arena", graph) > 60
+    assert _held_by_a_kept_output_mib("off", graph) < 30
