@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# fp16 conditioning of {graph['name']} (sample {args.sample}, {time.time() - started:.0f} s)", "",
              f"Tolerance: cosine >= {tolerance.min_cosine}, rel L2 <= {tolerance.max_rel_l2}.", "",
              "| graph | cosine | rel L2 | within |", "|---|---:|---:|---|"]
-    lines += [f"| {label} | {cos:.7f} | {rel:.5f} | {'yes' if cos >= tolerance.min_cosine and rel <= tolerance.max_rel_l2 else 'no'} |"
-              for label, cos, rel in rows]
+    def within(cos: float, rel: float) -> str:
+        return "yes" if cos >= tolerance.min_cosine and rel <= tolerance.max_rel_l2 else "no"
+
+    lines += [f"| {label} | {cos:.7f} | {rel:.5f} | {within(cos, rel)} |" for label, cos, rel in rows]
     if trace:
         lines += ["", "fp16 graph's rel L2 at each block boundary, in graph order:", "",
                   "| block | tensor | rel L2 |", "|---|---|---:|"]
