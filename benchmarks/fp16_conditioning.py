@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: cosine {fig.cosine:.7f}, rel L2 {fig.rel_l2:.5f}", flush=True)
 
     started = time.time()
-    fp32 = OrtRunner(src, memory_arena=False)
+    fp32 = OrtRunner(src)
     reference = first_output(fp32, feed)
     rounded = {k: v.astype(np.float16).astype(v.dtype) if v.dtype == np.float32 else v for k, v in feed.items()}
     row("fp32 graph, inputs rounded to fp16", first_output(fp32, rounded))
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         half = Path(tmp) / "half.onnx"
         for label, kept in variants.items():
             fp16_from_onnx(src, half, ins, outs, graph["name"], keep_fp32=kept)
-            row(label, first_output(OrtRunner(half, memory_arena=False), feed))
+            row(label, first_output(OrtRunner(half), feed))
         if blocks:
             producer = {o: block_of(n.name) for n in nodes for o in n.output}
             crossing = list(dict.fromkeys(t for n in nodes for t in n.input
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                             n.name for n in nodes if block_of(n.name) == "" and n.op_type in REPAIR_OPS]}
             for label, kept in variants.items():
                 fp16_from_onnx(src, half, ins, outs, graph["name"], keep_fp32=kept)
-                row(label, first_output(OrtRunner(half, memory_arena=False), feed))
+                row(label, first_output(OrtRunner(half), feed))
 
     lines = [f"# fp16 conditioning of {graph['name']} (sample {args.sample}, {time.time() - started:.0f} s)", "",
              f"Tolerance: cosine >= {tolerance.min_cosine}, rel L2 <= {tolerance.max_rel_l2}.", "",

@@ -53,7 +53,7 @@ def engine_parity(engine_path: str | Path, onnx_path: str | Path, feeds: Sequenc
     if not feeds:
         return EngineParity("unverified", reason="no feeds to compare on (the bundle's checks/ has none)")
     engine = TensorRTRunner(engine_path, flavor=flavor, dla_core=dla_core, runtime_cache=runtime_cache)
-    graph = OrtRunner(Path(onnx_path), qdq="float", memory_arena=False)
+    graph = OrtRunner(Path(onnx_path), qdq="float")
     report = compare_runners(engine, feeds, graph, graph=Path(engine_path).name, precision="engine")
     engine.save_runtime_cache()
     return EngineParity.from_report(report)

@@ -323,7 +323,7 @@ def _fp16_variant(job: _FormJob, fp32: Path, path: Path, checked: Sequence[Sampl
 
 def _report(job: _FormJob, path: Path, precision: str, checked: Sequence[Sample]) -> ParityReport:
     """The graph at `path` against the samples' references (unchecked), logged in one line."""
-    runner = OrtRunner(path, name=f"{job.form.name}.{precision}", memory_arena=False)
+    runner = OrtRunner(path, name=f"{job.form.name}.{precision}")
     report = validate_graph(runner, checked, job.form.name, precision,
                             step=lambda: job.steps.advance(f"{precision} parity"), check=False)
     job.console.line(f"{job.form.name} [{precision}] {len(checked)} samples: " +

@@ -177,7 +177,7 @@ def tensor_errors(reference: Path, candidate: Path, feeds: Sequence[Mapping[str,
                 probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in present)
                 save_model(probe, Path(tmp) / f"{label}.onnx")
                 del probe
-                session = OrtRunner(Path(tmp) / f"{label}.onnx", qdq="float", memory_arena=False).session
+                session = OrtRunner(Path(tmp) / f"{label}.onnx", qdq="float").session
                 values.append([session.run(names, dict(feed)) for feed in feeds])
                 del session
                 release_freed_memory()

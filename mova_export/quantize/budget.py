@@ -75,7 +75,7 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
     dst = dst_dir / f"{component}.{precision}.onnx"
     calib_json = {**feeds.to_json(), "held_out_in_calibration": settings.augment_calibration,
                   "method": settings.method, "base": settings.base, "backend": settings.backend, "qdq": settings.qdq}
-    runner = OrtRunner(src, memory_arena=False)
+    runner = OrtRunner(src)
     reference = [runner.infer(f) for f in held_out]      # the fp32 graph's outputs, once for every try
     del runner
     history: list[dict[str, Any]] = []

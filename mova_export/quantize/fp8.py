@@ -59,7 +59,7 @@ def amax_ranges(model: "onnx.ModelProto", names: list[str], feeds: list[dict], m
         path = Path(tmp) / "probe.onnx"
         save_model(probe, path)
         del probe
-        session = OrtRunner(path, qdq="float", memory_arena=False).session
+        session = OrtRunner(path, qdq="float").session
         ranges: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for feed in feeds:
             for n, value in zip(names, session.run(names, feed)):

@@ -19,7 +19,7 @@ Feed = Mapping[str, np.ndarray]
 
 def as_runner(graph: Any, qdq: str = "float") -> Any:
     """A runner as it is, or a graph path in ONNX Runtime with Q/DQ run as `qdq`."""
-    return graph if hasattr(graph, "infer") else OrtRunner(Path(graph), qdq=qdq, memory_arena=False)
+    return graph if hasattr(graph, "infer") else OrtRunner(Path(graph), qdq=qdq)
 
 
 def accuracy_check(fp32: Any, candidate: Any, held_out: Sequence[Feed], tolerance: Tolerance = NO_THRESHOLD, *,

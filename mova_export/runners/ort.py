@@ -24,13 +24,13 @@ QDQ_MODES = ("fused", "float")
 class OrtRunner:
     """An ONNX graph in ONNX Runtime. `device="cuda"` asks for the CUDA EP and falls back to CPU with a warning
     (`fell_back` is then True) unless `strict=True`, which raises instead. `qdq`: see the module docstring.
-    `memory_arena=False` for a short-lived session whose outputs outlive it (the build's checks and probes): ONNX
-    Runtime's outputs wrap its CPU arena's buffers, so one kept output pins the whole arena after the session is
-    gone (0.27 GiB of Co-DETR outputs held 3.6 GiB; a build's references and probes add up to an OOM kill). Same
-    kernels, same results, same speed at full size; the runtime keeps the arena for its repeated runs."""
+    `memory_arena`: ONNX Runtime's CPU arena, off unless asked for. Its outputs wrap the arena's buffers, so one kept
+    output pins the whole arena after the session is gone (0.27 GiB of Co-DETR outputs held 3.6 GiB), and a build's
+    sessions are short-lived with outputs that outlive them (references, probes: an OOM kill at full size). Same
+    kernels, same results, same speed at full size; the runtime asks for it for its repeated runs."""
 
     def __init__(self, path: str | Path, device: str = "cpu", *, qdq: str = "fused", strict: bool = False,
-                 threads: int | None = None, name: str | None = None, memory_arena: bool = True):
+                 threads: int | None = None, name: str | None = None, memory_arena: bool = False):
         import onnxruntime as ort
 
         if device not in _PROVIDERS:
@@ -81,7 +81,7 @@ def runs_in_ort(path: str | Path, feed: Feed, qdq: str = "float") -> bool:
     """True when ONNX Runtime CPU loads the graph and runs one feed with finite outputs (a float8 graph may have
     no CPU kernel for one of its ops)."""
     try:
-        outs = OrtRunner(path, qdq=qdq, memory_arena=False).infer(feed)
+        outs = OrtRunner(path, qdq=qdq).infer(feed)
     except Exception:  # no CPU kernel for a float8 op, etc.
         return False
     return all(np.isfinite(np.asarray(o, np.float64)).all() for o in outs.values()

@@ -145,7 +145,7 @@ class BundleVision:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             runner = OrtRunner(self.bundle.graph_path(name, precision), device=self.device, name=label,
-                               threads=self.threads)
+                               threads=self.threads, memory_arena=True)     # runs every frame: keep the arena
         if runner.fell_back:
             self.fallbacks[name] = "; ".join(str(w.message) for w in caught) or f"running on {runner.providers[0]}"
         if name in engines:
