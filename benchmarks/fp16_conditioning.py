@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
 
     from mova_export.core.tolerance import TOLERANCES, parity
-    from mova_export.export.blocks import block_of
+    from mova_export.export.blocks import block_boundaries, block_of
     from mova_export.export.fp16 import REPAIR_OPS, fp16_from_onnx
     from mova_export.export.graph_io import graph_io, tensor_errors
     from mova_export.runners.ort import OrtRunner
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             fp16_from_onnx(src, half, ins, outs, graph["name"], keep_fp32=kept)
             row(label, first_output(OrtRunner(half), feed))
         if blocks:
-            producer = {o: block_of(n.name) for n in nodes for o in n.output}
-            crossing = list(dict.fromkeys(t for n in nodes for t in n.input
-                                          if t in producer and producer[t] != block_of(n.name)))
+            producer, exits, _ = block_boundaries(structure)
+            leaving = set().union(*exits.values())
+            crossing = [t for t in producer if t in leaving]          # in graph order, the output last
             errors = tensor_errors(src, half, [feed], crossing, budget_bytes=2 << 30, most=256, log=print)
             trace = [(producer[t] or "(outside blocks)", t, errors[t]) for t in crossing]
             later = set(blocks[len(blocks) // 2:])

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from ..core.progress import Log, quiet
 from .graph_io import tensor_errors
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
 
 # A numbered block by its scope: the shortest scope prefix ending in a numbered segment (`layer.3`, `layers_11`).
 _BLOCK_SCOPE = re.compile(r"^/((?:[^/]+/)*?[^/]*?[._]\d+)/")
@@ -39,6 +42,22 @@ def ranked(parts: Mapping[str, tuple[Sequence[str], Sequence[str]]], errors: Map
                   key=lambda item: -item[1])
 
 
+def block_boundaries(model: "onnx.ModelProto") -> tuple[dict[str, str], dict[str, set[str]], dict[str, set[str]]]:
+    """(the block producing each tensor, each block's tensors leaving it, each block's tensors entering it from
+    another block); the graph's outputs leave the block producing them."""
+    block = {o: block_of(n.name) for n in model.graph.node for o in n.output}
+    exits: dict[str, set[str]] = {}
+    entries: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            if t in block and block[t] != block_of(n.name):
+                exits.setdefault(block[t], set()).add(t)
+                entries.setdefault(block_of(n.name), set()).add(t)
+    for t in (o.name for o in model.graph.output):
+        exits.setdefault(block.get(t, ""), set()).add(t)
+    return block, exits, entries
+
+
 def block_sensitivity(reference: Path, candidate: Path, feeds: Sequence[Mapping[str, np.ndarray]], log: Log = quiet
                       ) -> list[tuple[str, float]]:
     """Rank the reference graph's blocks (`block_of`; the nodes outside any block are one more, "") by the error the
@@ -47,22 +66,12 @@ def block_sensitivity(reference: Path, candidate: Path, feeds: Sequence[Mapping[
     empty when the graph has fewer than MIN_BLOCKS blocks."""
     import onnx
 
-    full = onnx.load(str(reference), load_external_data=False)
-    block = {o: block_of(n.name) for n in full.graph.node for o in n.output}
+    block, exits, entries = block_boundaries(onnx.load(str(reference), load_external_data=False))
     if len(set(block.values())) < MIN_BLOCKS:
         return []
     cand = onnx.load(str(candidate), load_external_data=False)
     in_both = set(block) & {o for n in cand.graph.node for o in n.output}
     del cand
-    exits: dict[str, set[str]] = {}
-    entries: dict[str, set[str]] = {}
-    for n in full.graph.node:
-        for t in n.input:
-            if t in block and block[t] != block_of(n.name):
-                exits.setdefault(block[t], set()).add(t)
-                entries.setdefault(block_of(n.name), set()).add(t)
-    for t in (o.name for o in full.graph.output):
-        exits.setdefault(block.get(t, ""), set()).add(t)
     leaving = set().union(*exits.values())
     crossing = [t for t in block if t in in_both and t in leaving]
     errors = tensor_errors(reference, candidate, feeds[:1], crossing, budget_bytes=2 << 30, most=256, log=log)
