@@ -11,8 +11,9 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what is tuned")
 
-CHILD = textwrap.dedent("""
-    import sys
+# What both child processes start with: the memory helpers and their own anonymous RSS.
+PRELUDE = textwrap.dedent("""
+    import gc, sys
     import numpy as np
     from mova_export.core.memory import release_freed_memory, return_large_blocks_when_freed
 
@@ -20,7 +21,9 @@ CHILD = textwrap.dedent("""
         for line in open("/proc/self/status"):
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) / 1024
+""")
 
+CHILD = PRELUDE + textwrap.dedent("""
     tuned = sys.argv[1] == "tuned"
     if tuned:
         return_large_blocks_when_freed()
@@ -38,17 +41,10 @@ CHILD = textwrap.dedent("""
 
 
 # A session's kept output after the session is gone: three 32 MB intermediate tensors, a 4-byte output.
-ARENA_CHILD = textwrap.dedent("""
-import sys, gc
-import numpy as np, onnx
+ARENA_CHILD = PRELUDE + textwrap.dedent("""
+import onnx
 from onnx import helper, TensorProto
-from mova_export.core.memory import release_freed_memory, return_large_blocks_when_freed
 from mova_export.runners.ort import OrtRunner
-
-def rss_anon_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
 
 return_large_blocks_when_freed()
 n = 8 << 20                                  # 32 MB per intermediate tensor
@@ -71,9 +67,14 @@ print(round(rss_anon_mib() - before), float(kept["total"][0]))
 """)
 
 
+def _child(script: str, *args: str) -> list[str]:
+    """What a child process running `script` with `args` prints, split."""
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True
+                          ).stdout.split()
+
+
 def _held_mib(mode: str) -> tuple[int, str]:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True).stdout
-    held, released = out.split()
+    held, released = _child(CHILD, mode)
     return int(held), released
 
 
@@ -86,9 +87,7 @@ def test_freed_large_arrays_go_back_to_the_system():
 
 
 def _held_by_a_kept_output_mib(arena: str, graph_path: str) -> int:
-    out = subprocess.run([sys.executable, "-c", ARENA_CHILD, arena, graph_path], capture_output=True, text=True,
-                         check=True).stdout
-    held, total = out.split()
+    held, total = _child(ARENA_CHILD, arena, graph_path)
     assert float(total) == 8 * (8 << 20)             # (2x + 2) * 2x = 8 for each of the 8 Mi ones
     return int(held)
 
