@@ -248,7 +248,11 @@ def main() -> None:
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
     cli = [sys.executable, "-m", "mova_export.cli"]
+    # targets measured by an earlier run of this script stay in the results (one target is hours)
+    previous = args.out / "full_e2e.json"
     results: dict = {"checkpoint": str(args.checkpoint), "targets": {}}
+    if previous.is_file():
+        results["targets"] = json.loads(previous.read_text()).get("targets", {})
     if args.synth and not (args.checkpoint / "config.json").is_file():
         results["synth"] = run([*cli, "synth", "--scale", args.scale, "--out", str(args.checkpoint)], logs / "synth.log")
     for target in args.targets.split(","):

@@ -247,6 +247,19 @@ def _llm(path, **kw):
 
 @llamacpp
 @pytest.mark.llamacpp
+def test_llama_cpp_quantization_reports_the_bytes_it_has_written(tiny, tmp_path):
+    from mova_export.gguf.convert import quantize_gguf
+
+    heard = []
+    dst = quantize_gguf(tiny.gguf("f16"), tmp_path / "q8.gguf", "q8_0", threads=2, expected_bytes=123,
+                        progress=lambda done, total, what: heard.append((done, total, what)), every_s=0.001)
+    size = dst.stat().st_size
+    assert heard[-1] == (size, size, f"llama.cpp quantizing to q8_0: done, {size / 1e9:.2f} GB")
+    assert all(total == 123 and 0 <= done <= size for done, total, _ in heard[:-1])
+
+
+@llamacpp
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("qtype", list(QTYPES))
 def test_every_type_loads_in_llama_cpp(tiny, qtype):
     path = tiny.gguf(qtype)

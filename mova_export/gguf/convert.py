@@ -16,9 +16,11 @@ Steps (one tensor in memory at a time, so the 8B LLM is never held twice):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -332,8 +334,11 @@ def write_gguf(source: LLMSource, path: str | Path, kind: str = "F16", progress:
 
 
 def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | None = None,
-                  verbose: bool = False) -> Path:
-    """Quantize an F32/F16/BF16 GGUF with llama.cpp's own quantizer (llama_model_quantize)."""
+                  verbose: bool = False, progress: Progress | None = None, expected_bytes: int = 0,
+                  every_s: float = 10.0) -> Path:
+    """Quantize an F32/F16/BF16 GGUF with llama.cpp's own quantizer (llama_model_quantize). `progress` hears
+    (bytes of dst written, expected_bytes, what) every `every_s` seconds while llama.cpp works (minutes for an 8B
+    model, and llama.cpp reports nothing through its API), and once more with dst's final size when it is done."""
     if qtype not in QTYPES or "direct" in QTYPES[qtype]:
         raise LLMError(f"cannot quantize to {qtype!r}; quantized types: "
                        f"{[q for q in QTYPES if 'direct' not in QTYPES[q]]}")
@@ -342,12 +347,40 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | N
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QTYPES[qtype]["ftype"])
     params.nthread = int(threads or os.cpu_count() or 1)
-    with llama_cpp_log(verbose):
+    dst = Path(dst)
+    with llama_cpp_log(verbose), _watch_size(dst, expected_bytes, f"llama.cpp quantizing to {qtype}", progress,
+                                             every_s):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not Path(dst).is_file():
         raise LLMError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc}); "
                        "run with verbose=True to see llama.cpp's log")
     return Path(dst)
+
+
+@contextlib.contextmanager
+def _watch_size(path: Path, expected: int, what: str, progress: Progress | None, every_s: float) -> Iterator[None]:
+    """Report how much of `path` a blocking native call has written, from a thread (ctypes releases the GIL)."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def size() -> int:
+        return path.stat().st_size if path.is_file() else 0
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            progress(size(), expected, f"{what}: {size() / 1e9:.2f} of ~{expected / 1e9:.2f} GB written")
+
+    thread = threading.Thread(target=watch, name="gguf-quantize-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if path.is_file():
+        progress(size(), size(), f"{what}: done, {size() / 1e9:.2f} GB")
 
 
 def estimate_bytes(source: LLMSource, qtype: str) -> int:
@@ -364,10 +397,11 @@ def estimate_gguf_bytes(checkpoint: Any, qtype: str) -> int:
 
 def gguf_from_source(source: LLMSource, out_path: str | Path, qtype: str = "f16", *, progress: Progress | None = None,
                      threads: int | None = None, keep_unquantized: str | Path | None = None,
-                     verbose: bool = False) -> Path:
+                     verbose: bool = False, quantize_progress: Progress | None = None) -> Path:
     """Write `source` to out_path as a GGUF of `qtype` (see QTYPES); returns out_path.
 
     keep_unquantized: for quantized types, also keep the lossless GGUF written before quantization at this path.
+    quantize_progress: hears llama.cpp's quantization as bytes written (quantize_gguf's `progress`).
     """
     qtype = qtype.lower()
     if qtype not in QTYPES:
@@ -392,9 +426,8 @@ def gguf_from_source(source: LLMSource, out_path: str | Path, qtype: str = "f16"
             write_gguf(source, tmp_final, kind, progress)
         else:
             write_gguf(source, tmp_direct, kind, progress)
-            if progress:
-                progress(0, 0, f"quantizing to {qtype} with llama.cpp")
-            quantize_gguf(tmp_direct, tmp_final, qtype, threads=threads, verbose=verbose)
+            quantize_gguf(tmp_direct, tmp_final, qtype, threads=threads, verbose=verbose,
+                          progress=quantize_progress, expected_bytes=estimate_bytes(source, qtype))
             if keep_unquantized is not None:
                 os.replace(tmp_direct, keep_unquantized)
         os.replace(tmp_final, out)
@@ -410,16 +443,23 @@ def convert_checkpoint_to_gguf(checkpoint_dir: str | Path, out_path: str | Path,
     """`mova-export gguf CHECKPOINT --out FILE --type TYPE`: the checkpoint's LLM as one GGUF file, with a
     progress bar over the tensors written (in percent of the bytes) and the llama.cpp quantization."""
     source = source_from_checkpoint(checkpoint_dir)
-    with console.task(f"gguf {qtype}", total=101) as steps:
-        def progress(done: int, total: int, what: str) -> None:
-            target = 100 if not total else int(100 * done / total)
-            while steps.done < target:
-                steps.advance(what)
-            if not total:  # the quantization step after the lossless file
+    quantized = "direct" not in QTYPES[qtype.lower()] if qtype.lower() in QTYPES else False
+    # steps 0..100: the lossless file by bytes; then 100..120: llama.cpp's output against its estimated size
+    with console.task(f"gguf {qtype}", total=120 if quantized else 100) as steps:
+        def to(step: int, what: str) -> None:
+            if steps.done >= step:   # no new step, but a line in the log: the quantization can take many minutes
+                console.line(f"gguf {qtype}: {what}")
+            while steps.done < step:
                 steps.advance(what)
 
-        return gguf_from_source(source, out_path, qtype, progress=progress, threads=threads,
-                                keep_unquantized=keep_unquantized, verbose=verbose)
+        def written(done: int, total: int, what: str) -> None:
+            to(100 if not total else int(100 * done / total), what)
+
+        def quantizing(done: int, total: int, what: str) -> None:
+            to(100 + (20 if done == total else min(19, int(20 * done / max(total, 1)))), what)
+
+        return gguf_from_source(source, out_path, qtype, progress=written, threads=threads,
+                                keep_unquantized=keep_unquantized, verbose=verbose, quantize_progress=quantizing)
 
 
 gguf_from_checkpoint = convert_checkpoint_to_gguf  # the style guide's <Output>From<Input> name
