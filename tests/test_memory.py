@@ -97,3 +97,21 @@ def test_a_kept_output_pins_the_arena_of_a_finished_session_unless_it_is_off(tmp
     # ONNX Runtime's numpy outputs wrap arena buffers: the 4-byte output keeps ~100 MB of arena alive
     assert _held_by_a_kept_output_mib("arena", graph) > 60
     assert _held_by_a_kept_output_mib("off", graph) < 30
+
+
+def test_the_runtime_keeps_an_arena_only_for_a_graph_with_small_outputs():
+    from mova_export.bundle import GraphEntry
+    from mova_export.core.spec import TensorSpec
+    from mova_export.runtime.vision import ARENA_BELOW_BYTES, keeps_arena, output_bytes
+
+    def tower(tokens: int, width: int) -> GraphEntry:
+        return GraphEntry("base", "base", "tower", [TensorSpec("pixel_values", (1, 3, 672, 672))],
+                          [TensorSpec("features", (1, tokens, width))])
+
+    # MoVA-8B's CLIP at 672 px: a kept arena held its 0.5 GB peak, SAM-H's 4.4 GB; the tiny model's takes KBs
+    assert output_bytes(tower(2304, 1024)) == 9 << 20 and not keeps_arena(tower(2304, 1024))
+    assert keeps_arena(tower(576, 128))
+    text = GraphEntry("text_encoder", "text_encoder", "text", [TensorSpec("input_ids", (1, "text_length"), "int64")],
+                      [TensorSpec("hidden", (1, "text_length", 4096))], axes={"text_length": [16, 64]})
+    assert output_bytes(text) == 64 * 4096 * 4 == ARENA_BELOW_BYTES       # the longest bucket decides
+    assert not keeps_arena(text)
