@@ -301,6 +301,18 @@ def test_recipes_lists_every_target_in_80_columns():
     assert "jetson-thor -> jetson-thor-agx-128gb" in " ".join(lines) and "@jetpackX.Y" in result.output
 
 
+def test_the_cpu_plan_counts_the_attention_scores_onnx_runtime_keeps():
+    # ONNX Runtime on a CPU materialises the scores: after one full-size run SAM-H held 4.4 GB, Co-DETR 3.5 GB,
+    # where tokens x width x 8 said 0.2 GB; TensorRT's fused attention keeps none (not counted there)
+    cpu = plan_from_params(load_recipe("cpu"), full_params())
+    live = next(i for i in cpu.items if i.name == "activations")
+    assert live.bytes == 6400 * 1024 * 8 * 4 + 2 * 16 * 6400 ** 2 * 4, live   # Co-DETR's global attention
+    assert live.detail.startswith("expert_C: 6400 tokens") and "2 x 16 heads x 6400^2 x 4 B scores" in live.detail
+    orin = plan_from_params(load_recipe("jetson-orin"), full_params())
+    live = next(i for i in orin.items if i.name == "activations")
+    assert live.bytes < 2**30 and "scores" not in live.detail, live
+
+
 def test_plan_refuses_bad_targets_in_one_line_and_says_the_memory_kind():
     result = CliRunner().invoke(main, ["plan", "--target", "jetson-orin@jetpack7.0"])
     assert result.exit_code == 2 and result.output.count("\n") == 1

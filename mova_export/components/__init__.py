@@ -50,10 +50,12 @@ class ExpertInfo:
 
 @dataclass(frozen=True)
 class MemoryFigures:
-    """Full-size (MoVA-8B) figures the planner uses without weights: parameters, and (tokens, width) of the graph's
-    widest stage for the activation estimate."""
+    """Full-size (MoVA-8B) figures the planner uses without weights: parameters, (tokens, width) of the graph's
+    widest stage for the activation estimate, and (heads, tokens, score-sized tensors live at once) of its widest
+    global attention: ONNX Runtime on a CPU materialises the attention scores, heads x tokens^2 floats each."""
     params: int
     activation: tuple[int, int]
+    attention: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass(frozen=True)

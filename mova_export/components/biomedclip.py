@@ -143,7 +143,7 @@ register(tower_spec(
     unused_keys=("head.*",),
     expert=ExpertInfo("F", "This model is a foundation model designed for biomedical vision-language processing."),
     image_inputs=(CLIP672,),
-    memory=MemoryFigures(params=86_000_000, activation=(197, 768)),
+    memory=MemoryFigures(params=86_000_000, activation=(197, 768), attention=(12, 197, 2)),
     description="BiomedCLIP ViT-B/16 (timm) on the CLIP-normalised image resized bilinear to 224, forward_features "
                 "without CLS, 14x14 -> bilinear 48x48",
 ))

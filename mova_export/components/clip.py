@@ -89,7 +89,7 @@ register(tower_spec(
     inputs=pixel_input(image_side),
     sample_inputs=pixel_sample(image_side, CLIP_MEAN, CLIP_STD),
     image_inputs=(CLIP672,),
-    memory=MemoryFigures(params=304_000_000, activation=(2305, 1024)),
+    memory=MemoryFigures(params=304_000_000, activation=(2305, 1024), attention=(16, 2305, 2)),
     unused_keys=("vision_model.embeddings.position_ids",),
     description="CLIP ViT-L/14 at 672 (2305-row position embedding), hidden_states[select_layer] without CLS, "
                 "48x48 x 1024",

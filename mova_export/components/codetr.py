@@ -180,7 +180,7 @@ register(tower_spec(
     expert=ExpertInfo("C", "This model is a state-of-the-art object detector that can identify objects in "
                           "images."),
     image_inputs=(SAM1024,),
-    memory=MemoryFigures(params=310_000_000, activation=(6400, 1024)),
+    memory=MemoryFigures(params=310_000_000, activation=(6400, 1024), attention=(16, 6400, 2)),
     description="Co-DETR ViT-L/16 (EVA-02 style: 2-D RoPE, SwiGLU, window 16 + 4 global blocks) at 1280, "
                 "neck 256 ch at 80x80 -> bilinear 37x37 -> bilinear 48x48",
 ))

@@ -206,7 +206,7 @@ register(tower_spec(
     expert=ExpertInfo("A", "This model can effectively extract the accurate spatial and semantic information from "
                           "natural images."),
     image_inputs=(DINO672,),
-    memory=MemoryFigures(params=1_140_000_000, activation=(2305, 1536)),
+    memory=MemoryFigures(params=1_140_000_000, activation=(2305, 1536), attention=(24, 2305, 2)),
     description="DINOv2-giant (SwiGLU, 40 layers) at 518 (672 input resized bilinear), hidden_states[select_layer] "
                 "without CLS, 37x37 -> bilinear 48x48",
 ))

@@ -128,10 +128,10 @@ def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict
 _register("expert_D", "vision_tower_4",
           ExpertInfo("D", "This model shows remarkable skill in text recognition, attaining top-tier text analysis "
                           "outcomes across diverse areas"),
-          PIX2STRUCT_PRESETS, MemoryFigures(params=515_000_000, activation=(2025, 1536)),
+          PIX2STRUCT_PRESETS, MemoryFigures(params=515_000_000, activation=(2025, 1536), attention=(24, 2025, 2)),
           "Pix2Struct-large vision encoder (18 layers, 1536) on 2025 flattened 16x16 patches, 45x45 -> bilinear 48x48")
 _register("expert_E", "vision_tower_5",
           ExpertInfo("E", "This model is a specialized model designed to achieve state-of-the-art plot and chart "
                           "understanding performance."),
-          DEPLOT_PRESETS, MemoryFigures(params=92_000_000, activation=(2025, 768)),
+          DEPLOT_PRESETS, MemoryFigures(params=92_000_000, activation=(2025, 768), attention=(12, 2025, 2)),
           "Deplot (Pix2Struct-base) vision encoder (12 layers, 768) on the same patches, 45x45 -> bilinear 48x48")

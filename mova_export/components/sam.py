@@ -187,10 +187,12 @@ def _register(name: str, tower: str, expert: ExpertInfo, presets: dict[str, dict
 _register("expert_B", "vision_tower_2",
           ExpertInfo("B", "This model can handle images with text accurately and efficiently but fails to process "
                           "natural images."),
-          VARY_PRESETS, MemoryFigures(params=96_000_000, activation=(4096, 768)),
+          VARY_PRESETS, MemoryFigures(params=96_000_000, activation=(4096, 768), attention=(12, 4096, 4)),
           "Vary: SAM ViT-B/16 image encoder at 1024 + net_2 (3x3 s2, 256->512), 32x32 -> bilinear 48x48")
+# attention=(heads, 4096 tokens of a global layer, 4): the decomposed relative positions add two score-sized terms
+# to the scores before the softmax; SAM-H's graph held 4.4 GB after one ONNX Runtime CPU run at full size.
 _register("expert_G", "vision_tower_7",
           ExpertInfo("G", "This model is a leading image segmentation framework and achieves strong zero-shot "
                           "segmentation performance."),
-          SAM_H_PRESETS, MemoryFigures(params=637_000_000, activation=(4096, 1280)),
+          SAM_H_PRESETS, MemoryFigures(params=637_000_000, activation=(4096, 1280), attention=(16, 4096, 4)),
           "SAM ViT-H/16 image encoder at 1024, neck 256 ch at 64x64 -> bilinear 48x48")

@@ -74,7 +74,7 @@ register(ComponentSpec(
     name=NAME,
     kind="text",
     prefix=PREFIX,
-    memory=MemoryFigures(params=335_000_000, activation=(64, 1024)),
+    memory=MemoryFigures(params=335_000_000, activation=(64, 1024), attention=(16, 64, 2)),
     presets=PRESETS,
     build=lambda cfg: TextEncoder(arch(cfg, NAME)).eval(),
     inputs=_inputs,

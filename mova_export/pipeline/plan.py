@@ -7,7 +7,10 @@ Inputs are plain tables, so the planner needs neither weights nor torch:
   * the LLM's shape (`LLMShape`) for the KV cache: 2 x layers x kv_heads x head_dim x context x 2 bytes (f16 KV),
     plus llama.cpp's compute buffer (KQ scores for one 512-token micro-batch and its logits);
   * vision activations: the largest graph's biggest intermediate, tokens x width x ACTIVATION_FACTOR x 4 bytes,
-    counted once (graphs run one after another).
+    plus, where ONNX Runtime runs the graphs (the cpu target), its widest attention's score tensors (heads x
+    tokens^2 x 4 bytes, as many as its spec says live at once), counted once (graphs run one after another; the
+    runtime frees each full-size graph's peak after its run, runtime/vision.py). At full size on the cpu target,
+    measured after one run: SAM-H 4.4 GB (estimated 4.5), Co-DETR 3.5 (estimated 5.5), CLIP 0.5 (0.8).
 
 The adapter counts its resident graphs (routing and top-K slots); its dense fallback graph runs only for a routing
 answer naming more than K experts and is dropped after that request (noted, not counted).
@@ -62,6 +65,16 @@ def full_activations() -> dict[str, tuple[int, int]]:
     """Full-size (tokens, width) of each graph's widest stage, for the activation estimate."""
 
     return {s.name: s.memory.activation for s in all_specs() if s.kind != "llm"}
+
+
+def full_attention_scores() -> dict[str, tuple[int, str]]:
+    """Full-size bytes of each graph's live attention scores in ONNX Runtime, with how they were counted."""
+    out = {}
+    for s in all_specs():
+        heads, tokens, live = s.memory.attention
+        if heads:
+            out[s.name] = (heads * tokens * tokens * 4 * live, f"{live} x {heads} heads x {tokens}^2 x 4 B scores")
+    return out
 
 
 @dataclass(frozen=True)
@@ -139,9 +152,11 @@ class MemoryPlan:
 # ---- planning ------------------------------------------------------------------------------------------------------
 def plan_from_params(recipe: Recipe, params: Mapping[str, int], *, llm: LLMShape | None = None,
                      activations: Mapping[str, tuple[int, int]] | None = None, policy: str | None = None,
-                     llm_quant: str | None = None, model: str = "this MoVA") -> MemoryPlan:
+                     llm_quant: str | None = None, model: str = "this MoVA",
+                     scores: Mapping[str, tuple[int, str]] | None = None) -> MemoryPlan:
     """Plan from parameter counts (component -> params; `llm` included) x bytes per the recipe's precision.
-    `model` names the checkpoint in the verdict ("the full-size MoVA-8B")."""
+    `model` names the checkpoint in the verdict ("the full-size MoVA-8B"). `activations` and `scores` default to
+    the full-size figures (full_activations, full_attention_scores)."""
     missing = [c for c in (*graph_components(), "llm") if c not in params]
     if missing:
         raise RecipeError(f"memory plan for {recipe.name}: no parameter count for {', '.join(missing)}; pass every "
@@ -153,8 +168,10 @@ def plan_from_params(recipe: Recipe, params: Mapping[str, int], *, llm: LLMShape
         bpw = BITS_PER_WEIGHT[quant]
         return int(params["llm"] * bpw / 8), f"{params['llm'] / 1e9:.2f} B params x {quant} ({bpw} bits/weight)"
 
+    if scores is None:
+        scores = full_attention_scores() if activations is None else {}    # the tiny model's are kilobytes
     return _plan(recipe, weights, llm_bytes, llm or _full_llm(), activations or full_activations(), "params",
-                 policy, llm_quant, model=model)
+                 policy, llm_quant, model=model, scores=scores)
 
 
 def plan_from_config(recipe: Recipe, cfg: "MoVAConfig", **kw: Any) -> MemoryPlan:
@@ -165,7 +182,9 @@ def plan_from_config(recipe: Recipe, cfg: "MoVAConfig", **kw: Any) -> MemoryPlan
     params = {name: info["params"] for name, info in described.items()}
     activations = _activations_from_config(cfg) if cfg.scale != "full" else full_activations()
     kw.setdefault("model", "the full-size MoVA-8B" if cfg.scale == "full" else f"the {cfg.scale} MoVA")
-    return plan_from_params(recipe, params, llm=LLMShape.from_fields(cfg.llm), activations=activations, **kw)
+    scores = full_attention_scores() if cfg.scale == "full" else {}
+    return plan_from_params(recipe, params, llm=LLMShape.from_fields(cfg.llm), activations=activations,
+                            scores=scores, **kw)
 
 
 def _activations_from_config(cfg: "MoVAConfig") -> dict[str, tuple[int, int]]:
@@ -241,7 +260,8 @@ def plan_from_manifest(recipe: Recipe, manifest: "Manifest", *, policy: str | No
         if g.component not in acts or widest[0] * widest[1] > acts[g.component][0] * acts[g.component][1]:
             acts[g.component] = widest
     model = "the full-size MoVA-8B" if manifest.scale == "full" else f"this {manifest.scale} MoVA"
-    return _plan(recipe, weights, llm_bytes, shape, acts, "bundle", policy, llm_quant, model=model)
+    return _plan(recipe, weights, llm_bytes, shape, acts, "bundle", policy, llm_quant, model=model,
+                 scores=full_attention_scores() if manifest.scale == "full" else {})
 
 
 def plan_bundle(recipe: Recipe, bundle_path: Any, **kw: Any) -> MemoryPlan:
@@ -252,7 +272,8 @@ def plan_bundle(recipe: Recipe, bundle_path: Any, **kw: Any) -> MemoryPlan:
 
 def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any, shape: LLMShape,  # noqa: PLR0913 (plan inputs)
           activations: Mapping[str, tuple[int, int]], source: str, policy: str | None, llm_quant: str | None,
-          *, with_fix: bool = True, model: str = "this MoVA") -> MemoryPlan:
+          *, with_fix: bool = True, model: str = "this MoVA",
+          scores: Mapping[str, tuple[int, str]] | None = None) -> MemoryPlan:
     policy = policy or recipe.experts.policy
     quant = llm_quant or recipe.llm.quant
     if policy not in ("resident", "lazy"):
@@ -281,7 +302,7 @@ def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any
     items.append(MemoryItem("llm compute", "compute", shape.compute_bytes(ctx),
                             f"KQ {shape.heads} heads x {min(LLAMA_UBATCH, ctx)} x {ctx} + logits, fp32"))
     items += _transient_items(recipe, weights, activations, [c for c in graph_components() if c not in skipped],
-                              skipped)
+                              skipped, scores or {})
     items.append(MemoryItem("runtime", "runtime", recipe.memory.runtime_overhead_mib * MIB,
                             "memory.runtime_overhead_mib"))
     peak = sum(i.bytes for i in items)
@@ -294,7 +315,7 @@ def _plan(recipe: Recipe, weights: Mapping[str, tuple[int, str]], llm_bytes: Any
                "refuse": f"{what}: does not fit; it cannot hold {model} with {policy} experts"}[verdict]
     fix = ""
     if verdict != "fits" and with_fix:
-        fix = _fix(recipe, weights, llm_bytes, shape, activations, source, policy, quant, verdict)
+        fix = _fix(recipe, weights, llm_bytes, shape, activations, source, policy, quant, verdict, scores or {})
     return MemoryPlan(recipe.name, policy, quant, source, tuple(items), skipped, budget, peak, verdict, message, fix,
                       memory_kind(recipe))
 
@@ -308,19 +329,26 @@ def memory_kind(recipe: Recipe) -> str:
     return "unified memory" if recipe.device.unified_memory else "GPU memory"
 
 
-def _transient_items(recipe: Recipe, weights: Mapping[str, tuple[int, str]],
+def _transient_items(recipe: Recipe, weights: Mapping[str, tuple[int, str]],  # noqa: PLR0913 (plan inputs)
                      activations: Mapping[str, tuple[int, int]], running: Sequence[str],
-                     skipped: Sequence[str]) -> list[MemoryItem]:
+                     skipped: Sequence[str], scores: Mapping[str, tuple[int, str]]) -> list[MemoryItem]:
     """Memory that is live only while a stage runs: the largest graph's activations (graphs run one at a time) and,
     on unified memory with lazy experts, the file of the expert being loaded, which the runner reads into memory
     before it deserialises the engine (on a discrete card that copy is in host RAM, outside the budget)."""
     items = []
     running = [c for c in running if c in activations]
+    if recipe.runtime != "onnxruntime-cpu":   # TensorRT's fused attention keeps no score tensors (unmeasured)
+        scores = {}
+
+    def live(c: str) -> int:
+        return activations[c][0] * activations[c][1] * ACTIVATION_FACTOR * 4 + scores.get(c, (0, ""))[0]
+
     if running:
-        big = max(running, key=lambda c: activations[c][0] * activations[c][1])
+        big = max(running, key=live)
         t, w = activations[big]
-        items.append(MemoryItem("activations", "activations", t * w * ACTIVATION_FACTOR * 4,
-                                f"{big}: {t} tokens x {w} x {ACTIVATION_FACTOR} x 4 B"))
+        counted = f" + {scores[big][1]}" if big in scores else ""
+        items.append(MemoryItem("activations", "activations", live(big),
+                                f"{big}: {t} tokens x {w} x {ACTIVATION_FACTOR} x 4 B{counted}"))
     if skipped and recipe.device.unified_memory:
         big = max(skipped, key=lambda e: weights[e][0])
         items.append(MemoryItem("expert load", "transient", weights[big][0],
@@ -329,7 +357,7 @@ def _transient_items(recipe: Recipe, weights: Mapping[str, tuple[int, str]],
 
 
 def _fix(recipe: Recipe, weights: Any, llm_bytes: Any, shape: LLMShape, activations: Any, source: str,  # noqa: PLR0913 (plan inputs)
-         policy: str, quant: str, verdict: str) -> str:
+         policy: str, quant: str, verdict: str, scores: Mapping[str, tuple[int, str]]) -> str:
     """Re-plan with lazy experts and each smaller LLM quant; name the options and whether they fit."""
     smaller = [q for q in llm_quants() if BITS_PER_WEIGHT[q] < BITS_PER_WEIGHT[quant]]
     options: list[tuple[str, MemoryPlan]] = []
@@ -338,14 +366,14 @@ def _fix(recipe: Recipe, weights: Any, llm_bytes: Any, shape: LLMShape, activati
     if policy == "resident":
         options.append(("set `experts.policy: lazy` (load only the routed experts)",
                         _plan(lazy_recipe, weights, llm_bytes, shape, activations, source, "lazy", quant,
-                              with_fix=False)))
+                              with_fix=False, scores=scores)))
     for q in smaller:
         options.append((f"set `llm.quant: {q}`", _plan(recipe, weights, llm_bytes, shape, activations, source,
-                                                        policy, q, with_fix=False)))
+                                                        policy, q, with_fix=False, scores=scores)))
     if policy == "resident" and smaller:
         options.append((f"set `experts.policy: lazy` and `llm.quant: {smaller[-1]}`",
                         _plan(lazy_recipe, weights, llm_bytes, shape, activations, source, "lazy", smaller[-1],
-                              with_fix=False)))
+                              with_fix=False, scores=scores)))
     budget = recipe.memory.budget_mib * MIB
     good = [f"{label} -> {_gib(p.peak_bytes)}" for label, p in options if p.peak_bytes <= WARN_FRACTION * budget]
     if good:
