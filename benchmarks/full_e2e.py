@@ -135,7 +135,9 @@ def cosines(bundle: Path, work: Path, out: Path) -> None:
             continue
         unit = m.stages[f"features/{graph.component}"]["key"]
         reference = read_features(work / "features" / graph.component / unit / "features.npz")
-        runner = OrtRunner(b.graph_path(name, precision))
+        # a Q/DQ graph runs as its target does: fused integer kernels on the cpu target, float math under TensorRT
+        qdq = ((m.quantize.get(name) or {}).get("calibration") or {}).get("qdq", "fused")
+        runner = OrtRunner(b.graph_path(name, precision), qdq=qdq)
         per = {}
         for label in labels:
             if graph.role == "text":
@@ -148,7 +150,7 @@ def cosines(bundle: Path, work: Path, out: Path) -> None:
                 feed = dict(zip(runner.input_names, arrays))
             got = next(iter(runner.infer(feed).values()))
             per[label] = parity(reference[label], np.asarray(got, np.float32)).cosine
-        result[name] = {"precision": precision, "worst_cosine": min(per.values()), "per_sample": per,
+        result[name] = {"precision": precision, "worst_cosine": min(per.values()), "per_sample": per, "qdq": qdq,
                         "against": "PyTorch fp32 (features units), each parity image"}
     out.write_text(json.dumps(result, indent=2))
 
@@ -181,7 +183,7 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {g} | {c['precision']} | {c['worst_cosine']:.6f} | {per} |")
         a = r.get("answers")
         if a:
-            stages = sorted({k for row in a["rows"] for k in row["timings_ms"]})
+            stages = list(dict.fromkeys(k for row in a["rows"] for k in row["timings_ms"]))   # in pipeline order
             lines += ["", f"## {t}: runtime, p50 over the six question kinds (ms)", "",
                       f"load {a['load_s']:.1f} s, peak RSS {a['peak_rss_gib']:.2f} GiB, decode "
                       f"{statistics.median(row['tokens_per_s'] for row in a['rows']):.2f} tokens/s (p50)", "",
@@ -200,17 +202,20 @@ def plot(results: dict, path: Path) -> None:
 
     targets = list(results["targets"])
     fig, axes = plt.subplots(1, 3, figsize=(19, 5))
-    stages = ("features", "export", "quantize", "gguf")
-    for i, t in enumerate(targets):
-        units = results["targets"][t].get("units", [])
+    # where the time to first token goes, per question kind, on each target whose bundle answered
+    parts = ("base", "adapter_routing", "llm_routing", "experts", "text_encoder", "adapter_answer", "llm_prefill")
+    bars = [(f"{t}\n{row['image']}", row["timings_ms"]) for t in targets
+            for row in (results["targets"][t].get("answers") or {}).get("rows", [])]
+    for j, (_, ms) in enumerate(bars):
         bottom = 0.0
-        for s in stages:
-            minutes = sum(u["seconds"] for u in units if u["stage"] == s and u["status"] == "computed") / 60
-            axes[0].bar(i, minutes, bottom=bottom, label=s if i == 0 else None)
-            bottom += minutes
-    axes[0].set(xticks=range(len(targets)), xticklabels=targets, ylabel="minutes computed",
-                title="build minutes by stage (units computed in that build)")
-    axes[0].legend()
+        for k, part in enumerate(parts):
+            seconds = ms.get(part, 0.0) / 1000
+            axes[0].bar(j, seconds, bottom=bottom, color=f"C{k}", label=part if j == 0 else None)
+            bottom += seconds
+    axes[0].set(xticks=range(len(bars)), xticklabels=[b[0] for b in bars], ylabel="seconds",
+                title="runtime: time to first token by stage")
+    axes[0].tick_params(axis="x", rotation=60)
+    axes[0].legend(fontsize=8)
     for t in targets:
         cos = results["targets"][t].get("cosines") or {}
         names = list(cos)
