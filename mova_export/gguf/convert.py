@@ -449,8 +449,8 @@ def convert_checkpoint_to_gguf(checkpoint_dir: str | Path, out_path: str | Path,
         def to(step: int, what: str) -> None:
             if steps.done >= step:   # no new step, but a line in the log: the quantization can take many minutes
                 console.line(f"gguf {qtype}: {what}")
-            while steps.done < step:
-                steps.advance(what)
+            while steps.done < step:     # one line for a jump of many steps
+                steps.advance(what if steps.done + 1 == step else "")
 
         def written(done: int, total: int, what: str) -> None:
             to(100 if not total else int(100 * done / total), what)
