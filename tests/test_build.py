@@ -178,6 +178,16 @@ def test_second_build_into_another_folder_reuses_every_unit(tiny_checkpoint, cal
     assert statuses.keys() == _statuses(cpu_build.records).keys()
     assert set(statuses.values()) == {"reused"}, statuses
     assert [r.key for r in again.records] == [r.key for r in cpu_build.records]
+    # a reused unit still says what producing it took: a resumed build's report adds up the whole cost
+    computed = {(r.stage, r.name): r for r in cpu_build.records if r.status == "computed"}
+    assert computed and all("computed_s" in r.detail for r in again.records)
+    for r in again.records:
+        if (r.stage, r.name) in computed:
+            first_time = computed[(r.stage, r.name)]
+            assert r.detail["computed_s"] == first_time.detail["computed_s"] <= first_time.seconds + 0.01, r
+    total = sum(r.detail["computed_s"] for r in again.records) / 60
+    assert f"the earlier ones that produced the reused units: {total:.1f} min." in (tmp_path / "again" /
+                                                                                   "report.md").read_text()
     first, second = cpu_build.manifest.files, again.manifest.files
     assert {k: v for k, v in second.items() if not k.startswith("report")} == \
         {k: v for k, v in first.items() if not k.startswith("report")}

@@ -21,7 +21,9 @@ def print_build(result: Any, console: Any) -> None:
     reused = [f"{r.stage} {r.name}" for r in result.records if r.status == "reused"]
     computed = [f"{r.stage} {r.name} {r.seconds:.1f}s" for r in result.records if r.status == "computed"]
     console.print(f"units computed: {', '.join(computed) or 'none'}")
-    console.print(f"units reused from the work folder: {len(reused)}")
+    earlier = sum(r.detail.get("computed_s", 0.0) for r in result.records if r.status == "reused")
+    console.print(f"units reused from the work folder: {len(reused)}"
+                  + (f" (producing them took {earlier / 60:.1f} min)" if earlier else ""))
     if result.compile.get("on_device"):
         console.print(f"TensorRT engines: on the device run [bold]{result.compile['on_device']}[/bold]")
     console.print(f"bundle: {result.bundle}  report: {result.bundle / 'report.md'}")

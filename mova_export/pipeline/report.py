@@ -64,9 +64,16 @@ def render_report_markdown(report: dict[str, Any]) -> str:
     if llm:
         s = llm["settings"]
         lines += ["", f"LLM: `{llm['gguf']}` ({llm['qtype']}), context {s['n_ctx']}, GPU layers {s['n_gpu_layers']}."]
-    lines += ["", "| stage | unit | status | seconds |", "|---|---|---|---:|"]
+    lines += ["", "| stage | unit | status | seconds | computed in (s) |", "|---|---|---|---:|---:|"]
     for st in report["stages"]:
-        lines.append(f"| {st['stage']} | {st['name']} | {st['status']} | {st['seconds']} |")
+        cost = st.get("computed_s", "")
+        lines.append(f"| {st['stage']} | {st['name']} | {st['status']} | {st['seconds']} | {cost} |")
+    known = [st.get("computed_s") for st in report["stages"] if st["status"] in ("computed", "reused")]
+    if known:
+        lines += ["", f"The units' own time, this build and the earlier ones that produced the reused units: "
+                      f"{sum(k for k in known if k) / 60:.1f} min"
+                      + ("" if all(k is not None for k in known) else
+                         f" ({sum(k is None for k in known)} reused units predate this record)") + "."]
     plan = report.get("memory_plan") or {}
     if plan:
         lines += ["", f"Memory plan ({plan['policy']} experts, LLM {plan['llm_quant']}): peak {plan['peak_gib']} GiB "

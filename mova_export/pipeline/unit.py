@@ -146,9 +146,12 @@ def run_unit(ctx: BuildContext, stage: Stage, item: Any, **detail: Any) -> UnitO
                 ctx.work.require_free(stage.bytes_needed(ctx, item), f"{stage.name} {name}")
                 with unit.produce() as tmp:
                     data = stage.produce(ctx, item, tmp)
-                    write_unit(tmp, data)
+                    write_unit(tmp, data, seconds=time.perf_counter() - start)
                 release_freed_memory()              # the next unit starts from what is live, not the last peak
     if reused:
         data = unit.read()
+    produced = unit.produced()
+    if "seconds" in produced:                       # what producing it cost, in this build or an earlier one
+        detail = {**detail, "computed_s": produced["seconds"], "computed_utc": produced.get("finished_utc")}
     ctx.record(stage.name, name, key, reused, start, **detail)
     return UnitOutput(unit.path, data, key, reused)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from ..bundle.staging import PARTIAL_MARK
 from ..core.errors import BuildError
 
 UNIT_FILE = "unit.json"
+PRODUCED_FILE = "produced.json"   # what producing the unit cost (seconds, when): a resumed build still adds it up
 STAMP_FILE = "stamps.json"     # size and mtime of every file when the unit finished: an edit since shows
 GIB = 1 << 30
 
@@ -97,6 +99,13 @@ class Unit:
         finally:
             lock.release()
 
+    def produced(self) -> dict[str, Any]:
+        """What producing this unit cost ({"seconds", "finished_utc"}); {} for a unit finished before it was kept."""
+        try:
+            return dict(json.loads((self.path / PRODUCED_FILE).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            return {}
+
     def read(self) -> dict[str, Any]:
         try:
             return json.loads((self.path / UNIT_FILE).read_text())
@@ -136,8 +145,12 @@ def _stamps(folder: Path) -> dict[str, list[int]]:
     return out
 
 
-def write_unit(folder: Path, result: Mapping[str, Any]) -> None:
+def write_unit(folder: Path, result: Mapping[str, Any], seconds: float | None = None) -> None:
+    """The unit's result (unit.json) and, when given, what producing it took (produced.json)."""
     (folder / UNIT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    if seconds is not None:
+        finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        (folder / PRODUCED_FILE).write_text(json.dumps({"seconds": round(seconds, 2), "finished_utc": finished}) + "\n")
 
 
 class WorkFolder:
