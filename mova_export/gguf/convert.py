@@ -351,10 +351,10 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | N
     with llama_cpp_log(verbose), _watch_size(dst, expected_bytes, f"llama.cpp quantizing to {qtype}", progress,
                                              every_s):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0 or not Path(dst).is_file():
+    if rc != 0 or not dst.is_file():
         raise LLMError(f"llama.cpp could not quantize {src} to {qtype} (llama_model_quantize returned {rc}); "
                        "run with verbose=True to see llama.cpp's log")
-    return Path(dst)
+    return dst
 
 
 @contextlib.contextmanager

@@ -180,11 +180,9 @@ def plan_from_config(recipe: Recipe, cfg: "MoVAConfig", **kw: Any) -> MemoryPlan
 
     described = describe_config(cfg)["components"]
     params = {name: info["params"] for name, info in described.items()}
-    activations = _activations_from_config(cfg) if cfg.scale != "full" else full_activations()
+    activations = _activations_from_config(cfg) if cfg.scale != "full" else None    # None: the full-size figures
     kw.setdefault("model", "the full-size MoVA-8B" if cfg.scale == "full" else f"the {cfg.scale} MoVA")
-    scores = full_attention_scores() if cfg.scale == "full" else {}
-    return plan_from_params(recipe, params, llm=LLMShape.from_fields(cfg.llm), activations=activations,
-                            scores=scores, **kw)
+    return plan_from_params(recipe, params, llm=LLMShape.from_fields(cfg.llm), activations=activations, **kw)
 
 
 def _activations_from_config(cfg: "MoVAConfig") -> dict[str, tuple[int, int]]:
