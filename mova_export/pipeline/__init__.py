@@ -5,6 +5,7 @@ unit.py      the Stage protocol and run_unit (find, check disk, produce, record)
 stages/      features, export, quantize, gguf, compile: one Stage each
 assemble.py  the bundle's files and manifest
 plan.py      the memory planner: will MoVA fit on the target, and if not, what would
+llm_shape.py the LLM's KV cache and compute buffer per context, for the planner
 report.py    report.json / report.md
 work.py      the work folder: units under their keys, atomic, resumable; clean()
 build.py     build() / export_bundle() / attach_llm(): the stages in order

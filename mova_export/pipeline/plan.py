@@ -35,7 +35,7 @@ from ..core.errors import BundleError, RecipeError
 from ..core.qtypes import BITS_PER_WEIGHT
 from ..core.spec import BYTES_PER_PRECISION
 from ..recipe import ExpertPolicy, Recipe, expert_components, graph_components, llm_quants
-from ..source.config import FULL_LLM
+from .llm_shape import KV_BYTES, LLAMA_UBATCH, LLMShape, full_llm
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.table import Table
@@ -48,10 +48,7 @@ GIB = 1 << 30
 WARN_FRACTION = 0.9
 MAX_ROUTED = 3                 # the router activates K <= 3 experts per question
 ACTIVATION_FACTOR = 8          # live intermediates of a transformer block (MLP 4x plus residual, q/k/v) per token
-LLAMA_UBATCH = 512             # llama.cpp default micro-batch
-KV_BYTES = 2                   # f16 KV cache
 FALLBACK_ROLE = "adapter_fallback"   # the dense adapter graph, for the rare mask with more than K experts
-
 
 
 def full_params() -> dict[str, int]:
@@ -75,46 +72,6 @@ def full_attention_scores() -> dict[str, tuple[int, str]]:
         if heads:
             out[s.name] = (heads * tokens * tokens * 4 * live, f"{live} x {heads} heads x {tokens}^2 x 4 B scores")
     return out
-
-
-@dataclass(frozen=True)
-class LLMShape:
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    tied: bool = False
-
-    @classmethod
-    def from_fields(cls, llm: Mapping[str, Any]) -> "LLMShape":
-        """From LlamaConfig fields (MoVAConfig.llm or a manifest's config)."""
-        heads = int(llm["num_attention_heads"])
-        hidden = int(llm["hidden_size"])
-        return cls(int(llm["num_hidden_layers"]), heads, int(llm.get("num_key_value_heads") or heads),
-                   int(llm.get("head_dim") or hidden // heads), hidden, int(llm["intermediate_size"]),
-                   int(llm["vocab_size"]), bool(llm.get("tie_word_embeddings", False)))
-
-    @property
-    def params(self) -> int:
-        attn = 2 * self.hidden * self.heads * self.head_dim + 2 * self.hidden * self.kv_heads * self.head_dim
-        per_layer = attn + 3 * self.hidden * self.intermediate + 2 * self.hidden
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * per_layer + self.hidden
-
-    def kv_bytes(self, context: int) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * context * KV_BYTES
-
-    def compute_bytes(self, context: int) -> int:
-        """llama.cpp compute buffer: KQ scores of one micro-batch over the context, plus its logits (fp32)."""
-        ubatch = min(LLAMA_UBATCH, context)
-        return self.heads * ubatch * context * 4 + ubatch * self.vocab * 4
-
-
-def _full_llm() -> LLMShape:
-
-    return LLMShape.from_fields(FULL_LLM)
 
 
 @dataclass(frozen=True)
@@ -170,7 +127,7 @@ def plan_from_params(recipe: Recipe, params: Mapping[str, int], *, llm: LLMShape
 
     if scores is None:
         scores = full_attention_scores() if activations is None else {}    # the tiny model's are kilobytes
-    return _plan(recipe, weights, llm_bytes, llm or _full_llm(), activations or full_activations(), "params",
+    return _plan(recipe, weights, llm_bytes, llm or full_llm(), activations or full_activations(), "params",
                  policy, llm_quant, model=model, scores=scores)
 
 
