@@ -396,6 +396,27 @@ def test_cli_build_shows_every_component_with_progress(tiny_checkpoint, calib_di
     assert "units reused from the work folder: " in result.stdout
 
 
+def test_a_bug_is_one_line_naming_the_file_its_traceback_went_to(tmp_path, monkeypatch):
+    import tempfile
+
+    import click
+
+    from mova_export.cli.common import one_line_errors
+
+    @click.command()
+    @one_line_errors
+    def broken():
+        raise ValueError("Data of TensorProto should be stored elsewhere\nsecond line")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    line = cli_error(CliRunner().invoke(broken, []), exit_code=1)
+    assert line.startswith("error: internal error in mova-export (ValueError: Data of TensorProto should be stored "
+                           "elsewhere); the traceback is in "), line
+    [saved] = tmp_path.glob("mova-export-error-*.txt")
+    assert str(saved) in line
+    assert "Traceback (most recent call last)" in saved.read_text() and "second line" in saved.read_text()
+
+
 def test_bad_inputs_are_one_line_errors_and_leave_nothing(tiny_checkpoint, tmp_path):
     runner = CliRunner()
     out = tmp_path / "never"

@@ -84,6 +84,34 @@ def test_bundle_folder_has_normal_permissions(export_only, cpu_build):
             assert p.stat().st_mode & 0o044 == 0o044 & ~umask, p
 
 
+def test_a_shipped_graph_is_linked_and_its_external_data_copied_so_onnx_still_reads_both(tmp_path):
+    # onnx refuses external data with several hard links; linking it into a bundle broke the next build reusing it
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mova_export.bundle import Variant
+    from mova_export.pipeline.assemble import ship_variant
+
+    unit = tmp_path / "unit" / "graphs"
+    unit.mkdir(parents=True)
+    weight = numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    onnx.save_model(helper.make_model(graph), str(unit / "g.onnx"), save_as_external_data=True,
+                    location="g.onnx.data", size_threshold=0)
+    source = Variant(graph="graphs/g.onnx", files=["graphs/g.onnx", "graphs/g.onnx.data"], bytes=0)
+
+    shipped = ship_variant(tmp_path / "bundle", source, tmp_path / "unit")
+
+    assert shipped.files == ["graphs/g.onnx", "graphs/g.onnx.data"]
+    bundle = tmp_path / "bundle" / "graphs"
+    assert (bundle / "g.onnx").stat().st_ino == (unit / "g.onnx").stat().st_ino       # the graph: one inode
+    assert (bundle / "g.onnx.data").stat().st_nlink == (unit / "g.onnx.data").stat().st_nlink == 1
+    for folder in (unit, bundle):
+        w = numpy_helper.to_array(onnx.load(str(folder / "g.onnx")).graph.initializer[0])
+        assert w[63, 63] == 4095.0
+
+
 def test_tiny_cpu_bundle_is_small(cpu_build):
     m = cpu_build.manifest
     total = sum(f["bytes"] for f in m.files.values())

@@ -94,12 +94,16 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Put src at dst: a hard link when both are on one filesystem (no copy of gigabytes), else a copy."""
+def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
+    """Put src at dst: a hard link when `link` and both are on one filesystem (no copy of gigabytes), else a copy.
+    Whatever was at dst is unlinked first, so a file linked there before is never written through."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)

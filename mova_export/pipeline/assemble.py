@@ -51,11 +51,14 @@ def copy_tokenizers(ckpt: "Checkpoint", root: Path) -> dict[str, Any]:
 
 
 def ship_variant(root: Path, source: Variant, source_dir: Path, decision: dict[str, Any] | None = None) -> Variant:
-    """Link a variant's files from a unit folder into the bundle's graphs/ and return its bundle-relative entry."""
+    """Link a variant's graph from a unit folder into the bundle's graphs/, copy its external data, and return its
+    bundle-relative entry. (onnx refuses to read external data that has several hard links, as a possible hard-link
+    attack: a linked weight file would make both the bundle's graph and the work unit's unreadable to onnx.load,
+    and the next build that reuses the unit would stop on it.)"""
     files = []
     for rel in source.files:
         dst = root / "graphs" / Path(rel).name
-        link_or_copy(source_dir / rel, dst)
+        link_or_copy(source_dir / rel, dst, link=Path(rel).name == Path(source.graph).name)
         files.append(dst.relative_to(root).as_posix())
     return Variant(graph=f"graphs/{Path(source.graph).name}", files=files, bytes=source.bytes, nodes=source.nodes,
                    parity=source.parity, decision=decision, build_s=source.build_s, validate_s=source.validate_s)
