@@ -247,6 +247,28 @@ def _llm(path, **kw):
 
 @llamacpp
 @pytest.mark.llamacpp
+def test_q8_0_written_directly_is_bit_identical_to_llama_cpp_quantizing_the_lossless_file(tiny, tmp_path):
+    import gguf
+
+    from mova_export.gguf.convert import quantize_gguf
+
+    assert {t.dtype for t in tiny.state.values() if t.is_floating_point()} == {torch.bfloat16}
+    by_llama_cpp, _ = read_gguf(quantize_gguf(tiny.gguf("bf16"), tmp_path / "q8.gguf", "q8_0", threads=2))
+    direct, field = read_gguf(tiny.gguf("q8_0"))
+    theirs_by_name = {t.name: t for t in by_llama_cpp.tensors}             # llama.cpp writes them in its own order
+    assert sorted(t.name for t in direct.tensors) == sorted(theirs_by_name)
+    q8 = 0
+    for ours in direct.tensors:
+        theirs = theirs_by_name[ours.name]
+        assert ours.tensor_type == theirs.tensor_type, ours.name
+        np.testing.assert_array_equal(np.asarray(ours.data), np.asarray(theirs.data), err_msg=ours.name)
+        q8 += ours.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert q8 == sum(len(t.shape) == 2 for t in direct.tensors) > 0     # every matrix, none left lossless
+    assert field("general.file_type") == 7                              # LLAMA_FTYPE_MOSTLY_Q8_0
+
+
+@llamacpp
+@pytest.mark.llamacpp
 def test_llama_cpp_quantization_reports_the_bytes_it_has_written(tiny, tmp_path):
     from mova_export.gguf.convert import quantize_gguf
 

@@ -10,8 +10,9 @@ Steps (one tensor in memory at a time, so the 8B LLM is never held twice):
 3. Write the GGUF with gguf-py's GGUFWriter, streaming: header, metadata (Llama-3 hparams; tokenizer gpt2 /
    llama-bpe with tokens, token types, merges, bos, eos = <|eot_id|> as MoVA uses, chat template), tensor infos,
    then each tensor as it is read. Q/K are permuted from HF's rotate-half layout to GGML's; 1-D norms stay F32.
-   f32 / f16 / bf16 are written directly. q8_0 / q6_k / q5_k_m / q4_k_m are written lossless first (the source
-   precision: bf16, f16 or f32) and then quantized by llama.cpp itself (`llama_cpp.llama_model_quantize`).
+   f32 / f16 / bf16 / q8_0 are written directly (q8_0 by gguf-py's quantizer, bit-exact with llama.cpp's, a few
+   thousand rows at a time). q6_k / q5_k_m / q4_k_m are written lossless first (the source precision: bf16, f16 or
+   f32) and then quantized by llama.cpp itself (`llama_cpp.llama_model_quantize`).
 4. Everything goes to a temporary file beside the output and is renamed into place at the end.
 """
 from __future__ import annotations
@@ -31,12 +32,13 @@ import torch
 from ..components import get_spec
 from ..core.errors import LLMError, MoVAExportError
 from ..core.progress import NULL, Console
-from ..core.qtypes import BITS_PER_WEIGHT, QTYPES
+from ..core.qtypes import BITS_PER_WEIGHT, LOSSLESS, QTYPES
 from ..runtime.llm import import_llama_cpp, llama_cpp_log
 from ..source.llama3 import EOS_TOKEN, LLAMA3_SPLIT_REGEX, load_llm_tokenizer
 
 # llama_ftype values (llama.h); used for general.file_type of directly written files, no llama_cpp import needed.
-_FILE_TYPE = {"F32": 0, "F16": 1, "BF16": 32}
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}
+_Q8_ROWS = 4096      # rows quantized at once: the fp32 copy of a 128k-row embedding would be 2 GB, with temporaries
 LLAMA3_PRE = "llama-bpe"
 Progress = Callable[[int, int, str], None]  # (done, total, what): bytes written so far / all bytes
 
@@ -243,6 +245,17 @@ def _direct_type(qtype: str, source_dtypes: set[torch.dtype]) -> str:
 def _as_gguf_array(t: torch.Tensor, kind: str, name: str) -> tuple[np.ndarray, Any]:
     import gguf
 
+    if kind == "Q8_0":
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        block, block_bytes = gguf.GGML_QUANT_SIZES[q8]
+        if t.shape[-1] % block:
+            raise LLMError(f"tensor {name} has rows of {t.shape[-1]} values, not a multiple of {block}: it cannot be "
+                           "q8_0; convert with --type f16 or bf16")
+        rows = t.reshape(-1, t.shape[-1])
+        out = np.empty((rows.shape[0], rows.shape[1] // block * block_bytes), np.uint8)
+        for start in range(0, rows.shape[0], _Q8_ROWS):
+            out[start:start + _Q8_ROWS] = gguf.quants.quantize(rows[start:start + _Q8_ROWS].float().numpy(), q8)
+        return out, q8
     if kind == "F32":
         return t.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType.F32
     if kind == "BF16":
@@ -255,7 +268,8 @@ def _as_gguf_array(t: torch.Tensor, kind: str, name: str) -> tuple[np.ndarray, A
 
 
 def write_gguf(source: LLMSource, path: str | Path, kind: str = "F16", progress: Progress | None = None) -> Path:
-    """Write `source` as a GGUF with 2-D weights in `kind` (F32, F16 or BF16) and 1-D tensors in F32, streaming."""
+    """Write `source` as a GGUF with 2-D weights in `kind` (F32, F16, BF16 or Q8_0) and 1-D tensors in F32,
+    streaming."""
     import gguf
 
     path = Path(path)
@@ -287,17 +301,19 @@ def write_gguf(source: LLMSource, path: str | Path, kind: str = "F16", progress:
     w.add_token_types(voc["types"])
     voc["special"].add_to_gguf(w, quiet=True)
 
-    itemsize = {"F32": 4, "F16": 2, "BF16": 2}
+    def nbytes(shape: Any, kind: str) -> int:
+        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+        return int(np.prod(shape)) // block * block_bytes
+
     kinds: dict[str, str] = {}
     for key, (shape, _) in source.infos.items():
         if key not in names:
             continue
         kinds[key] = "F32" if len(shape) == 1 else kind
-        raw = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
-               "BF16": gguf.GGMLQuantizationType.BF16}[kinds[key]]
-        dt = np.float32 if kinds[key] == "F32" else np.float16
-        w.add_tensor_info(names[key], shape, np.dtype(dt), int(np.prod(shape)) * itemsize[kinds[key]], raw_dtype=raw)
-    total = sum(int(np.prod(s)) * itemsize[kinds[k]] for k, (s, _) in source.infos.items() if k in kinds)
+        dt = np.float32 if kinds[key] in ("F32", "Q8_0") else np.float16   # element shape; the raw type says the rest
+        w.add_tensor_info(names[key], shape, np.dtype(dt), nbytes(shape, kinds[key]),
+                          raw_dtype=gguf.GGMLQuantizationType[kinds[key]])
+    total = sum(nbytes(s, kinds[k]) for k, (s, _) in source.infos.items() if k in kinds)
 
     done = 0
     w.write_header_to_file(path)
@@ -339,9 +355,8 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, threads: int | N
     """Quantize an F32/F16/BF16 GGUF with llama.cpp's own quantizer (llama_model_quantize). `progress` hears
     (bytes of dst written, expected_bytes, what) every `every_s` seconds while llama.cpp works (minutes for an 8B
     model, and llama.cpp reports nothing through its API), and once more with dst's final size when it is done."""
-    if qtype not in QTYPES or "direct" in QTYPES[qtype]:
-        raise LLMError(f"cannot quantize to {qtype!r}; quantized types: "
-                       f"{[q for q in QTYPES if 'direct' not in QTYPES[q]]}")
+    if qtype not in QTYPES or qtype in LOSSLESS:
+        raise LLMError(f"cannot quantize to {qtype!r}; quantized types: {[q for q in QTYPES if q not in LOSSLESS]}")
 
     llama_cpp = import_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()

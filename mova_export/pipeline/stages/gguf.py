@@ -11,7 +11,7 @@ from ..unit import BuildContext, library_versions, run_unit
 
 class GGUFStage:
     name = "gguf"
-    version = 2
+    version = 3             # 3: q8_0 written directly (gguf-py), not quantized by llama.cpp from a bf16 file
 
     def unit_name(self, qtype: str) -> str:
         return qtype
