@@ -201,6 +201,7 @@ class FakeEngine:
         self.io = [(t.name, tuple(t.shape), t.dtype, t.is_network_input) for t in tensors]
         self.trt, self.buckets, self.ort = trt, buckets, OrtRunner(graph, qdq="float")
         self.num_io_tensors = len(self.io)
+        self.device_memory_size_v2 = graph.stat().st_size // 4 // 256 * 256   # activations, made up per engine
 
     def _row(self, name):
         return next(row for row in self.io if row[0] == name)
@@ -223,13 +224,18 @@ class FakeEngine:
                                                                           max(self.buckets))]
         return pick
 
-    def create_execution_context(self):
-        return FakeContext(self)
+    def create_execution_context(self, strategy):
+        return FakeContext(self, strategy)
 
 
 class FakeContext:
-    def __init__(self, engine: FakeEngine):
+    def __init__(self, engine: FakeEngine, strategy):
         self.engine, self.shapes, self.addresses, self.executed = engine, {}, {}, []
+        self.strategy, self.memory = strategy, None
+
+    def set_device_memory(self, ptr, size):
+        assert size >= self.engine.device_memory_size_v2
+        self.memory = (ptr, size)
 
     def set_input_shape(self, name, shape):
         static = self.engine._row(name)[1]
@@ -247,6 +253,8 @@ class FakeContext:
 
     def execute_async_v3(self, stream):
         trt = self.engine.trt
+        if self.strategy == trt.ExecutionContextAllocationStrategy.USER_MANAGED:   # runs in memory it was given
+            assert self.memory is not None and self.memory[1] >= self.engine.device_memory_size_v2
         feed = {name: _view(self.addresses[name], self.get_tensor_shape(name), trt.nptype(dtype)).copy()
                 for name, _, dtype, is_input in self.engine.io if is_input}
         self.executed.append(dict(self.addresses))
@@ -320,10 +328,17 @@ def test_engines_on_a_simulated_gpu_allocate_once_and_hand_outputs_on(blackwell_
     runners = {name: r for name, r in vision._runners.items()}
     assert all(isinstance(r, TensorRTRunner) for r in runners.values())
     io = sum(len(r.input_names) + len(r.output_names) for r in runners.values())
-    assert cuda.calls["malloc"] == cuda.calls["malloc_host"] == io     # one device + one pinned buffer per tensor
+    device_blocks = lambda: sum(space == "device" for _, space in cuda.blocks.values())  # noqa: E731
+    assert cuda.calls["malloc_host"] == io                              # one pinned buffer per tensor,
+    assert device_blocks() == io + 1                                    # one device buffer, and the activations:
+    needs = [r.engine.device_memory_size_v2 for r in runners.values()]
+    shared = {r.context.memory for r in runners.values()}               # every context in one allocation, as large
+    assert shared == {(vision._context_memory.ptr, max(needs))} and cuda.space(vision._context_memory.ptr) == "device"
+    assert len(set(needs)) > 1 and sum(needs) > 2 * max(needs)          # as the largest engine needs, not the sum
+    allocated = cuda.calls["malloc"]
     first = _request(vision, images, mask)
     second = _request(vision, images, mask)
-    assert cuda.calls["malloc"] == io                                  # nothing allocated per call
+    assert cuda.calls["malloc"] == allocated                            # nothing allocated per call
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
     base_out = runners[vision.base_graph.name]._buffers["features"].device
@@ -351,3 +366,34 @@ def test_engines_on_a_simulated_gpu_allocate_once_and_hand_outputs_on(blackwell_
     vision.close()
     plain.close()
     assert not cuda.blocks                                             # every device and pinned buffer freed
+
+
+class _Context:
+    memory = None
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
+
+
+class _Runner:
+    def __init__(self, need):
+        self.engine, self.context = type("Engine", (), {"device_memory_size_v2": need})(), _Context()
+
+
+def test_shared_context_memory_grows_for_a_larger_engine_and_is_freed_with_its_last_user():
+    from mova_export.runners.trt_memory import ContextMemory
+
+    cuda = FakeCuda()
+    memory = ContextMemory(lambda n: cuda.cudaMalloc(n)[1], lambda ptr: cuda.cudaFree(ptr))
+    small, large, medium = _Runner(1024), _Runner(4096), _Runner(2048)
+    memory.attach(small)
+    assert small.context.memory == (memory.ptr, 1024) and len(cuda.blocks) == 1
+    memory.attach(large)                     # a lazily loaded expert needs more: one larger block, both moved to it
+    assert small.context.memory == large.context.memory == (memory.ptr, 4096) and len(cuda.blocks) == 1
+    memory.attach(medium)                    # fits: no allocation
+    assert medium.context.memory == (memory.ptr, 4096) and cuda.calls["malloc"] == 2
+    for runner in (large, medium):
+        memory.detach(runner)
+    assert len(cuda.blocks) == 1             # still in use by the small engine
+    memory.detach(small)
+    assert not cuda.blocks and memory.size == 0

@@ -13,6 +13,8 @@ as device code: buffers allocated once, pinned staging, and outputs that stay on
 * `DeviceChain` is how the runtime uses both without changing what its callers see: it remembers the arrays the
   runners returned (read-only from then on) and swaps an array handed back in for the device tensor still holding it.
 * `engine_runner` checks an engine's recorded platform (core.platforms) against this device before loading it.
+* A runtime's runners share one activation allocation (`context_memory`, runners/trt_memory.py) instead of each
+  context holding its engine's peak for its whole life.
 
 Device buffers and copies go through cuda-python, not torch, so the device runtime needs neither; TensorRT and
 cuda-python are imported only when a runner is made. Written against the TensorRT 10.3 / 11.x / RTX 1.7 Python APIs
@@ -22,6 +24,7 @@ against a simulated device (tests/test_targets.py). Not run on a GPU: none was l
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ from ..core.errors import ExportError
 from ..core.platforms import DeviceInfo, EnginePlatform, check_platform, current_device
 from ..core.tensorrt_flavors import FLAVORS, import_flavor
 from .base import check_feed
+from .trt_memory import ContextMemory
 
 
 def tensorrt_available() -> bool:
@@ -144,13 +148,15 @@ class TensorRTRunner:
     written back by `save_runtime_cache`). Written against the TensorRT 10.3/11.x/RTX 1.7 and cuda-python 12.9 APIs;
     not run on a GPU here (none lent)."""
 
-    def __init__(self, engine_path: str | Path, name: str | None = None, *, flavor: str = "tensorrt",
-                 dla_core: int | None = None, runtime_cache: str | Path | None = None):
+    def __init__(self, engine_path: str | Path, name: str | None = None, *, flavor: str = "tensorrt",  # noqa: PLR0913 (engine options)
+                 dla_core: int | None = None, runtime_cache: str | Path | None = None,
+                 memory: ContextMemory | None = None):
         self.path = Path(engine_path)
         if not self.path.is_file():
             raise ExportError(f"TensorRT engine {self.path} not found")
         self.name = name or self.path.name
         self.context = self.engine = self._stream = None
+        self._memory = memory
         self._buffers: dict[str, _Buffers] = {}
         self.generation = 0
         self.last: dict[str, DeviceTensor] = {}
@@ -173,15 +179,19 @@ class TensorRTRunner:
         self._trt, self._cudart = trt, cudart
         self.runtime_cache_path = Path(runtime_cache) if runtime_cache is not None else None
         self._runtime_cache = None
+        strategy = getattr(trt.ExecutionContextAllocationStrategy, "USER_MANAGED" if memory else "STATIC")
         if FLAVORS[flavor].runtime_cache and self.runtime_cache_path is not None:
             config = self.engine.create_runtime_config()
             self._runtime_cache = config.create_runtime_cache()
             if self.runtime_cache_path.is_file():  # False (kept empty) when written by another GPU / driver / version
                 self._runtime_cache.deserialize(self.runtime_cache_path.read_bytes())
             config.set_runtime_cache(self._runtime_cache)
+            config.set_execution_context_allocation_strategy(strategy)
             self.context = self.engine.create_execution_context(config)
         else:
-            self.context = self.engine.create_execution_context()
+            self.context = self.engine.create_execution_context(strategy)
+        if memory is not None:
+            memory.attach(self)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = tuple(n for n in names if is_input[n])
@@ -275,12 +285,13 @@ class TensorRTRunner:
         for n in self.input_names:
             self._stage(n, feed[n])
         shapes = {n: tuple(self.context.get_tensor_shape(n)) for n in self.output_names}
-        if not self.context.execute_async_v3(int(self._stream)):
-            raise ExportError(f"{self.name}: TensorRT execution failed")
-        for n, shape in shapes.items():
-            buf = self._buffers[n]
-            self._copy(buf.host, buf.device, int(np.prod(shape)) * buf.dtype.itemsize, "cudaMemcpyDeviceToHost")
-        _cuda_call(self._cudart, self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        with self._memory.lock if self._memory is not None else contextlib.nullcontext():
+            if not self.context.execute_async_v3(int(self._stream)):
+                raise ExportError(f"{self.name}: TensorRT execution failed")
+            for n, shape in shapes.items():
+                buf = self._buffers[n]
+                self._copy(buf.host, buf.device, int(np.prod(shape)) * buf.dtype.itemsize, "cudaMemcpyDeviceToHost")
+            _cuda_call(self._cudart, self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
         self.last = {n: DeviceTensor(self._buffers[n].device, shape, self._buffers[n].dtype, self, self.generation)
                      for n, shape in shapes.items()}
         return {n: self._buffers[n].host_view(shape).copy() for n, shape in shapes.items()}
@@ -298,6 +309,9 @@ class TensorRTRunner:
 
     def close(self) -> None:
         """Free the device and pinned buffers and the stream (the context first: nothing runs after a run returns)."""
+        if self._memory is not None:
+            self._memory.detach(self)
+            self._memory = None
         self.context = self.engine = None
         cudart = getattr(self, "_cudart", None)
         for buf in self._buffers.values():
@@ -360,8 +374,15 @@ def this_device() -> DeviceInfo:
     return current_device()
 
 
+def context_memory() -> ContextMemory:
+    """A ContextMemory on this GPU (cudaMalloc / cudaFree), for the runners of one runtime to share."""
+    cudart = _cudart()
+    return ContextMemory(lambda n: int(_cuda_call(cudart, cudart.cudaMalloc(n), "cudaMalloc")),
+                         lambda ptr: _cuda_call(cudart, cudart.cudaFree(ptr), "cudaFree"))
+
+
 def engine_runner(root: str | Path, entry: Mapping[str, Any], name: str, *,
-                  device: DeviceInfo | None = None) -> TensorRTRunner:
+                  device: DeviceInfo | None = None, memory: ContextMemory | None = None) -> TensorRTRunner:
     """The engine of a manifest `engines` entry, its recorded platform checked against this device first (a JetPack
     6.2 engine on JetPack 7.2, an SM89 engine on SM120: BundleError naming the command that rebuilds it), then loaded
     with its own flavor and DLA core."""
@@ -369,8 +390,8 @@ def engine_runner(root: str | Path, entry: Mapping[str, Any], name: str, *,
     check_platform(platform, device if device is not None else this_device(), f"engine for {name}",
                    str(entry.get("recipe") or ""), root)
     return TensorRTRunner(Path(root) / str(entry["engine"]), name, flavor=platform.flavor,
-                          dla_core=entry.get("dla_core"))
+                          dla_core=entry.get("dla_core"), memory=memory)
 
 
-__all__ = ["DeviceChain", "DeviceSlots", "DeviceTensor", "TensorRTRunner", "engine_runner", "tensorrt_available",
-           "this_device"]
+__all__ = ["ContextMemory", "DeviceChain", "DeviceSlots", "DeviceTensor", "TensorRTRunner", "context_memory",
+           "engine_runner", "tensorrt_available", "this_device"]

@@ -33,7 +33,14 @@ from ..core.errors import BundleError, RuntimeInputError
 from ..core.image_inputs import preprocess_input
 from ..core.slots import fill_slots, routed_experts
 from ..runners.ort import OrtRunner
-from ..runners.tensorrt import DeviceChain, TensorRTRunner, engine_runner, tensorrt_available
+from ..runners.tensorrt import (
+    ContextMemory,
+    DeviceChain,
+    TensorRTRunner,
+    context_memory,
+    engine_runner,
+    tensorrt_available,
+)
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 # ONNX Runtime's arena for a graph whose declared outputs are under this size: a kept arena holds its
@@ -110,6 +117,7 @@ class BundleVision:
         self._tokenizer = BertTextTokenizer.from_folder(bundle.tokenizer_dir("text"), error=BundleError)
         self._zeros: dict[str, np.ndarray] = {}   # reused zero feeds of unrouted experts (dense adapter)
         self._chain = DeviceChain()                 # TensorRT outputs still on the device, for the next engine
+        self._context_memory: ContextMemory | None = None   # the engines' shared activations, made with the first
 
     @staticmethod
     def _input(graph: GraphEntry, name: str) -> Any:
@@ -148,7 +156,9 @@ class BundleVision:
         label = f"{name}.{precision}"
         engines = self.bundle.manifest.engines
         if self.backends[name] == "tensorrt":
-            return engine_runner(self.bundle.path, engines[name], label)
+            if self._context_memory is None:
+                self._context_memory = context_memory()
+            return engine_runner(self.bundle.path, engines[name], label, memory=self._context_memory)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             runner = OrtRunner(self.bundle.graph_path(name, precision), device=self.device, name=label,
@@ -197,8 +207,14 @@ class BundleVision:
 
     def close(self) -> None:
         self._chain.clear()
+        for runner in self._runners.values():
+            if isinstance(runner, TensorRTRunner):
+                runner.close()
         self._runners.clear()
         self._expert_lru.clear()
+        if self._context_memory is not None:
+            self._context_memory.close()
+            self._context_memory = None
         gc.collect()
 
     @property
