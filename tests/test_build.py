@@ -335,7 +335,7 @@ def test_impossible_budget_falls_back_and_is_recorded(tiny_checkpoint, calib_dir
     assert m.runtime.precision["text_encoder"] == "fp16" and list(m.graphs["text_encoder"].variants) == ["fp16"]
     assert list(m.graphs["base"].variants) == ["fp32"]  # fp32 in this recipe: no int8 graph shipped
     assert "| text_encoder | int8 | fp16 |" in (result.bundle / "report.md").read_text()
-    # no fallback allowed: the same (reused) decision refuses the build, in one line, with nothing written
+    # no fallback allowed: the build refuses, in one line, with nothing written
     recipe["calibration"]["fallback"] = "none"
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(BuildError, match=r"text_encoder: int8 misses the recipe's accuracy budget .* "

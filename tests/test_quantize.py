@@ -35,6 +35,7 @@ from mova_export.quantize import (
     split_feeds,
     to_fp8,
 )
+from mova_export.quantize.sensitivity import futile_exclusions
 from mova_export.runners import OrtRunner
 
 
@@ -466,6 +467,37 @@ def test_a_layered_graph_ranks_only_the_nodes_of_its_worst_block(tmp_path):
     decision = quantize_with_budget(fp32, tmp_path, "layered", _settings(budget=Tolerance(0.999, 0.05)), feeds)
     assert decision.history[0]["cosine"] < 0.99 and decision.final == "int8-partial"
     assert decision.excluded_nodes == [pooled[0][0]]
+
+
+def test_exclusion_tries_stop_when_their_gain_cannot_reach_the_budget(tmp_path):
+    """Layers' fc1 outlier: excluding it gains a lot, but nowhere near an unreachable 1.5; of the four exclusion
+    tries (1, 2, 4, 8 of 12 nodes) only the first runs. A recipe falling back to fp32 ships the fp32 graph itself."""
+    torch.manual_seed(0)
+    fp32 = _export(LayeredOutlier(), torch.randn(1, 10, 16), tmp_path / "layered.fp32.onnx", ["y"])
+    feeds = _split([{"x": np.random.default_rng(i).standard_normal((1, 10, 16)).astype(np.float32)}
+                    for i in range(6)], 2)
+    logs: list[str] = []
+    decision = quantize_with_budget(fp32, tmp_path / "a", "layered", _settings(budget=1.5), feeds, log=logs.append)
+    assert [h["excluded"] for h in decision.history] == [0, 1, None] and decision.tries == 2
+    assert decision.history[1]["cosine"] > decision.history[0]["cosine"]
+    assert "8 excluded nodes would reach" in decision.history[1]["gave_up"]
+    assert any("layered [int8]: no more tries: excluding nodes gained at best" in line for line in logs)
+    assert decision.final == "fp16" and decision.path == tmp_path / "a" / "layered.fp16.onnx"
+
+    decision = quantize_with_budget(fp32, tmp_path / "b", "layered", _settings(budget=1.5, fallback="fp32"), feeds)
+    assert decision.final == "fp32" and decision.path == fp32 and decision.measured["cosine"] > 0.999999
+    assert not list((tmp_path / "b").glob("*.onnx"))        # neither the failed int8 graph nor an fp16 one
+
+
+@pytest.mark.parametrize(("first", "tries", "gives_up"), [
+    (0.960338, [(1, 0.961), (2, 0.9615)], True),     # expert C at full size: 0.0007 per node, 0.03 short
+    (0.9935, [(1, 0.9937)], False),                  # 0.0002 per node, doubled over 8 nodes reaches 0.995
+    (0.99, [(1, 0.989)], False),                     # the worst node gained nothing: one more try first
+    (0.99, [(1, 0.989), (2, 0.9899)], True),         # ... and still nothing
+])
+def test_futile_exclusions_projects_the_best_gain_per_node(first, tries, gives_up):
+    reason = futile_exclusions(first, tries, 8, 0.995)
+    assert bool(reason) == gives_up, reason
 
 
 def test_fp8_budget_decision(tower, tmp_path):

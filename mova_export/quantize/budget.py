@@ -4,7 +4,10 @@
 2. Otherwise rank the quantized nodes by the error each adds (sensitivity.node_sensitivity on the worst held-out
    sample; a layered graph only the nodes of its worst blocks) and re-quantize excluding the top 1, 2, 4, ... nodes
    (sensitivity.exclusion_schedule); the calibration ranges of try 1 serve every later try. The first within budget -> final = "<precision>-partial".
-3. Otherwise the fp16 graph (graph_io.fp16_from_onnx; its figures recorded, budget_met says whether it met it).
+   The tries stop early when the gain per excluded node so far cannot reach the budget (sensitivity.futile_exclusions):
+   at full size a try is minutes, and a graph 0.03 below its budget gains 0.001 per try.
+3. Otherwise the recipe's fallback: the fp16 graph (graph_io.fp16_from_onnx; its figures recorded, budget_met says
+   whether it met it), or the fp32 graph itself when the recipe falls back to fp32 (or to nothing: the build refuses).
 
 The gate is the worst held-out sample: a graph that is good on average and bad on one photo misses the budget. The
 decision records every held-out sample's figures, which one was worst, and what the calibration set lacked.
@@ -27,7 +30,7 @@ from .feeds import FeedSplit
 from .fp8_sim import simulate_fp8
 from .measure import accuracy_check, measure
 from .qdq import QuantResult, qdq_from_onnx
-from .sensitivity import exclusion_schedule, node_sensitivity
+from .sensitivity import exclusion_schedule, futile_exclusions, node_sensitivity
 from .settings import QuantSettings
 
 GATE = "worst held-out sample"
@@ -68,7 +71,8 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
     budget (the module docstring has the steps). Files: <dst_dir>/<component>.<precision>.onnx, or
     <component>.fp16.onnx on fallback (the failed Q/DQ graph is removed). `keep_fp32`: the nodes the component's
     fp16 graph keeps in fp32 (the fp16 base and the fallback keep them too); None when no fp16 graph of it meets the
-    fp16 tolerance: the fallback is then the fp32 graph itself (final "fp32", path `src`)."""
+    fp16 tolerance: the fallback is then the fp32 graph itself (final "fp32", path `src`), as it is when
+    `settings.fallback` is not fp16."""
     src, dst_dir, precision, budget = Path(src), Path(dst_dir), settings.precision, settings.budget
     held_out, labels = feeds.held_out, feeds.held_out_labels
     calibration = feeds.calibration + (held_out if settings.augment_calibration else [])
@@ -107,12 +111,20 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
         worst = held_out[labels.index(history[-1]["worst_sample"])] if labels else held_out[0]
         ranking = _ranking(src, result, worst, quantized, settings, log)
         log(f"{component} [{precision}]: most error-adding nodes {ranking[:5]}")
-        for k in exclusion_schedule(len(ranking), len(quantized), settings.max_excluded, settings.max_tries - 1):
+        schedule = exclusion_schedule(len(ranking), len(quantized), settings.max_excluded, settings.max_tries - 1)
+        for k in schedule:
             result = qdq_from_onnx(src, dst, settings, calibration, exclude_nodes=ranking[:k],
                                    ranges_dir=Path(ranges), keep_fp32=keep_fp32 or (), log=log)
             report, how = attempt(result)
             if report.passed:
                 return decision(f"{precision}-partial", dst, ranking[:k], report, how)
+            futile = k < schedule[-1] and futile_exclusions(
+                history[0]["cosine"], [(h["excluded"], h["cosine"]) for h in history[1:]], schedule[-1],
+                budget.min_cosine)
+            if futile:
+                history[-1]["gave_up"] = futile
+                log(f"{component} [{precision}]: no more tries: {futile}")
+                break
     for f in result.files:
         f.unlink(missing_ok=True)
     fallback, path, report = _fallback(src, dst_dir, component, settings, reference, feeds, keep_fp32, log)
@@ -137,11 +149,11 @@ def _ranking(src: Path, result: QuantResult, worst: Mapping[str, np.ndarray], qu
 def _fallback(src: Path, dst_dir: Path, component: str, settings: QuantSettings, reference: list, feeds: FeedSplit,
               keep_fp32: Sequence[str] | None, log: Log) -> tuple[str, Path, ParityReport]:
     """What ships in place of a Q/DQ graph that missed the budget on every try: the fp16 graph (keeping in fp32 what
-    the component's fp16 export kept), or the fp32 graph itself where no fp16 graph meets the fp16 tolerance;
-    (which, its path, its figures)."""
+    the component's fp16 export kept), or the fp32 graph itself where the recipe falls back to fp32 (or to nothing)
+    or no fp16 graph meets the fp16 tolerance; (which, its path, its figures)."""
     import onnx
 
-    if keep_fp32 is None:
+    if keep_fp32 is None or settings.fallback != "fp16":
         return "fp32", src, accuracy_check(reference, src, feeds.held_out, settings.budget, component=component,
                                            precision="fp32", labels=feeds.held_out_labels)
     dst = dst_dir / f"{component}.fp16.onnx"

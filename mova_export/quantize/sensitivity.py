@@ -55,3 +55,20 @@ def exclusion_schedule(ranked: int, quantized: int, max_excluded: int, tries_lef
         out.append(k)
         k *= 2
     return out
+
+
+def futile_exclusions(first: float, tries: Sequence[tuple[int, float]], most_excluded: int,
+                      min_cosine: float) -> str | None:
+    """Why the rest of the exclusion tries cannot meet the budget, or None to go on. `first`: the worst held-out
+    cosine with every node quantized; `tries`: (nodes excluded, worst cosine) of each exclusion try so far. The best
+    gain per excluded node so far, doubled for margin (the schedule doubles the exclusions, and nodes further down
+    the ranking add less error), times the most nodes the schedule excludes, must still reach the budget. A first
+    exclusion that gained nothing is given one more try (the single worst node may not be where the error is)."""
+    per_node = max((cosine - first) / max(excluded, 1) for excluded, cosine in tries)
+    if per_node <= 0 and len(tries) < 2:
+        return None
+    reach = first + 2 * max(per_node, 0.0) * most_excluded
+    if reach >= min_cosine:
+        return None
+    return (f"excluding nodes gained at best {per_node:.2e} cosine per node over {len(tries)} tries; even doubled, "
+            f"{most_excluded} excluded nodes would reach {reach:.6f} < {min_cosine}")

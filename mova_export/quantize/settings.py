@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.errors import ExportError, RecipeError
 from ..core.tolerance import Tolerance
+from ..recipe.schema import FALLBACKS
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..recipe import Recipe
@@ -61,13 +62,16 @@ class QuantSettings:
     max_excluded: int = 8           # at most this many nodes left unquantized before the fp16 fallback
     max_tries: int = 5
     augment_calibration: bool = False   # also calibrate on the held-out feeds (then the figures are not independent)
+    fallback: str = "fp16"          # fp16 | fp32 | none: what ships when every try misses the budget (none: fp32
+                                    # is measured and the build refuses it)
 
     def __post_init__(self) -> None:
         for value, allowed, what in ((self.precision, PRECISIONS, "quantization precision"),
                                      (self.method, METHODS, "calibration method"),
                                      (self.base, BASES, "Q/DQ base precision"),
                                      (self.backend, BACKENDS, "quantization backend"),
-                                     (self.qdq, ("fused", "float"), "Q/DQ mode")):
+                                     (self.qdq, ("fused", "float"), "Q/DQ mode"),
+                                     (self.fallback, FALLBACKS, "fallback precision")):
             if value not in allowed:
                 raise ExportError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
         if self.precision == "fp8" and self.method == "entropy":
@@ -85,7 +89,8 @@ class QuantSettings:
         cal = recipe.calibration
         return cls(precision=precision, method=cal.method, base=QDQ_BASE[recipe.runtime],
                    backend=resolve_backend(backend or cal.backend), qdq=QDQ_MODE[recipe.runtime],
-                   budget=recipe.accuracy[precision], samples=cal.samples, held_out=cal.held_out)
+                   budget=recipe.accuracy[precision], samples=cal.samples, held_out=cal.held_out,
+                   fallback=cal.fallback)
 
     def with_(self, **changes: Any) -> "QuantSettings":
         return replace(self, **changes)
@@ -94,4 +99,4 @@ class QuantSettings:
         return {"precision": self.precision, "method": self.method, "base": self.base, "backend": self.backend,
                 "qdq": self.qdq, "budget": self.budget.to_json(), "samples": self.samples,
                 "held_out": self.held_out, "max_excluded": self.max_excluded, "max_tries": self.max_tries,
-                "augment_calibration": self.augment_calibration}
+                "augment_calibration": self.augment_calibration, "fallback": self.fallback}

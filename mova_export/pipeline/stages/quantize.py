@@ -33,7 +33,8 @@ class QuantizeItem:
 
 class QuantizeStage:
     name = "quantize"
-    version = 5             # 5: the INT8 budget ranks nodes on the worst held-out sample, worst blocks first
+    version = 6             # 6: exclusion tries stop when they cannot reach the budget; the recipe's fallback decides
+                            # the fallback graph (no fp16 graph written for a recipe falling back to fp32)
 
     def __init__(self, adapter_features: dict[str, Any] | None = None):
         self.adapter_features = adapter_features or {}
@@ -106,13 +107,11 @@ def quantize(ctx: BuildContext, graph: "GraphEntry", exported: Exported, recipe:
     shortfall = (decision.get("calibration") or {}).get("shortfall")
     if shortfall:
         ctx.console.line(f"WARNING {graph.name}: {shortfall}")
-    fallback = recipe.calibration.fallback
-    if decision["final"] in ("fp16", "fp32") and fallback != "fp16":
-        if fallback == "none":
-            raise BuildError(f"{graph.name}: {wanted} misses the recipe's accuracy budget (worst held-out cosine "
-                             f"{decision['measured']['cosine']:.5f} < {decision['budget']['min_cosine']}) and "
-                             f"calibration.fallback is none; relax accuracy.{wanted} or allow a fallback")
-        decision["variant"] = decision["final"] = fallback   # fp32: the export's own graph
+    if decision["final"] in ("fp16", "fp32") and settings.fallback == "none":
+        best = max(h["cosine"] for h in decision["history"][:-1])      # the tries, not the fallback
+        raise BuildError(f"{graph.name}: {wanted} misses the recipe's accuracy budget (worst held-out cosine of its "
+                         f"best try {best:.5f} < {decision['budget']['min_cosine']}) and "
+                         f"calibration.fallback is none; relax accuracy.{wanted} or allow a fallback")
     return decision, unit.path
 
 
