@@ -245,6 +245,8 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--targets", default="cpu,jetson-orin")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="measure the bundles already in --out again (cosines, answers), keeping their build records")
     ap.add_argument("--answer", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--cosines", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -266,16 +268,21 @@ def main() -> None:
         results["synth"] = run([*cli, "synth", "--scale", args.scale, "--out", str(args.checkpoint)], logs / "synth.log")
     for target in args.targets.split(","):
         bundle = args.out / f"bundle-{target}"
-        build = run([*cli, "build", "--target", target, "--checkpoint", str(args.checkpoint), "--out", str(bundle),
-                     "--work-dir", str(args.work_dir), "--no-compile"], logs / f"build-{target}.log")
-        entry: dict = {"build": build}
-        results["targets"][target] = entry
-        if build["exit"] != 0:
-            print(f"build {target} failed, see {build['log']}", file=sys.stderr)
-            continue
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        entry["units"] = [u for k, u in manifest["stages"].items() if k != "compile"]
-        entry["bundle_gib"], entry["work_gib"] = folder_gib(bundle), folder_gib(args.work_dir)
+        if args.measure_only:
+            if not (bundle / "manifest.json").is_file() or target not in results["targets"]:
+                sys.exit(f"error: --measure-only needs {bundle} and its build record in {previous}; build it first")
+            entry = results["targets"][target]
+        else:
+            build = run([*cli, "build", "--target", target, "--checkpoint", str(args.checkpoint), "--out",
+                         str(bundle), "--work-dir", str(args.work_dir), "--no-compile"], logs / f"build-{target}.log")
+            entry = {"build": build}
+            results["targets"][target] = entry
+            if build["exit"] != 0:
+                print(f"build {target} failed, see {build['log']}", file=sys.stderr)
+                continue
+            manifest = json.loads((bundle / "manifest.json").read_text())
+            entry["units"] = [u for k, u in manifest["stages"].items() if k != "compile"]
+            entry["bundle_gib"], entry["work_gib"] = folder_gib(bundle), folder_gib(args.work_dir)
         me = [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--work-dir", str(args.work_dir),
               "--out", str(args.out)]
         for mode in ("cosines", "answer"):
