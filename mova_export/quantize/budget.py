@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.progress import Log, quiet
-from ..core.tolerance import ParityReport
+from ..core.tolerance import ParityReport, Tolerance
 from ..export.fp16 import fp16_from_onnx
 from ..export.graph_io import graph_io
 from ..runners.ort import OrtRunner
@@ -118,22 +118,32 @@ def quantize_with_budget(src: str | Path, dst_dir: str | Path, component: str, s
             report, how = attempt(result)
             if report.passed:
                 return decision(f"{precision}-partial", dst, ranking[:k], report, how)
-            futile = k < schedule[-1] and futile_exclusions(
-                history[0]["cosine"], [(h["excluded"], h["cosine"]) for h in history[1:]], schedule[-1],
-                budget.min_cosine)
-            if futile:
-                history[-1]["gave_up"] = futile
-                log(f"{component} [{precision}]: no more tries: {futile}")
+            if k < schedule[-1] and _gives_up(history, schedule[-1], budget, f"{component} [{precision}]", log):
                 break
     for f in result.files:
         f.unlink(missing_ok=True)
     fallback, path, report = _fallback(src, dst_dir, component, settings, reference, feeds, keep_fp32, log)
+    _record_fallback(history, fallback, report, component, log)
+    return decision(fallback, path, [], report, "ort")
+
+
+def _gives_up(history: list[dict[str, Any]], most_excluded: int, budget: Tolerance, what: str, log: Log) -> bool:
+    """Whether the exclusion tries so far say the rest cannot meet the budget (recorded on the last try, logged)."""
+    futile = futile_exclusions(history[0]["cosine"], [(h["excluded"], h["cosine"]) for h in history[1:]],
+                               most_excluded, budget.min_cosine)
+    if futile:
+        history[-1]["gave_up"] = futile
+        log(f"{what}: no more tries: {futile}")
+    return bool(futile)
+
+
+def _record_fallback(history: list[dict[str, Any]], fallback: str, report: ParityReport, component: str,
+                     log: Log) -> None:
     history.append({"excluded": None, "quantized": 0, **report.summary(), "parity_method": "ort",
                     "fallback": fallback})
     log(f"{component}: the quantized graph missed the budget after {len(history) - 1} tries; {fallback} fallback, "
         f"worst held-out cosine {report.summary()['cosine']:.6f}"
         f"{'' if report.passed else f' ({fallback} misses the budget too)'}")
-    return decision(fallback, path, [], report, "ort")
 
 
 def _ranking(src: Path, result: QuantResult, worst: Mapping[str, np.ndarray], quantized: list[str],
