@@ -59,7 +59,7 @@ class QuantSettings:
     budget: Tolerance               # every held-out sample must meet it (the gate judges the worst one)
     samples: int = 32               # calibration samples the recipe asks for
     held_out: int = 8               # held-out samples the gate judges on
-    max_excluded: int = 8           # at most this many nodes left unquantized before the fp16 fallback
+    max_excluded: int = 8           # at most this many nodes left unquantized before the fallback
     max_tries: int = 5
     augment_calibration: bool = False   # also calibrate on the held-out feeds (then the figures are not independent)
     fallback: str = "fp16"          # fp16 | fp32 | none: what ships when every try misses the budget (none: fp32
