@@ -9,7 +9,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import click
 
@@ -51,7 +51,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _internal_error(exc: BaseException) -> None:
+def _internal_error(exc: BaseException) -> NoReturn:
     click.echo(f"error: internal error in mova-export ({_first_line(exc)}); {_keep_traceback()}", err=True)
     sys.exit(1)
 

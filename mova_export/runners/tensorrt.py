@@ -179,7 +179,8 @@ class TensorRTRunner:
         self._trt, self._cudart = trt, cudart
         self.runtime_cache_path = Path(runtime_cache) if runtime_cache is not None else None
         self._runtime_cache = None
-        strategy = getattr(trt.ExecutionContextAllocationStrategy, "USER_MANAGED" if memory else "STATIC")
+        allocation = trt.ExecutionContextAllocationStrategy
+        strategy = allocation.USER_MANAGED if memory is not None else allocation.STATIC
         if FLAVORS[flavor].runtime_cache and self.runtime_cache_path is not None:
             config = self.engine.create_runtime_config()
             self._runtime_cache = config.create_runtime_cache()

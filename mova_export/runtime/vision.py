@@ -191,25 +191,20 @@ class BundleVision:
     def unload(self, component: str) -> None:
         """Drop one expert's runner (its session and weights); it is re-created on next use."""
         graph = self.expert_graphs.get(component)
-        runner = self._runners.pop(graph.name, None) if graph is not None else None
-        if isinstance(runner, TensorRTRunner):   # its device buffers now, not when the device chain lets go of it
-            runner.close()
+        _release(self._runners.pop(graph.name, None) if graph is not None else None)
         self._expert_lru.pop(component, None)
         gc.collect()
 
     def unload_adapter_fallback(self) -> None:
         """Drop the dense adapter graph's runner (created by a mask with more than num_slots experts)."""
         if self.fallback_graph is not None:
-            runner = self._runners.pop(self.fallback_graph.name, None)
-            if isinstance(runner, TensorRTRunner):
-                runner.close()
+            _release(self._runners.pop(self.fallback_graph.name, None))
             gc.collect()
 
     def close(self) -> None:
         self._chain.clear()
         for runner in self._runners.values():
-            if isinstance(runner, TensorRTRunner):
-                runner.close()
+            _release(runner)
         self._runners.clear()
         self._expert_lru.clear()
         if self._context_memory is not None:
@@ -319,3 +314,10 @@ def output_bytes(graph: GraphEntry) -> int:
 def keeps_arena(graph: GraphEntry) -> bool:
     """Whether the graph's ONNX Runtime session runs with the arena (ARENA_BELOW_BYTES says why)."""
     return output_bytes(graph) < ARENA_BELOW_BYTES
+
+
+def _release(runner: Any) -> None:
+    """Free a dropped runner's device memory now, not when the device chain lets go of it (ONNX Runtime sessions
+    go with their last reference)."""
+    if isinstance(runner, TensorRTRunner):
+        runner.close()
